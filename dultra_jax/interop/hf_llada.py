@@ -1,0 +1,367 @@
+"""LLaDA (+ dUltra planner) <-> HF safetensors directories, through one mapping table.
+
+`tensor_map(config)` lists every HF tensor with our parameter path, its layer index when layers
+are stacked, and whether it is a transposed linear weight (PyTorch `[out, in]` vs our
+`[in, out]`). `load_hf` and `export_hf` both read that one table, and both validate the whole
+shape table before touching data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+
+from dultra_jax.config import ConfigError, ModelConfig, PlannerConfig, parse_dtype
+from dultra_jax.interop.safetensors_io import (INDEX_FILE, SINGLE_FILE, CheckpointError, open_checkpoint,
+                                               plan_shards, save_file)
+from dultra_jax.models import policy
+from dultra_jax.sharding import param_shardings, path_str
+
+log = logging.getLogger(__name__)
+
+# Per-block tensors: (HF suffix, our sub-path, transposed linear weight?).
+_BLOCK = (
+    ("attn_norm.weight", "attn_norm/weight", False),
+    ("q_proj.weight", "q_proj/kernel", True),
+    ("k_proj.weight", "k_proj/kernel", True),
+    ("v_proj.weight", "v_proj/kernel", True),
+    ("attn_out.weight", "attn_out/kernel", True),
+    ("ff_norm.weight", "ff_norm/weight", False),
+    ("ff_proj.weight", "ff_proj/kernel", True),
+    ("up_proj.weight", "up_proj/kernel", True),
+    ("ff_out.weight", "ff_out/kernel", True),
+)
+_BACKBONE = (
+    ("model.transformer.wte.weight", "wte/embedding", False),
+    ("model.transformer.ln_f.weight", "ln_f/weight", False),
+    ("model.transformer.ff_out.weight", "ff_out/kernel", True),
+)
+_PLANNER = (
+    ("time_embedding.mlp.0.weight", "planner/time_embedding/mlp_0/kernel", True),
+    ("time_embedding.mlp.0.bias", "planner/time_embedding/mlp_0/bias", False),
+    ("time_embedding.mlp.2.weight", "planner/time_embedding/mlp_2/kernel", True),
+    ("time_embedding.mlp.2.bias", "planner/time_embedding/mlp_2/bias", False),
+    ("norm_out_1.modulation.weight", "planner/norm_out_1/modulation/kernel", True),
+    ("norm_out_1.modulation.bias", "planner/norm_out_1/modulation/bias", False),
+    ("norm_out_2.modulation.weight", "planner/norm_out_2/modulation/kernel", True),
+    ("norm_out_2.modulation.bias", "planner/norm_out_2/modulation/bias", False),
+    ("mask_embedding.weight", "planner/mask_embedding/embedding", False),
+    ("mask_linear.weight", "planner/mask_linear/kernel", True),
+    ("mask_linear.bias", "planner/mask_linear/bias", False),
+)
+_PLANNER_PREFIXES = ("mask_head.", "time_embedding.", "norm_out_1.", "norm_out_2.", "mask_embedding.",
+                     "mask_linear.", "block_embedding.")
+# config.json fields of the dUltra planner (spec/checkpoints.md).
+_PLANNER_FIELDS = {"num_head_layers": 1, "use_adaln": True, "use_mask_embeddings": True,
+                   "use_block_embeddings": False}
+# Tokenizer and remote-code files that travel with an export.
+_COPIED = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|"
+                     r"chat_template.*|generation_config\.json|.*\.py)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One HF tensor: `hf_name` <-> parameter `path` (layer `layer` of a stacked leaf if set)."""
+
+    hf_name: str
+    path: str
+    layer: int | None
+    transpose: bool
+
+
+def tensor_map(config: ModelConfig) -> list[TensorMap]:
+    """The mapping table for `config` (backbone, and the planner when the config has one)."""
+    entries = [TensorMap(hf, ours, None, t) for hf, ours, t in _BACKBONE]
+    for i in range(config.n_layers):
+        for hf, ours, t in _BLOCK:
+            if config.scan_layers:
+                entries.append(TensorMap(f"model.transformer.blocks.{i}.{hf}", f"blocks/{ours}", i, t))
+            else:
+                entries.append(TensorMap(f"model.transformer.blocks.{i}.{hf}", f"blocks/{i}/{ours}", None, t))
+    if config.has_planner:
+        entries += [TensorMap(f"mask_head.0.{hf}", f"planner/mask_head/0/{ours}", None, t) for hf, ours, t in _BLOCK]
+        entries += [TensorMap(hf, ours, None, t) for hf, ours, t in _PLANNER]
+    return entries
+
+
+def _leaf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(policy.abstract_params(config))[0]
+    return {path_str(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def hf_shape(entry: TensorMap, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor's shape given our leaf's shape."""
+    shape = leaf_shape[1:] if entry.layer is not None else leaf_shape
+    return tuple(reversed(shape)) if entry.transpose else tuple(shape)
+
+
+# ----------------------------------------------------------------------------------- config.json
+
+
+def read_hf_config(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+# (field, required value) pairs for the LLaDA variants we implement.
+_REQUIRED = {
+    "block_type": "llama", "layer_norm_type": "rms", "activation_type": "silu", "weight_tying": False,
+    "include_bias": False, "include_qkv_bias": False, "alibi": False, "rope": True, "scale_logits": False,
+    "attention_layer_norm": False, "input_emb_norm": False, "bias_for_layer_norm": False,
+    "layer_norm_with_affine": True, "use_adaln": True, "use_mask_embeddings": True,
+    "use_block_embeddings": False, "rope_scaling": None, "clip_qkv": None,
+}
+
+
+def model_config_from_hf(hf: dict[str, Any], *, with_planner: bool, **overrides) -> ModelConfig:
+    """`ModelConfig` from an HF LLaDA `config.json` dict; unsupported values raise `ConfigError`.
+
+    `overrides` set fields that are not part of the checkpoint (dtype, param_dtype, scan_layers,
+    remat, mask_padding).
+    """
+    for key, required in _REQUIRED.items():
+        if key in hf and hf[key] != required and not (required is False and hf[key] is None):
+            raise ConfigError(f"config.json: {key}={hf[key]!r} is not supported (expected {required!r})")
+    if hf.get("num_head_layers", 1) != 1:
+        raise ConfigError(f"config.json: num_head_layers={hf['num_head_layers']!r} is not supported (expected 1)")
+    try:
+        d_model, n_heads = hf["d_model"], hf["n_heads"]
+        vocab = max(hf["vocab_size"], hf.get("embedding_size") or 0)
+        mlp = hf.get("mlp_hidden_size") or hf["mlp_ratio"] * d_model
+        fields = dict(
+            vocab_size=vocab, d_model=d_model, n_layers=hf["n_layers"], n_heads=n_heads,
+            n_kv_heads=hf.get("n_kv_heads") or n_heads, mlp_hidden_size=mlp,
+            rope_theta=float(hf.get("rope_theta", 10000.0)), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            max_sequence_length=hf.get("max_sequence_length", 4096), mask_token_id=hf["mask_token_id"],
+            eos_token_id=hf.get("eos_token_id", 126081), pad_token_id=hf.get("pad_token_id", 126081),
+        )
+    except KeyError as e:
+        raise ConfigError(f"config.json: required field {e.args[0]!r} is missing") from None
+    eot = hf.get("eot_token_id", 126348)
+    fields["eot_token_id"] = eot if eot is not None and eot < vocab else None
+    fields["planner"] = PlannerConfig() if with_planner else None
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def hf_config_for(config: ModelConfig, base: dict[str, Any] | None = None, dtype: str = "bfloat16") -> dict:
+    """`config.json` for `config`: every field of `base` that we do not own is carried through."""
+    out = dict(base or {"model_type": "llada", "architectures": ["LLaDAModelLM"], "block_type": "llama",
+                        "layer_norm_type": "rms", "activation_type": "silu", "weight_tying": False,
+                        "include_bias": False, "include_qkv_bias": False, "alibi": False, "rope": True,
+                        "rope_full_precision": True, "scale_logits": False, "layer_norm_with_affine": True,
+                        "bias_for_layer_norm": False, "attention_layer_norm": False, "input_emb_norm": False,
+                        "use_cache": False})
+    out.update(d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
+               n_kv_heads=config.n_kv_heads, mlp_hidden_size=config.mlp_hidden_size,
+               vocab_size=config.vocab_size, embedding_size=config.vocab_size, rope_theta=config.rope_theta,
+               rms_norm_eps=config.rms_norm_eps, max_sequence_length=config.max_sequence_length,
+               mask_token_id=config.mask_token_id, eos_token_id=config.eos_token_id,
+               pad_token_id=config.pad_token_id, torch_dtype=dtype)
+    if config.eot_token_id is not None:
+        out["eot_token_id"] = config.eot_token_id
+    if config.has_planner:
+        out.update(_PLANNER_FIELDS)
+        out["architectures"] = ["LLaDOUModelLM"]
+    else:
+        for key in _PLANNER_FIELDS:
+            out.pop(key, None)
+        if out.get("architectures") == ["LLaDOUModelLM"]:
+            out["architectures"] = ["LLaDAModelLM"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------- load
+
+
+def _is_planner_tensor(name: str) -> bool:
+    return name.startswith(_PLANNER_PREFIXES)
+
+
+def _names(names: Iterable[str], limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_hf(directory: str, *, mesh: Mesh | None = None, with_planner: bool | None = None,
+            planner_rng: jax.Array | None = None, dtype: str = "float32", param_dtype: str = "float32",
+            scan_layers: bool = True, remat: bool = False, mask_padding: bool = True):
+    """Reads an HF LLaDA directory into `(params, config, hf_config)`.
+
+    Args:
+      directory: holds `config.json` and `model.safetensors` or shards with an index.
+      mesh: each parameter is placed with its `sharding.param_shardings` sharding on this mesh,
+        each device reading only its own slice from the memory-mapped files; None places
+        everything on the default device.
+      with_planner: None loads the planner iff the checkpoint has its tensors; True requires it
+        (or initialises a fresh one from `planner_rng`); False ignores planner tensors.
+      dtype, param_dtype, scan_layers, remat, mask_padding: `ModelConfig` fields.
+    Raises:
+      CheckpointError naming the missing / unexpected tensor, or the tensor with both shapes;
+      ConfigError naming an unsupported config.json key and value.
+    """
+    hf = read_hf_config(directory)
+    ckpt = open_checkpoint(directory)
+    present = set(ckpt.keys())
+    has_planner_tensors = any(_is_planner_tensor(n) for n in present)
+    init_planner = False
+    if with_planner is None:
+        with_planner = has_planner_tensors
+    elif with_planner and not has_planner_tensors and planner_rng is not None:
+        init_planner = True
+    config = model_config_from_hf(hf, with_planner=with_planner, dtype=dtype, param_dtype=param_dtype,
+                                  scan_layers=scan_layers, remat=remat, mask_padding=mask_padding)
+    table = [e for e in tensor_map(config) if not (init_planner and e.path.startswith("planner/"))]
+    expected = {e.hf_name for e in table}
+    missing = expected - present
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensor(s) {_names(missing)}")
+    unexpected = {n for n in present - expected if not (_is_planner_tensor(n) and not with_planner)}
+    if unexpected:
+        raise CheckpointError(f"{directory}: unexpected tensor(s) {_names(unexpected)}")
+    leaf_shapes = _leaf_shapes(config)
+    for e in table:
+        want = hf_shape(e, leaf_shapes[e.path])
+        if ckpt.shape(e.hf_name) != want:
+            raise CheckpointError(f"{directory}: tensor {e.hf_name} has shape {list(ckpt.shape(e.hf_name))}, "
+                                  f"expected {list(want)} for parameter {e.path}")
+
+    target_dtype = np.dtype(parse_dtype(param_dtype, "param_dtype"))
+    abstract = policy.abstract_params(config)
+    shardings = (param_shardings(abstract, mesh) if mesh is not None
+                 else jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), abstract))
+    by_path: dict[str, list[TensorMap]] = {}
+    for e in table:
+        by_path.setdefault(e.path, []).append(e)
+
+    def place(path, leaf, sharding):
+        name = path_str(path)
+        entries = by_path.get(name)
+        if entries is None:  # a planner to initialise below
+            return None
+        return jax.make_array_from_callback(tuple(leaf.shape), sharding,
+                                            lambda index: _read_slice(ckpt, entries, index, target_dtype))
+
+    params = jax.tree_util.tree_map_with_path(place, abstract, shardings)
+    if init_planner:
+        log.info("%s has no planner tensors: initialising a fresh planner head", directory)
+        fresh = jax.jit(policy.init_params, static_argnums=0,
+                        out_shardings=shardings if mesh is not None else None)(config, planner_rng)
+        params["planner"] = fresh["planner"]
+    return params, config, hf
+
+
+def _read_slice(ckpt, entries: list[TensorMap], index: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
+    """Reads `index` of one parameter leaf from its HF tensor(s) (one per layer when stacked)."""
+    def one(entry: TensorMap, sub_index) -> np.ndarray:
+        array = ckpt.get(entry.hf_name)
+        if entry.transpose:
+            array = array.T
+        return np.asarray(array[tuple(sub_index)], dtype=dtype)
+
+    if entries[0].layer is None:
+        return one(entries[0], index)
+    layers = sorted(entries, key=lambda e: e.layer)[index[0]]
+    return np.stack([one(e, index[1:]) for e in layers])
+
+
+# --------------------------------------------------------------------------------------- export
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """`5GB` / `500MB` / `200KB` / bytes -> bytes (HF's `max_shard_size` convention)."""
+    if size is None or isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"max_shard_size={size!r} is not a size such as '5GB' or '500MB'")
+    unit = (match.group(2) or "B").upper().replace("I", "")
+    return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
+
+
+def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat16",
+              max_shard_size: int | str | None = "5GB", source_dir: str | None = None,
+              hf_config: dict[str, Any] | None = None, overwrite: bool = False) -> str:
+    """Writes `params` as an HF LLaDA (+ dUltra planner) directory; returns `out_dir`.
+
+    Args:
+      dtype: storage dtype of the tensors ("bfloat16", "float32", "float16").
+      max_shard_size: bytes or "5GB"; more than one shard writes `model-0000i-of-0000N` files
+        plus `model.safetensors.index.json`.
+      source_dir: the HF directory the model came from: its `config.json` fields that we do not
+        own are carried through, and its tokenizer / remote-code files are copied.
+      hf_config: base `config.json` dict when there is no source directory.
+    The directory is assembled under a temporary name and renamed into place when complete.
+    """
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(parse_dtype(dtype, "dtype"))
+    if source_dir is not None and hf_config is None:
+        hf_config = read_hf_config(source_dir)
+    table = tensor_map(config)
+    leaf_shapes = _leaf_shapes(config)
+    flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for e in table:
+        if e.path not in flat:
+            raise CheckpointError(f"parameter {e.path} (for {e.hf_name}) is missing from the params")
+        if tuple(flat[e.path].shape) != leaf_shapes[e.path]:
+            raise CheckpointError(f"parameter {e.path} has shape {list(flat[e.path].shape)}, "
+                                  f"expected {list(leaf_shapes[e.path])} for config {config}")
+    extra = set(flat) - {e.path for e in table}
+    if extra:
+        raise CheckpointError(f"parameter(s) {_names(extra)} have no HF name for this config")
+
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise CheckpointError(f"export directory {out_dir} exists and is not empty (pass overwrite=True)")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        sizes = [(e.hf_name, int(np.prod(hf_shape(e, leaf_shapes[e.path]))) * np_dtype.itemsize) for e in table]
+        shards = plan_shards(sizes, parse_size(max_shard_size))
+        by_name = {e.hf_name: e for e in table}
+        weight_map, total = {}, 0
+        for k, names in enumerate(shards):
+            file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {n: _fetch(flat[by_name[n].path], by_name[n], np_dtype) for n in names}
+            save_file(tensors, os.path.join(tmp, file))
+            total += sum(t.nbytes for t in tensors.values())
+            weight_map.update({n: file for n in names})
+        if len(shards) > 1:
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config_for(config, hf_config, dtype), f, indent=2)
+        if source_dir is not None:
+            for file in sorted(os.listdir(source_dir)):
+                if _COPIED.match(file) and os.path.isfile(os.path.join(source_dir, file)):
+                    shutil.copy2(os.path.join(source_dir, file), os.path.join(tmp, file))
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _fetch(leaf: jax.Array, entry: TensorMap, dtype: np.dtype) -> np.ndarray:
+    """One HF tensor on the host: a single layer of a stacked leaf is sliced on device first."""
+    array = leaf[entry.layer] if entry.layer is not None else leaf
+    array = np.asarray(jax.device_get(array)).astype(dtype)
+    return np.ascontiguousarray(array.T if entry.transpose else array)

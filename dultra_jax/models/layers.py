@@ -1,0 +1,119 @@
+"""Building blocks shared by the LLaDA backbone, the planner head and the AR teacher.
+
+Parameter names follow the HF checkpoints (`weight` for norms, `kernel` `[in, out]` for linear
+maps, `embedding` `[V, D]`) so that checkpoint conversion is a table of renames and transposes.
+Normalisation statistics, RoPE and softmax run in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def truncated_normal_init(std: float):
+    """Truncated normal at +-3 std (LLaDA's "mitchell" init)."""
+    base = jax.nn.initializers.truncated_normal(stddev=1.0, lower=-3.0, upper=3.0)
+
+    def init(key, shape, dtype=jnp.float32):
+        return (base(key, shape, jnp.float32) * std).astype(dtype)
+
+    return init
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel (+ bias)`, kernel `[in, out]`, computed in `dtype`."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = False,
+                 kernel_init=None, dtype=jnp.float32, param_dtype=jnp.float32):
+        kernel_init = kernel_init or truncated_normal_init(1.0 / math.sqrt(in_features))
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding `[V, D]`; lookups are cast to the compute dtype (no sqrt(D) scaling)."""
+
+    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, std: float = 0.02,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        init = jax.nn.initializers.normal(stddev=std)
+        self.embedding = nnx.Param(init(rngs.params(), (num_embeddings, features), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """LLaDA / Llama RMSNorm: normalise in float32, cast back to the input dtype, then scale."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
+
+
+def layer_norm_no_affine(x: jax.Array, eps: float) -> jax.Array:
+    """Mean-centred LayerNorm without scale or bias, statistics in float32; returns x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """Rotate-half RoPE tables in float32.
+
+    Args:
+      positions: `[B, L]` or `[L]` integer positions.
+    Returns:
+      `(cos, sin)`, each `[..., L, head_dim]` float32 with angles `cat(freqs, freqs)`.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Applies rotate-half RoPE in float32. `x` is `[B, L, H, Dh]`, tables `[B or 1, L, Dh]`."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array | None = None,
+              causal: bool = False) -> jax.Array:
+    """Scaled dot-product attention with grouped-query heads.
+
+    Args:
+      q: `[B, L, H, Dh]`; k, v: `[B, S, Hkv, Dh]` with `H % Hkv == 0` (kv head j serves query
+        heads `j*H/Hkv ... (j+1)*H/Hkv - 1`).
+      key_valid: optional `[B, S]` bool; False keys receive no attention.
+      causal: lower-triangular mask (the AR teacher); the LLaDA backbone is bidirectional.
+    Returns:
+      `[B, L, H, Dh]` in q's dtype; the softmax runs in float32.
+    """
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+
+
+def swiglu(gate: Linear, up: Linear, down: Linear, x: jax.Array) -> jax.Array:
+    """LLaDA / Llama MLP: `down(silu(gate(x)) * up(x))` (LLaDA names them ff_proj, up_proj, ff_out)."""
+    return down(jax.nn.silu(gate(x)) * up(x))

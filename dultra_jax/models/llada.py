@@ -1,0 +1,117 @@
+"""LLaDA masked diffusion LM backbone (spec section 1), with the dUltra planner as an optional part.
+
+Parameter paths mirror the HF LLaDA names: `wte`, `blocks` (stacked `[n_layers, ...]` leaves when
+`scan_layers`, else `blocks/{i}`), `ln_f`, `ff_out` (untied LM head), and `planner/...`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dultra_jax.config import ModelConfig
+from dultra_jax.models.layers import (Embed, Linear, RMSNorm, apply_rope, attention, rope_tables, swiglu,
+                                      truncated_normal_init)
+
+
+class LLaDABlock(nnx.Module):
+    """Pre-norm Llama block with bidirectional attention and a SwiGLU MLP, no biases."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.d_model, config.mlp_hidden_size
+        q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        kw = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype)
+        # Output projections use std / sqrt(2) (LLaDA's "mitchell" init, spec section 2).
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=config.weight_dtype)
+        self.q_proj = Linear(d, q_dim, **kw)
+        self.k_proj = Linear(d, kv_dim, **kw)
+        self.v_proj = Linear(d, kv_dim, **kw)
+        self.attn_out = Linear(q_dim, d, kernel_init=truncated_normal_init(1 / math.sqrt(q_dim) / math.sqrt(2)), **kw)
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=config.weight_dtype)
+        self.ff_proj = Linear(d, f, **kw)
+        self.up_proj = Linear(d, f, **kw)
+        self.ff_out = Linear(f, d, kernel_init=truncated_normal_init(1 / math.sqrt(f) / math.sqrt(2)), **kw)
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None) -> jax.Array:
+        """`x` `[B, L, D]`, `rope` tables `[B|1, L, Dh]`, `valid` `[B, L]` key mask or None."""
+        batch, length, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).reshape(batch, length, self.n_heads, self.head_dim)
+        k = self.k_proj(h).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(h).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        a = attention(q, k, v, key_valid=valid).reshape(batch, length, self.n_heads * self.head_dim)
+        x = x + self.attn_out(a)
+        return x + swiglu(self.ff_proj, self.up_proj, self.ff_out, self.ff_norm(x))
+
+
+def make_blocks(config: ModelConfig, n: int, rngs: nnx.Rngs, stacked: bool):
+    """`n` LLaDA blocks: one module with stacked `[n, ...]` parameters, or an `nnx.List`."""
+    if not stacked:
+        return nnx.List([LLaDABlock(config, rngs=rngs) for _ in range(n)])
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return LLaDABlock(config, rngs=rngs)
+
+    return create(rngs)
+
+
+def run_blocks(blocks, x: jax.Array, rope, valid, *, stacked: bool, remat: bool) -> jax.Array:
+    """Applies the blocks in order: `lax.scan` over stacked parameters, or a Python loop.
+
+    With `remat`, each block's activations are recomputed in the backward pass, so training
+    memory holds one block's activations plus the `[B, L, D]` residual per layer.
+    """
+    def apply(graphdef, state, h):
+        return nnx.merge(graphdef, state)(h, rope, valid)
+
+    if remat:
+        apply = jax.checkpoint(apply, static_argnums=(0,), prevent_cse=not stacked)
+    if stacked:
+        graphdef, state = nnx.split(blocks)
+        x, _ = jax.lax.scan(lambda h, layer_state: (apply(graphdef, layer_state, h), None), x, state)
+        return x
+    for block in blocks:
+        graphdef, state = nnx.split(block)
+        x = apply(graphdef, state, x)
+    return x
+
+
+class LLaDAModel(nnx.Module):
+    """LLaDA backbone `wte -> blocks -> ln_f -> ff_out`, plus `planner` when configured."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        from dultra_jax.models.planner import PlannerHead  # planner reuses LLaDABlock
+
+        self.config = config
+        kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype)
+        self.wte = Embed(config.vocab_size, config.d_model, rngs=rngs, **kw)
+        self.blocks = make_blocks(config, config.n_layers, rngs, stacked=config.scan_layers)
+        self.ln_f = RMSNorm(config.d_model, config.rms_norm_eps, param_dtype=config.weight_dtype)
+        self.ff_out = Linear(config.d_model, config.vocab_size, rngs=rngs, **kw)
+        self.planner = PlannerHead(config, rngs=rngs) if config.has_planner else None
+
+    def rope(self, positions: jax.Array):
+        return rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None):
+        """Backbone forward.
+
+        Args:
+          tokens: `[B, L]` int token ids.
+          positions: `[B, L]` or `[1, L]` absolute positions.
+          valid: `[B, L]` bool key mask (None attends to every position).
+        Returns:
+          `(token_logits [B, L, V]` in the compute dtype, `h_last [B, L, D]` after `ln_f`).
+        """
+        x = self.wte(tokens)
+        x = run_blocks(self.blocks, x, self.rope(positions), valid, stacked=self.config.scan_layers,
+                       remat=self.config.remat)
+        h_last = self.ln_f(x)
+        return self.ff_out(h_last), h_last

@@ -1,0 +1,125 @@
+"""Pure functions over the parameter pytree: init, backbone forward, planner, `policy_apply`.
+
+`params` is a plain nested dict of arrays (`nnx.State.to_pure_dict()` layout). The module
+structure is a deterministic function of the frozen `ModelConfig`, so every function here takes
+`config` as a static argument and rebuilds the graph definition from a cache: no NNX objects
+cross a `jit` boundary and no per-step graph traversal happens (flax #4336).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dultra_jax.config import ModelConfig
+from dultra_jax.models.llada import LLaDAModel
+
+Params = dict[str, Any]
+
+
+@functools.lru_cache(maxsize=None)
+def model_graphdef(config: ModelConfig) -> nnx.GraphDef:
+    """The (static) graph definition of the model for `config`; no parameters are allocated."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: LLaDAModel(config, rngs=nnx.Rngs(0))))
+    return graphdef
+
+
+def abstract_params(config: ModelConfig) -> Params:
+    """`jax.ShapeDtypeStruct` pytree of the parameters (for shardings and checkpoint checks)."""
+    _, state = nnx.split(nnx.eval_shape(lambda: LLaDAModel(config, rngs=nnx.Rngs(0))))
+    return nnx.to_pure_dict(state)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Randomly initialised parameters (spec init); jit it with `out_shardings` to shard."""
+    _, state = nnx.split(LLaDAModel(config, rngs=nnx.Rngs(params=rng)))
+    return nnx.to_pure_dict(state)
+
+
+def bind(config: ModelConfig, params: Params) -> LLaDAModel:
+    """A module view of `params`, for use inside a traced function."""
+    return nnx.merge(model_graphdef(config), params)
+
+
+def default_positions(length: int) -> jax.Array:
+    """Absolute positions `[1, L]`; left padding takes positions too (spec section 1)."""
+    return jnp.arange(length, dtype=jnp.int32)[None, :]
+
+
+def _key_mask(config: ModelConfig, valid: jax.Array | None) -> jax.Array | None:
+    return valid if (config.mask_padding and valid is not None) else None
+
+
+def forward(params: Params, tokens: jax.Array, config: ModelConfig, *, valid: jax.Array | None = None):
+    """Backbone forward.
+
+    Args:
+      tokens: `[B, L]` int32.
+      valid: `[B, L]` bool, False on padding; used as a key mask when `config.mask_padding`.
+    Returns:
+      `(token_logits [B, L, V]` raw, in the compute dtype, `h_last [B, L, D]` after `ln_f`).
+    """
+    model = bind(config, params)
+    return model(tokens, default_positions(tokens.shape[1]), _key_mask(config, valid))
+
+
+def planner_timestep(canvas: jax.Array, mask_id: int) -> jax.Array:
+    """`t = 1 - #mask / L` over the whole canvas, prompt included: `[B]` float32."""
+    return 1.0 - jnp.mean((canvas == mask_id).astype(jnp.float32), axis=-1)
+
+
+def current_block_candidates(canvas: jax.Array, mask_id: int, gen_start: int, block_length: int) -> jax.Array:
+    """Masked positions of each row's current block: `[B, L]` bool.
+
+    The generation occupies `canvas[:, gen_start:]` in blocks of `block_length`; a row's current
+    block is the first block that still has a mask (rows without masks get no candidates).
+    """
+    length = canvas.shape[1]
+    is_masked = canvas == mask_id
+    position = jnp.arange(length)
+    block_of = jnp.where(position >= gen_start, (position - gen_start) // block_length, -1)
+    first_masked = jnp.min(jnp.where(is_masked, block_of[None, :], jnp.iinfo(jnp.int32).max), axis=-1)
+    return is_masked & (block_of[None, :] == first_masked[:, None])
+
+
+def planner_apply(params: Params, h_last: jax.Array, canvas: jax.Array, candidates: jax.Array,
+                  config: ModelConfig, *, valid: jax.Array | None = None) -> jax.Array:
+    """Planner unmask logits `[B, L]` float32 from the backbone's `h_last` `[B, L, D]`."""
+    model = bind(config, params)
+    if model.planner is None:
+        raise ValueError("this model has no planner head (model.planner is None)")
+    t = planner_timestep(canvas, config.mask_token_id)
+    rope = model.rope(default_positions(canvas.shape[1]))
+    return model.planner(h_last, t, candidates, rope, _key_mask(config, valid))
+
+
+def suppress_mask_logit(token_logits: jax.Array, mask_id: int) -> jax.Array:
+    """Sets the `[MASK]` logit to -inf: the model never proposes the mask token (spec section 1)."""
+    return token_logits.at[..., mask_id].set(-jnp.inf)
+
+
+def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, valid: jax.Array | None = None,
+                 candidates: jax.Array | None = None, suppress_mask: bool = True):
+    """One policy evaluation (one NFE): backbone + planner on the canvas.
+
+    Args:
+      canvas: `[B, L]` int32 tokens with `config.mask_token_id` at unrevealed positions.
+      valid: `[B, L]` bool (False on prompt padding) or None.
+      candidates: `[B, L]` bool planner candidates; None means every masked position (use
+        `current_block_candidates` for semi-autoregressive decoding).
+      suppress_mask: set the mask token's logit to -inf (False gives raw logits, for parity checks).
+    Returns:
+      `(token_logits [B, L, V]`, `unmask_logits [B, L]` float32, or None without a planner).
+    """
+    token_logits, h_last = forward(params, canvas, config, valid=valid)
+    if suppress_mask:
+        token_logits = suppress_mask_logit(token_logits, config.mask_token_id)
+    if not config.has_planner:
+        return token_logits, None
+    if candidates is None:
+        candidates = canvas == config.mask_token_id
+    return token_logits, planner_apply(params, h_last, canvas, candidates, config, valid=valid)

@@ -1,0 +1,114 @@
+"""Mesh construction and parameter / batch shardings from path rules.
+
+One mesh with axes `('data', 'fsdp', 'tensor')` serves every scale: parameters are sharded over
+'fsdp' (ZeRO-3 style) and 'tensor' (Megatron style) and replicated over 'data'; batches are
+sharded over `('data', 'fsdp')`. Shardings come from regex rules on the parameter path
+(`blocks/q_proj/kernel`); stacked layer axes get a leading `None`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+class ShardingError(ValueError):
+    """A shape does not divide the mesh; the message names the array, the dim and the axis."""
+
+
+# First match wins. Specs name the trailing dims; leading (stacked-layer) dims are unsharded.
+PARAM_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    # LLaDA backbone and planner. The LM head `ff_out` [D, V] sits at the top level; the MLP's
+    # `ff_out` [F, D] sits inside a block.
+    (r"^ff_out/kernel$", ("fsdp", "tensor")),
+    (r"(^|/)wte/embedding$", ("tensor", "fsdp")),
+    (r"(^|/)(q_proj|k_proj|v_proj|ff_proj|up_proj)/kernel$", ("fsdp", "tensor")),
+    (r"(^|/)(attn_out|ff_out)/kernel$", ("tensor", "fsdp")),
+    (r"(^|/)(modulation|mlp_0|mlp_2)/kernel$", ("fsdp", "tensor")),
+    (r"(^|/)mask_embedding/embedding$", (None, "fsdp")),
+    (r"(^|/)mask_linear/kernel$", ("fsdp", None)),
+    # Autoregressive teacher (HF Qwen2 / Llama names).
+    (r"(^|/)embed_tokens/embedding$", ("tensor", "fsdp")),
+    (r"(^|/)lm_head/kernel$", ("fsdp", "tensor")),
+    (r"(^|/)(gate_proj)/kernel$", ("fsdp", "tensor")),
+    (r"(^|/)(o_proj|down_proj)/kernel$", ("tensor", "fsdp")),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `('data', 'fsdp', 'tensor')` mesh with Auto axis types; one size may be -1 (the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))}: at most one may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))} do not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))} multiply to {int(np.prod(sizes))}, "
+                            f"but there are {len(devices)} devices")
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """`('blocks', 0, 'q_proj', 'kernel')` or a jax key path -> `'blocks/0/q_proj/kernel'`."""
+    parts = []
+    for key in path:
+        key = getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh) -> None:
+    """Raises `ShardingError` naming `name`, the dim and the mesh axis if `spec` does not fit."""
+    for dim, (size, axis) in enumerate(zip(shape, spec)):
+        if axis is not None and size % _axis_size(mesh, axis):
+            raise ShardingError(
+                f"{name}: dim {dim} of shape {tuple(shape)} has size {size}, which is not divisible by "
+                f"mesh axis {axis!r} of size {_axis_size(mesh, axis)}")
+
+
+def param_partition_spec(path: str, ndim: int) -> P:
+    """The `PartitionSpec` of a parameter from `PARAM_RULES` (replicated if no rule matches)."""
+    for pattern, spec in PARAM_RULES:
+        if re.search(pattern, path):
+            if len(spec) > ndim:
+                break
+            return P(*((None,) * (ndim - len(spec)) + tuple(spec)))
+    return P()
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    """`NamedSharding` pytree for a parameter (or `ShapeDtypeStruct`) pytree, divisibility checked."""
+    def one(path, leaf):
+        name = path_str(path)
+        spec = param_partition_spec(name, len(leaf.shape))
+        check_divisible(f"parameter {name}", leaf.shape, spec, mesh)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows over `('data', 'fsdp')`, other dims replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def check_batch(name: str, batch_size: int, mesh: Mesh) -> None:
+    """Start-up check that `batch_size` rows split evenly over `('data', 'fsdp')`."""
+    check_divisible(name, (batch_size,), P(BATCH_AXES), mesh)

@@ -1,0 +1,43 @@
+"""Small shared builders for the tests: tiny configs and random parameters."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from dultra_jax.config import ModelConfig, PlannerConfig
+from dultra_jax.models import policy
+
+MASK_ID = 63
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A 2-layer, D=32 LLaDA with a planner and grouped-query heads (4 heads, 2 kv heads)."""
+    fields = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
+                  rope_theta=10000.0, max_sequence_length=128, mask_token_id=MASK_ID, eos_token_id=1,
+                  pad_token_id=1, eot_token_id=2, planner=PlannerConfig(), scan_layers=True)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def random_params(config: ModelConfig, seed: int = 0):
+    """Spec-initialised parameters with every bias and norm weight perturbed, so no term is trivial."""
+    params = jax.jit(policy.init_params, static_argnums=0)(config, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "bias" in name or "norm" in name:
+            return (leaf + 0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(perturb, params)
+
+
+def random_canvas(batch: int, length: int, num_masked: int, seed: int = 0, vocab: int = 64) -> np.ndarray:
+    """`[B, L]` random tokens (never the mask id) whose last `num_masked` positions are masks."""
+    rng = np.random.default_rng(seed)
+    canvas = rng.integers(0, MASK_ID, size=(batch, length)).astype(np.int32)
+    if num_masked:
+        canvas[:, -num_masked:] = MASK_ID
+    return canvas
