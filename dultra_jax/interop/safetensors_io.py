@@ -46,6 +46,10 @@ class SafetensorsFile:
         self._entries = header
         self._data_start = 8 + header_size
         self._mmap = None
+        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        if self._data_start + end > os.path.getsize(path):
+            raise CheckpointError(f"safetensors file {path} is truncated: its header needs "
+                                  f"{self._data_start + end} bytes, the file has {os.path.getsize(path)}")
 
     def keys(self) -> list[str]:
         return list(self._entries)

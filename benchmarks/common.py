@@ -1,0 +1,101 @@
+"""Shared helpers for the benchmarks: timed loops, a matmul FLOP/s reference, tables, JSON lines.
+
+Every benchmark warms up (compiles) first, then times `iters` calls, each ended with
+`jax.block_until_ready`, and reports best / mean / median seconds. Figures are compared with a
+plain jitted `jnp.dot` measured in the same run, so a number means something on any machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds for the first (compiling) call and for each timed call."""
+
+    compile_s: float
+    times_s: tuple[float, ...]
+
+    @property
+    def best_s(self) -> float:
+        return min(self.times_s)
+
+    @property
+    def mean_s(self) -> float:
+        return statistics.fmean(self.times_s)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"compile_s": self.compile_s, "best_s": self.best_s, "mean_s": self.mean_s,
+                "median_s": self.median_s, "iters": len(self.times_s)}
+
+
+def time_fn(fn: Callable[..., Any], *args, iters: int = 5, warmup: int = 1, **kwargs) -> Timing:
+    """Times `fn(*args, **kwargs)`: `warmup` untimed calls (the first one compiles), then `iters`.
+
+    Each call is followed by `jax.block_until_ready` on its outputs, so asynchronous dispatch
+    does not hide device time.
+    """
+    if iters < 1:
+        raise ValueError(f"iters={iters} must be at least 1")
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args, **kwargs))
+    compile_s = time.perf_counter() - start
+    for _ in range(max(0, warmup - 1)):
+        jax.block_until_ready(fn(*args, **kwargs))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args, **kwargs))
+        times.append(time.perf_counter() - start)
+    return Timing(compile_s, tuple(times))
+
+
+def matmul_flops_per_s(n: int = 1024, iters: int = 10, dtype: Any = jnp.float32) -> dict[str, float]:
+    """Best-of-`iters` FLOP/s of a jitted `[n, n] @ [n, n]` `jnp.dot` (2 n^3 FLOPs) in `dtype`."""
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (n, n), dtype)
+    b = jax.random.normal(key_b, (n, n), dtype)
+    timing = time_fn(jax.jit(jnp.dot), a, b, iters=iters)
+    flops = 2.0 * n ** 3
+    return {"n": n, "dtype": jnp.dtype(dtype).name, "flops": flops, "best_s": timing.best_s,
+            "flops_per_s": flops / timing.best_s}
+
+
+def device_info() -> dict[str, Any]:
+    """The backend and devices this run used."""
+    devices = jax.devices()
+    return {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+            "device_count": len(devices), "jax_version": jax.__version__}
+
+
+def si(value: float, unit: str = "") -> str:
+    """`1.23e11` -> `'123.0 G'` + unit."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f} {prefix}{unit}"
+    return f"{value:.3g} {unit}".rstrip()
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of `rows` (dicts of already formatted values) in `columns` order."""
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One compact JSON line (the machine-readable last line of a benchmark's output)."""
+    return json.dumps(record, sort_keys=False, separators=(",", ":"))

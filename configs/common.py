@@ -1,0 +1,32 @@
+"""Shared config pieces. Config files return `ml_collections.ConfigDict`s built from these."""
+
+import ml_collections
+
+
+def planner() -> ml_collections.ConfigDict:
+    """The dUltra planner head (spec section 2)."""
+    return ml_collections.ConfigDict(dict(num_head_layers=1, freq_dim=256, adaln_eps=1e-4))
+
+
+def llada_8b_model() -> ml_collections.ConfigDict:
+    """LLaDA-8B-Instruct shapes and ids (spec section 1), planner included, bf16 as the reference.
+
+    `path` is the HF directory to load (None: random init with these shapes).
+    """
+    return ml_collections.ConfigDict(dict(
+        path=ml_collections.FieldReference(None, field_type=str),
+        vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
+        rope_theta=500000.0, rms_norm_eps=1e-5, max_sequence_length=4096,
+        mask_token_id=126336, eos_token_id=126081, pad_token_id=126081, eot_token_id=126348,
+        planner=planner(), dtype="bfloat16", param_dtype="bfloat16",
+        scan_layers=True, remat=True, mask_padding=True,
+    ))
+
+
+def tiny_model() -> ml_collections.ConfigDict:
+    """A 2-layer, D=32 model over a 64-token vocabulary: tests and CPU smoke runs."""
+    model = llada_8b_model()
+    model.update(dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
+                      rope_theta=10000.0, max_sequence_length=256, mask_token_id=63, eos_token_id=1,
+                      pad_token_id=1, eot_token_id=2, dtype="float32", param_dtype="float32", remat=False))
+    return model
