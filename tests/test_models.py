@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 
 from dultra_jax.interop.hf_llada import export_hf, load_hf

@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from dultra_jax.config import ConfigError
-from dultra_jax.interop.hf_teacher import load_teacher, teacher_partition_spec
+from dultra_jax.interop.hf_teacher import load_teacher
+from dultra_jax.sharding import ShardingError, param_partition_spec
 from dultra_jax.interop.safetensors_io import CheckpointError, open_checkpoint, save_file
 from dultra_jax.models.teacher import (TeacherConfig, score, score_jit, teacher_config_from_hf, teacher_forward,
                                        teacher_init_params)
@@ -145,7 +146,7 @@ def test_load_onto_mesh_matches(hf_models):
     assert q.addressable_shards[0].data.shape == (2, 16, 32)
     assert params["layers"]["down_proj"]["kernel"].sharding.spec == P(None, "tensor", "fsdp")
     assert params["embed_tokens"]["embedding"].sharding.spec == P("tensor", "fsdp")
-    assert params["norm"]["weight"].sharding.spec == P(None)
+    assert params["norm"]["weight"].sharding.spec == P()
     tokens = _tokens((2, 7), seed=9)
     np.testing.assert_allclose(np.asarray(forward_jit(params, jnp.asarray(tokens), config)),
                                _torch_logits(model, tokens), atol=1e-4, rtol=1e-4)
@@ -157,13 +158,13 @@ def test_load_onto_mesh_matches(hf_models):
 
 
 def test_partition_rules_and_divisibility(hf_models):
-    assert teacher_partition_spec(("layers", 0, "o_proj", "kernel"), 2) == P("tensor", "fsdp")
-    assert teacher_partition_spec(("layers", "q_proj", "bias"), 2) == P()
-    assert teacher_partition_spec(("lm_head", "kernel"), 2) == P("fsdp", "tensor")
+    assert param_partition_spec("layers/0/o_proj/kernel", 2) == P("tensor", "fsdp")
+    assert param_partition_spec("layers/q_proj/bias", 2) == P()
+    assert param_partition_spec("lm_head/kernel", 2) == P("fsdp", "tensor")
     mesh = jax.make_mesh((1, 1, 3), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=jax.devices()[:3])
-    # The vocabulary (96) divides 3; the q_proj output (32) does not.
-    with pytest.raises(ConfigError, match=r"layers/q_proj/kernel dim 2 of size 32 .* 'tensor' of size 3"):
+    # The vocabulary (96) divides 3; the k_proj output (16) does not.
+    with pytest.raises(ShardingError, match=r"parameter layers/k_proj/kernel: dim 2 of shape \(2, 32, 16\) has size 16, .* 'tensor' of size 3"):
         load_teacher(hf_models["qwen2"][0], mesh=mesh)
 
 
@@ -209,7 +210,7 @@ def _copy_with(src, dst, edit_tensors=None, edit_config=None):
 def test_missing_tensor(hf_models, tmp_path):
     bad = _copy_with(hf_models["qwen2"][0], tmp_path / "d",
                      edit_tensors=lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
-    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.self_attn\.k_proj\.bias"):
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) model\.layers\.1\.self_attn\.k_proj\.bias"):
         load_teacher(bad)
 
 

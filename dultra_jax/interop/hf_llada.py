@@ -8,24 +8,24 @@ shape table before touching data.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from typing import Any, Iterable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from dultra_jax.config import ConfigError, ModelConfig, PlannerConfig, parse_dtype
 from dultra_jax.interop.safetensors_io import (INDEX_FILE, SINGLE_FILE, CheckpointError, open_checkpoint,
                                                plan_shards, save_file)
+from dultra_jax.interop.tables import (TensorMap, expand_layers, hf_shape, leaf_shapes, load_tensors, names_list,
+                                       read_hf_config, validate)
 from dultra_jax.models import policy
 from dultra_jax.sharding import param_shardings, path_str
 
@@ -71,52 +71,17 @@ _COPIED = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json
                      r"chat_template.*|generation_config\.json|.*\.py)$")
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-    """One HF tensor: `hf_name` <-> parameter `path` (layer `layer` of a stacked leaf if set)."""
-
-    hf_name: str
-    path: str
-    layer: int | None
-    transpose: bool
-
-
 def tensor_map(config: ModelConfig) -> list[TensorMap]:
     """The mapping table for `config` (backbone, and the planner when the config has one)."""
     entries = [TensorMap(hf, ours, None, t) for hf, ours, t in _BACKBONE]
-    for i in range(config.n_layers):
-        for hf, ours, t in _BLOCK:
-            if config.scan_layers:
-                entries.append(TensorMap(f"model.transformer.blocks.{i}.{hf}", f"blocks/{ours}", i, t))
-            else:
-                entries.append(TensorMap(f"model.transformer.blocks.{i}.{hf}", f"blocks/{i}/{ours}", None, t))
+    entries += expand_layers(_BLOCK, config.n_layers, config.scan_layers, "model.transformer.blocks.", "blocks")
     if config.has_planner:
-        entries += [TensorMap(f"mask_head.0.{hf}", f"planner/mask_head/0/{ours}", None, t) for hf, ours, t in _BLOCK]
+        entries += expand_layers(_BLOCK, 1, False, "mask_head.", "planner/mask_head")
         entries += [TensorMap(hf, ours, None, t) for hf, ours, t in _PLANNER]
     return entries
 
 
-def _leaf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    flat = jax.tree_util.tree_flatten_with_path(policy.abstract_params(config))[0]
-    return {path_str(path): tuple(leaf.shape) for path, leaf in flat}
-
-
-def hf_shape(entry: TensorMap, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF tensor's shape given our leaf's shape."""
-    shape = leaf_shape[1:] if entry.layer is not None else leaf_shape
-    return tuple(reversed(shape)) if entry.transpose else tuple(shape)
-
-
 # ----------------------------------------------------------------------------------- config.json
-
-
-def read_hf_config(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
 # (field, required value) pairs for the LLaDA variants we implement.
@@ -194,12 +159,6 @@ def _is_planner_tensor(name: str) -> bool:
     return name.startswith(_PLANNER_PREFIXES)
 
 
-def _names(names: Iterable[str], limit: int = 8) -> str:
-    names = sorted(names)
-    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def load_hf(directory: str, *, mesh: Mesh | None = None, with_planner: bool | None = None,
             planner_rng: jax.Array | None = None, dtype: str = "float32", param_dtype: str = "float32",
             scan_layers: bool = True, remat: bool = False, mask_padding: bool = True):
@@ -229,57 +188,18 @@ def load_hf(directory: str, *, mesh: Mesh | None = None, with_planner: bool | No
     config = model_config_from_hf(hf, with_planner=with_planner, dtype=dtype, param_dtype=param_dtype,
                                   scan_layers=scan_layers, remat=remat, mask_padding=mask_padding)
     table = [e for e in tensor_map(config) if not (init_planner and e.path.startswith("planner/"))]
-    expected = {e.hf_name for e in table}
-    missing = expected - present
-    if missing:
-        raise CheckpointError(f"{directory}: missing tensor(s) {_names(missing)}")
-    unexpected = {n for n in present - expected if not (_is_planner_tensor(n) and not with_planner)}
-    if unexpected:
-        raise CheckpointError(f"{directory}: unexpected tensor(s) {_names(unexpected)}")
-    leaf_shapes = _leaf_shapes(config)
-    for e in table:
-        want = hf_shape(e, leaf_shapes[e.path])
-        if ckpt.shape(e.hf_name) != want:
-            raise CheckpointError(f"{directory}: tensor {e.hf_name} has shape {list(ckpt.shape(e.hf_name))}, "
-                                  f"expected {list(want)} for parameter {e.path}")
-
-    target_dtype = np.dtype(parse_dtype(param_dtype, "param_dtype"))
     abstract = policy.abstract_params(config)
-    shardings = (param_shardings(abstract, mesh) if mesh is not None
-                 else jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), abstract))
-    by_path: dict[str, list[TensorMap]] = {}
-    for e in table:
-        by_path.setdefault(e.path, []).append(e)
-
-    def place(path, leaf, sharding):
-        name = path_str(path)
-        entries = by_path.get(name)
-        if entries is None:  # a planner to initialise below
-            return None
-        return jax.make_array_from_callback(tuple(leaf.shape), sharding,
-                                            lambda index: _read_slice(ckpt, entries, index, target_dtype))
-
-    params = jax.tree_util.tree_map_with_path(place, abstract, shardings)
+    validate(ckpt, table, leaf_shapes(abstract),
+             ignore=lambda name: _is_planner_tensor(name) and not with_planner)
+    shardings = param_shardings(abstract, mesh) if mesh is not None else None
+    params = load_tensors(ckpt, table, abstract, shardings, np.dtype(parse_dtype(param_dtype, "param_dtype")))
     if init_planner:
         log.info("%s has no planner tensors: initialising a fresh planner head", directory)
-        fresh = jax.jit(policy.init_params, static_argnums=0,
-                        out_shardings=shardings if mesh is not None else None)(config, planner_rng)
-        params["planner"] = fresh["planner"]
+        # Only the planner leaves are outputs, so XLA never materialises a random backbone.
+        init_planner_params = jax.jit(lambda rng: policy.init_params(config, rng)["planner"],
+                                      out_shardings=None if shardings is None else shardings["planner"])
+        params["planner"] = init_planner_params(planner_rng)
     return params, config, hf
-
-
-def _read_slice(ckpt, entries: list[TensorMap], index: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
-    """Reads `index` of one parameter leaf from its HF tensor(s) (one per layer when stacked)."""
-    def one(entry: TensorMap, sub_index) -> np.ndarray:
-        array = ckpt.get(entry.hf_name)
-        if entry.transpose:
-            array = array.T
-        return np.asarray(array[tuple(sub_index)], dtype=dtype)
-
-    if entries[0].layer is None:
-        return one(entries[0], index)
-    layers = sorted(entries, key=lambda e: e.layer)[index[0]]
-    return np.stack([one(e, index[1:]) for e in layers])
 
 
 # --------------------------------------------------------------------------------------- export
@@ -314,17 +234,17 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
     if source_dir is not None and hf_config is None:
         hf_config = read_hf_config(source_dir)
     table = tensor_map(config)
-    leaf_shapes = _leaf_shapes(config)
+    shapes = leaf_shapes(policy.abstract_params(config))
     flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     for e in table:
         if e.path not in flat:
             raise CheckpointError(f"parameter {e.path} (for {e.hf_name}) is missing from the params")
-        if tuple(flat[e.path].shape) != leaf_shapes[e.path]:
+        if tuple(flat[e.path].shape) != shapes[e.path]:
             raise CheckpointError(f"parameter {e.path} has shape {list(flat[e.path].shape)}, "
-                                  f"expected {list(leaf_shapes[e.path])} for config {config}")
+                                  f"expected {list(shapes[e.path])} for config {config}")
     extra = set(flat) - {e.path for e in table}
     if extra:
-        raise CheckpointError(f"parameter(s) {_names(extra)} have no HF name for this config")
+        raise CheckpointError(f"parameter(s) {names_list(extra)} have no HF name for this config")
 
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise CheckpointError(f"export directory {out_dir} exists and is not empty (pass overwrite=True)")
@@ -332,7 +252,7 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        sizes = [(e.hf_name, int(np.prod(hf_shape(e, leaf_shapes[e.path]))) * np_dtype.itemsize) for e in table]
+        sizes = [(e.hf_name, int(np.prod(hf_shape(e, shapes[e.path]))) * np_dtype.itemsize) for e in table]
         shards = plan_shards(sizes, parse_size(max_shard_size))
         by_name = {e.hf_name: e for e in table}
         weight_map, total = {}, 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
