@@ -146,3 +146,149 @@ def model_config_from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict,
 def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
     """Inverse of `model_config_from_dict` (plain JSON-able dict)."""
     return dataclasses.asdict(config)
+
+
+RULES = ("planner_bernoulli", "planner_topk", "threshold", "factor", "low_confidence", "random",
+         "entropy_bound", "ass")
+PLANNER_RULES = ("planner_bernoulli", "planner_topk")
+SCHEDULED_RULES = ("low_confidence", "random")
+CONFIDENCE_RULES = ("threshold", "factor", "low_confidence", "ass")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Static description of one semi-autoregressive decoding (spec section 3).
+
+    A rule-specific knob left at None takes the rule's default; setting one that the chosen rule
+    does not read is an error (spec section 9: no silently ignored flags).
+
+    Attributes:
+      rule: one of `RULES`.
+      prompt_length: `Lp`, the (left-padded) prompt width; the canvas is `Lp + gen_length`.
+      gen_length, block_length: `Lg` and the semi-AR block size (`Lg % block_length == 0`).
+      max_steps: the step budget `T` (default `gen_length`: every step reveals at least one).
+      temperature: token sampling temperature (0 = argmax; Gumbel-max otherwise).
+      logprob_temperature: temperature of `q` in the action log-prob (reference: 1.0); None
+        uses the sampling temperature.
+      threshold: confidence threshold of the `threshold` rule (default 0.9).
+      factor: `f` of the `factor` rule (default 1.0), or the multiplier on planner
+        probabilities of the planner rules (default 1.0, swept at evaluation).
+      steps: total steps of `low_confidence` / `random` over the whole generation (default
+        `gen_length`: one token per step).
+      entropy_bound: cumulative entropy budget (nats) of `entropy_bound` (default 1.0).
+      eoser: EOS early rejection on confidence rules; `eoser_gamma_min` its starting factor.
+      eos_token_id: the EOS id EOSER looks for.
+    """
+
+    rule: str = "planner_bernoulli"
+    prompt_length: int = 512
+    gen_length: int = 256
+    block_length: int = 32
+    max_steps: int | None = None
+    temperature: float = 0.0
+    logprob_temperature: float | None = 1.0
+    threshold: float | None = None
+    factor: float | None = None
+    steps: int | None = None
+    entropy_bound: float | None = None
+    eoser: bool = False
+    eoser_gamma_min: float = 0.4
+    eos_token_id: int = 126081
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ConfigError(f"decode.rule={self.rule!r} is unknown; use one of {', '.join(RULES)}")
+        for key in ("prompt_length", "gen_length", "block_length"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"decode.{key}={value!r} must be a positive integer")
+        if self.gen_length % self.block_length:
+            raise ConfigError(f"decode.gen_length={self.gen_length} is not a multiple of "
+                              f"decode.block_length={self.block_length}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"decode.max_steps={self.max_steps!r} must be positive")
+        if self.temperature < 0:
+            raise ConfigError(f"decode.temperature={self.temperature} must be >= 0")
+        if self.logprob_temperature is not None and self.logprob_temperature <= 0:
+            raise ConfigError(f"decode.logprob_temperature={self.logprob_temperature} must be > 0")
+        applies = {"threshold": ("threshold",), "factor": ("factor",) + PLANNER_RULES,
+                   "steps": SCHEDULED_RULES, "entropy_bound": ("entropy_bound",)}
+        for key, rules in applies.items():
+            if getattr(self, key) is not None and self.rule not in rules:
+                raise ConfigError(f"decode.{key}={getattr(self, key)!r} does not apply to rule {self.rule!r} "
+                                  f"(only to {', '.join(rules)})")
+        if self.eoser and self.rule not in CONFIDENCE_RULES:
+            raise ConfigError(f"decode.eoser=True does not apply to rule {self.rule!r} "
+                              f"(only to {', '.join(CONFIDENCE_RULES)})")
+        if self.rule in SCHEDULED_RULES:
+            steps = self.total_steps
+            if steps <= 0 or steps % self.num_blocks or steps > self.gen_length:
+                raise ConfigError(f"decode.steps={steps} must be a multiple of the {self.num_blocks} blocks "
+                                  f"and at most decode.gen_length={self.gen_length}")
+        if not 0 < self.eoser_gamma_min <= 1:
+            raise ConfigError(f"decode.eoser_gamma_min={self.eoser_gamma_min} must be in (0, 1]")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def canvas_length(self) -> int:
+        return self.prompt_length + self.gen_length
+
+    @property
+    def step_budget(self) -> int:
+        return self.max_steps if self.max_steps is not None else self.gen_length
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else self.gen_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.total_steps // self.num_blocks
+
+    @property
+    def uses_planner(self) -> bool:
+        return self.rule in PLANNER_RULES
+
+    @property
+    def rule_threshold(self) -> float:
+        return 0.9 if self.threshold is None else self.threshold
+
+    @property
+    def rule_factor(self) -> float:
+        return 1.0 if self.factor is None else self.factor
+
+    @property
+    def rule_entropy_bound(self) -> float:
+        return 1.0 if self.entropy_bound is None else self.entropy_bound
+
+    @property
+    def logprob_temp(self) -> float:
+        """Temperature of q in the action log-prob; falls back to the sampling temperature."""
+        if self.logprob_temperature is not None:
+            return self.logprob_temperature
+        return self.temperature if self.temperature > 0 else 1.0
+
+    def replace(self, **changes) -> "DecodeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Start-up checks that need the model too."""
+        if self.uses_planner and not model.has_planner:
+            raise ConfigError(f"decode.rule={self.rule!r} needs a planner head, but the model has none")
+        if self.canvas_length > model.max_sequence_length:
+            raise ConfigError(f"decode.prompt_length + decode.gen_length = {self.canvas_length} exceeds "
+                              f"model.max_sequence_length={model.max_sequence_length}")
+        if self.eoser and not 0 <= self.eos_token_id < model.vocab_size:
+            raise ConfigError(f"decode.eos_token_id={self.eos_token_id} is outside the vocabulary "
+                              f"[0, {model.vocab_size})")
+
+
+def decode_config_from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict,
+                            prefix: str = "decode.") -> DecodeConfig:
+    """`DecodeConfig` from a (ConfigDict) mapping; unknown keys are errors naming the key."""
+    cfg = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
+    _unknown_keys(cfg, {f.name for f in dataclasses.fields(DecodeConfig)}, prefix)
+    return DecodeConfig(**cfg)

@@ -99,6 +99,13 @@ class LLaDAModel(nnx.Module):
     def rope(self, positions: jax.Array):
         return rope_tables(positions, self.config.head_dim, self.config.rope_theta)
 
+    def hidden(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None) -> jax.Array:
+        """`h_last [B, L, D]` after `ln_f` for `tokens [B, L]`, `positions [B|1, L]`, `valid [B, L]`."""
+        x = self.wte(tokens)
+        x = run_blocks(self.blocks, x, self.rope(positions), valid, stacked=self.config.scan_layers,
+                       remat=self.config.remat)
+        return self.ln_f(x)
+
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None):
         """Backbone forward.
 
@@ -109,8 +116,5 @@ class LLaDAModel(nnx.Module):
         Returns:
           `(token_logits [B, L, V]` in the compute dtype, `h_last [B, L, D]` after `ln_f`).
         """
-        x = self.wte(tokens)
-        x = run_blocks(self.blocks, x, self.rope(positions), valid, stacked=self.config.scan_layers,
-                       remat=self.config.remat)
-        h_last = self.ln_f(x)
+        h_last = self.hidden(tokens, positions, valid)
         return self.ff_out(h_last), h_last

@@ -54,17 +54,28 @@ def _key_mask(config: ModelConfig, valid: jax.Array | None) -> jax.Array | None:
     return valid if (config.mask_padding and valid is not None) else None
 
 
-def forward(params: Params, tokens: jax.Array, config: ModelConfig, *, valid: jax.Array | None = None):
+def forward(params: Params, tokens: jax.Array, config: ModelConfig, *, valid: jax.Array | None = None,
+            logit_positions: jax.Array | None = None):
     """Backbone forward.
 
     Args:
       tokens: `[B, L]` int32.
       valid: `[B, L]` bool, False on padding; used as a key mask when `config.mask_padding`.
+      logit_positions: optional `[B, K]` int positions: the LM head then runs only there (the
+        decoder reads one block's logits; the other `L - K` positions would be wasted work).
     Returns:
-      `(token_logits [B, L, V]` raw, in the compute dtype, `h_last [B, L, D]` after `ln_f`).
+      `(token_logits [B, L or K, V]` raw, in the compute dtype, `h_last [B, L, D]` after `ln_f`).
     """
     model = bind(config, params)
-    return model(tokens, default_positions(tokens.shape[1]), _key_mask(config, valid))
+    h_last = model.hidden(tokens, default_positions(tokens.shape[1]), _key_mask(config, valid))
+    h_out = h_last if logit_positions is None else gather_positions(h_last, logit_positions)
+    return model.ff_out(h_out), h_last
+
+
+def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """`x[b, positions[b, k]]`: `[B, L, ...]`, `[B, K]` -> `[B, K, ...]`."""
+    index = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
 
 
 def planner_timestep(canvas: jax.Array, mask_id: int) -> jax.Array:
@@ -103,7 +114,8 @@ def suppress_mask_logit(token_logits: jax.Array, mask_id: int) -> jax.Array:
 
 
 def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, valid: jax.Array | None = None,
-                 candidates: jax.Array | None = None, suppress_mask: bool = True):
+                 candidates: jax.Array | None = None, logit_positions: jax.Array | None = None,
+                 suppress_mask: bool = True):
     """One policy evaluation (one NFE): backbone + planner on the canvas.
 
     Args:
@@ -111,15 +123,20 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
       valid: `[B, L]` bool (False on prompt padding) or None.
       candidates: `[B, L]` bool planner candidates; None means every masked position (use
         `current_block_candidates` for semi-autoregressive decoding).
+      logit_positions: optional `[B, K]` positions at which to return both outputs (the current
+        block); None returns every position.
       suppress_mask: set the mask token's logit to -inf (False gives raw logits, for parity checks).
     Returns:
-      `(token_logits [B, L, V]`, `unmask_logits [B, L]` float32, or None without a planner).
+      `(token_logits [B, L|K, V]`, `unmask_logits [B, L|K]` float32, or None without a planner).
     """
-    token_logits, h_last = forward(params, canvas, config, valid=valid)
+    token_logits, h_last = forward(params, canvas, config, valid=valid, logit_positions=logit_positions)
     if suppress_mask:
         token_logits = suppress_mask_logit(token_logits, config.mask_token_id)
     if not config.has_planner:
         return token_logits, None
     if candidates is None:
         candidates = canvas == config.mask_token_id
-    return token_logits, planner_apply(params, h_last, canvas, candidates, config, valid=valid)
+    unmask_logits = planner_apply(params, h_last, canvas, candidates, config, valid=valid)
+    if logit_positions is not None:
+        unmask_logits = gather_positions(unmask_logits, logit_positions)
+    return token_logits, unmask_logits

@@ -1,0 +1,310 @@
+"""The rollout: semi-autoregressive denoising as one jitted `lax.while_loop` (spec section 3).
+
+The canvas is `[prompt (Lp, left-padded) | gen (Lg)]`. Each row works on its current block (the
+first block of its generation that still has masks), moves on as soon as that block is done, and
+is frozen once nothing is masked: a frozen row spends no NFE. Every iteration of the loop is one
+NFE for each active row: a backbone + planner forward, a rule's choice, the reveal, and the
+action's log-probability (spec section 4), computed by `action_log_prob`, which the trainer's
+replay reuses.
+
+Each row counts its own steps (`nfe`), so a trajectory is fully described by the final tokens
+and, per position, the row-step at which it was revealed: the canvas before row-step k is
+"revealed iff unmask_step < k" (`canvas_before_step`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig
+from dultra_jax.decoding import rules
+from dultra_jax.models import policy
+
+Params = policy.Params
+
+
+@struct.dataclass
+class RolloutState:
+    """The `lax.while_loop` carry; every shape is fixed by the configs.
+
+    Attributes:
+      canvas: `[B, L]` int32 tokens, `mask_id` where unrevealed.
+      valid: `[B, L]` bool, False on prompt padding.
+      unmask_step: `[B, Lg]` int32 row-step at which each generated position was revealed
+        (`T` while unrevealed).
+      block_step: `[B]` int32 steps spent in the current block (schedules, EOSER).
+      nfe: `[B]` int32 steps (forward evaluations) this row has taken.
+      done: `[B]` bool, nothing left to reveal.
+      step_logps: `[B, T]` float32 log-probability of each of the row's actions.
+      rng: PRNG key, split once per loop iteration.
+      step: scalar int32 loop iteration.
+    """
+
+    canvas: jax.Array
+    valid: jax.Array
+    unmask_step: jax.Array
+    block_step: jax.Array
+    nfe: jax.Array
+    done: jax.Array
+    step_logps: jax.Array
+    rng: jax.Array
+    step: jax.Array
+
+
+@struct.dataclass
+class Trajectory:
+    """A finished rollout, O(B * L): everything replay and decoding need.
+
+    Attributes:
+      tokens: `[B, Lg]` int32 final generated tokens (`mask_id` only if the budget ran out).
+      unmask_step: `[B, Lg]` int32 row-step at which each position was revealed (`T` if never).
+      num_steps: `[B]` int32 NFE of each row.
+      step_logps: `[B, T]` float32 action log-probs at rollout time (0 past `num_steps`).
+      prompt_tokens: `[B, Lp]` int32; prompt_valid: `[B, Lp]` bool.
+    """
+
+    tokens: jax.Array
+    unmask_step: jax.Array
+    num_steps: jax.Array
+    step_logps: jax.Array
+    prompt_tokens: jax.Array
+    prompt_valid: jax.Array
+
+
+# ------------------------------------------------------------------------------- shared pieces
+
+
+def block_positions(canvas: jax.Array, mask_id: int, config: DecodeConfig):
+    """Each row's current block.
+
+    Returns:
+      `(positions [B, Lb]` absolute canvas positions of the block, `active [B]` bool: the row
+      still has masks). A done row points at its last block.
+    """
+    batch = canvas.shape[0]
+    gen_masked = (canvas[:, config.prompt_length:] == mask_id).reshape(batch, config.num_blocks,
+                                                                        config.block_length)
+    block_has_mask = jnp.any(gen_masked, axis=-1)
+    active = jnp.any(block_has_mask, axis=-1)
+    current = jnp.where(active, jnp.argmax(block_has_mask, axis=-1), config.num_blocks - 1)
+    start = config.prompt_length + current * config.block_length
+    return start[:, None] + jnp.arange(config.block_length, dtype=jnp.int32)[None, :], active
+
+
+def scatter_positions(x: jax.Array, positions: jax.Array, values: jax.Array) -> jax.Array:
+    """`x[b, positions[b, k]] = values[b, k]` for `[B, L]` arrays."""
+    rows = jnp.arange(x.shape[0])[:, None]
+    return x.at[rows, positions].set(values)
+
+
+def sample_tokens(token_logits: jax.Array, temperature: float, rng: jax.Array) -> jax.Array:
+    """Gumbel-max sampling from softmax(logits / T); T = 0 is argmax. `[B, Lb, V] -> [B, Lb]`."""
+    if temperature == 0:
+        return jnp.argmax(token_logits, axis=-1).astype(jnp.int32)
+    gumbel = jax.random.gumbel(rng, token_logits.shape, jnp.float32)
+    return jnp.argmax(token_logits + temperature * gumbel, axis=-1).astype(jnp.int32)
+
+
+def planner_log_probs(unmask_logits: jax.Array, factor: float):
+    """`(log p, log(1 - p))` of the reveal probability `p = clip(factor * sigmoid(z), 0, 1)`.
+
+    With factor 1 both come from log-sigmoids of the logit (exact, no log(0)); a factor > 1 can
+    push p to 1, where clipping keeps the logs defined (spec section 9).
+    """
+    if factor == 1.0:
+        return jax.nn.log_sigmoid(unmask_logits), jax.nn.log_sigmoid(-unmask_logits)
+    p = jnp.clip(factor * jax.nn.sigmoid(unmask_logits), 0.0, 1.0)
+    return jnp.log(p), jnp.log1p(-p)
+
+
+def action_log_prob(token_logits: jax.Array, unmask_logits: jax.Array | None, x0: jax.Array,
+                    candidates: jax.Array, reveal: jax.Array, config: DecodeConfig) -> jax.Array:
+    """Log-probability of one step's action (spec section 4), `[B]` float32.
+
+    `sum_{reveal} [log p + log q(x0)] + sum_{candidates \\ reveal} log(1 - p)`, with q the
+    softmax of the token logits at `config.logprob_temp` and p the planner probability; rules
+    without a planner score only the token term. The forced at-least-one token counts like any
+    revealed one (the reference's choice).
+
+    Args:
+      token_logits: `[B, Lb, V]` (mask logit -inf); unmask_logits: `[B, Lb]` or None.
+      x0: `[B, Lb]` tokens (only revealed positions matter); candidates, reveal: `[B, Lb]` bool.
+    """
+    logits = token_logits.astype(jnp.float32) / config.logprob_temp
+    log_q = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
+    total = jnp.sum(jnp.where(reveal, log_q, 0.0), axis=-1)
+    if config.uses_planner:
+        log_p, log_not_p = planner_log_probs(unmask_logits, config.rule_factor)
+        total += jnp.sum(jnp.where(reveal, log_p, 0.0) + jnp.where(candidates & ~reveal, log_not_p, 0.0), axis=-1)
+    return total
+
+
+def evaluate_block(params: Params, canvas: jax.Array, valid: jax.Array, model: ModelConfig,
+                   config: DecodeConfig):
+    """One NFE on each row's current block.
+
+    Returns:
+      `(positions [B, Lb]`, `active [B]`, `candidates [B, Lb]`, `token_logits [B, Lb, V]` float32
+      with the mask logit at -inf, `unmask_logits [B, Lb]` float32 or None).
+    """
+    positions, active = block_positions(canvas, model.mask_token_id, config)
+    is_masked = canvas == model.mask_token_id
+    in_block = jnp.zeros(canvas.shape, jnp.bool_)
+    in_block = scatter_positions(in_block, positions, jnp.ones(positions.shape, jnp.bool_))
+    token_logits, unmask_logits = policy.policy_apply(
+        params, canvas, model, valid=valid, candidates=is_masked & in_block, logit_positions=positions)
+    candidates = policy.gather_positions(is_masked, positions) & active[:, None]
+    return positions, active, candidates, token_logits.astype(jnp.float32), unmask_logits
+
+
+# ---------------------------------------------------------------------------------- the step
+
+
+def init_state(prompt_tokens: jax.Array, prompt_valid: jax.Array, rng: jax.Array, model: ModelConfig,
+               config: DecodeConfig) -> RolloutState:
+    """The loop's initial carry: `[prompt | mask x Lg]`."""
+    batch = prompt_tokens.shape[0]
+    gen = jnp.full((batch, config.gen_length), model.mask_token_id, jnp.int32)
+    canvas = jnp.concatenate([prompt_tokens.astype(jnp.int32), gen], axis=1)
+    valid = jnp.concatenate([prompt_valid.astype(jnp.bool_), jnp.ones(gen.shape, jnp.bool_)], axis=1)
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return RolloutState(
+        canvas=canvas, valid=valid,
+        unmask_step=jnp.full(gen.shape, config.step_budget, jnp.int32),
+        block_step=zeros, nfe=zeros, done=jnp.zeros((batch,), jnp.bool_),
+        step_logps=jnp.zeros((batch, config.step_budget), jnp.float32), rng=rng,
+        step=jnp.zeros((), jnp.int32))
+
+
+def denoise_step(params: Params, state: RolloutState, model: ModelConfig, config: DecodeConfig) -> RolloutState:
+    """One loop iteration: one NFE for every active row, nothing for done rows."""
+    positions, active, candidates, token_logits, unmask_logits = evaluate_block(
+        params, state.canvas, state.valid, model, config)
+    rng, token_key, rule_key = jax.random.split(state.rng, 3)
+    x0 = sample_tokens(token_logits, config.temperature, token_key)
+    confidence = jnp.take_along_axis(jax.nn.softmax(token_logits, axis=-1), x0[..., None], axis=-1)[..., 0]
+    if config.eoser:
+        gamma = rules.eoser_gamma(state.block_step, config)
+        confidence = jnp.where(x0 == config.eos_token_id, confidence * gamma[:, None], confidence)
+    unmask_probs = None
+    if config.uses_planner:
+        unmask_probs = jnp.clip(jax.nn.sigmoid(unmask_logits) * config.rule_factor, 0.0, 1.0)
+    view = rules.StepView(token_logits=token_logits, x0=x0, confidence=confidence, unmask_probs=unmask_probs,
+                          candidates=candidates, block_step=state.block_step)
+    reveal = rules.select(view, rule_key, config)
+    logp = action_log_prob(token_logits, unmask_logits, x0, candidates, reveal, config)
+
+    block_tokens = policy.gather_positions(state.canvas, positions)
+    canvas = scatter_positions(state.canvas, positions, jnp.where(reveal, x0, block_tokens))
+    gen_positions = positions - config.prompt_length
+    old_steps = policy.gather_positions(state.unmask_step, gen_positions)
+    unmask_step = scatter_positions(state.unmask_step, gen_positions,
+                                    jnp.where(reveal, state.nfe[:, None], old_steps))
+    rows = jnp.arange(canvas.shape[0])
+    slot = jnp.minimum(state.nfe, config.step_budget - 1)
+    step_logps = state.step_logps.at[rows, slot].set(jnp.where(active, logp, state.step_logps[rows, slot]))
+    block_finished = ~jnp.any(candidates & ~reveal, axis=-1)
+    block_step = jnp.where(active, jnp.where(block_finished, 0, state.block_step + 1), state.block_step)
+    gen_masked = canvas[:, config.prompt_length:] == model.mask_token_id
+    return RolloutState(canvas=canvas, valid=state.valid, unmask_step=unmask_step, block_step=block_step,
+                        nfe=state.nfe + active.astype(jnp.int32), done=~jnp.any(gen_masked, axis=-1),
+                        step_logps=step_logps, rng=rng, step=state.step + 1)
+
+
+def keep_going(state: RolloutState, config: DecodeConfig) -> jax.Array:
+    """Loop condition: some row still has masks and the step budget is not spent."""
+    return (state.step < config.step_budget) & ~jnp.all(state.done)
+
+
+def to_trajectory(state: RolloutState, config: DecodeConfig) -> Trajectory:
+    lp = config.prompt_length
+    return Trajectory(tokens=state.canvas[:, lp:], unmask_step=state.unmask_step, num_steps=state.nfe,
+                      step_logps=state.step_logps, prompt_tokens=state.canvas[:, :lp],
+                      prompt_valid=state.valid[:, :lp])
+
+
+# ------------------------------------------------------------------------------- entry points
+
+TRACE_COUNT = {"rollout_loop": 0}  # incremented at trace time; tests assert no retracing
+
+
+def _rollout_loop(params: Params, state: RolloutState, model: ModelConfig, config: DecodeConfig) -> RolloutState:
+    TRACE_COUNT["rollout_loop"] += 1
+    return jax.lax.while_loop(lambda s: keep_going(s, config),
+                              lambda s: denoise_step(params, s, model, config), state)
+
+
+# The final carry has the initial carry's structure, so the donated buffers hold the result.
+rollout_loop = jax.jit(_rollout_loop, static_argnames=("model", "config"), donate_argnames=("state",))
+init_state_jit = jax.jit(init_state, static_argnames=("model", "config"))
+denoise_step_jit = jax.jit(denoise_step, static_argnames=("model", "config"))
+
+
+def check_prompts(prompt_tokens, prompt_valid, model: ModelConfig, config: DecodeConfig):
+    """Start-up validation and left-padding of host prompts to `config.prompt_length`.
+
+    Returns `(prompt_tokens [B, Lp] int32, prompt_valid [B, Lp] bool)`.
+    """
+    config.check_model(model)
+    prompt_tokens = np.asarray(prompt_tokens)
+    prompt_valid = np.ones(prompt_tokens.shape, bool) if prompt_valid is None else np.asarray(prompt_valid, bool)
+    if prompt_tokens.ndim != 2 or prompt_valid.shape != prompt_tokens.shape:
+        raise ConfigError(f"prompt_tokens has shape {prompt_tokens.shape} and prompt_valid {prompt_valid.shape}; "
+                          "both must be the same [B, Lp]")
+    width = prompt_tokens.shape[1]
+    if width > config.prompt_length:
+        raise ConfigError(f"prompts are {width} tokens wide, longer than decode.prompt_length="
+                          f"{config.prompt_length}")
+    if width < config.prompt_length:
+        pad = config.prompt_length - width
+        prompt_tokens = np.pad(prompt_tokens, ((0, 0), (pad, 0)), constant_values=model.pad_token_id)
+        prompt_valid = np.pad(prompt_valid, ((0, 0), (pad, 0)), constant_values=False)
+    bad = (prompt_tokens < 0) | (prompt_tokens >= model.vocab_size) | (prompt_tokens == model.mask_token_id)
+    if np.any(bad & prompt_valid):
+        b, i = np.argwhere(bad & prompt_valid)[0]
+        raise ConfigError(f"prompt row {b}, position {i}: token id {prompt_tokens[b, i]} is the mask id or outside "
+                          f"the vocabulary [0, {model.vocab_size})")
+    return prompt_tokens.astype(np.int32), prompt_valid
+
+
+def rollout(params: Params, prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,
+            model: ModelConfig) -> Trajectory:
+    """Decodes `gen_length` tokens after each prompt with one jitted `lax.while_loop`.
+
+    Args:
+      params: model parameters (may be sharded; the batch follows its input sharding).
+      prompt_tokens: `[B, Lp']` int, left-padded, `Lp' <= config.prompt_length` (narrower prompts
+        are left-padded here); prompt_valid: `[B, Lp']` bool or None (all valid).
+      rng: PRNG key (token sampling and stochastic rules).
+    Returns:
+      The `Trajectory`; one compile per (shapes, configs), and the carry is donated.
+    """
+    if isinstance(prompt_tokens, jax.Array) and prompt_tokens.shape[1] == config.prompt_length:
+        config.check_model(model)  # device prompts (the trainer's) are already checked and padded
+        if prompt_valid is None:
+            prompt_valid = jnp.ones(prompt_tokens.shape, jnp.bool_)
+    else:
+        prompt_tokens, prompt_valid = check_prompts(prompt_tokens, prompt_valid, model, config)
+    state = init_state_jit(prompt_tokens, prompt_valid, rng, model=model, config=config)
+    return to_trajectory(rollout_loop(params, state, model=model, config=config), config)
+
+
+def rollout_python_loop(params: Params, prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,
+                        model: ModelConfig) -> Trajectory:
+    """The same decoding driven from Python, one jitted step per NFE (how the PyTorch reference
+    implementations run); the test oracle and the benchmark baseline for `rollout`."""
+    prompt_tokens, prompt_valid = check_prompts(prompt_tokens, prompt_valid, model, config)
+    state = init_state_jit(prompt_tokens, prompt_valid, rng, model=model, config=config)
+    while bool(keep_going(state, config)):
+        state = denoise_step_jit(params, state, model=model, config=config)
+    return to_trajectory(state, config)
+
+
+def canvas_before_step(trajectory: Trajectory, k: jax.Array, mask_id: int) -> jax.Array:
+    """The `[B, L]` canvas each row saw before its row-step `k` (`[B]` or scalar)."""
+    k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), trajectory.num_steps.shape)
+    gen = jnp.where(trajectory.unmask_step < k[:, None], trajectory.tokens, mask_id)
+    return jnp.concatenate([trajectory.prompt_tokens, gen], axis=1)
