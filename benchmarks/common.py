@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from dultra_jax.config import ModelConfig, PlannerConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
@@ -99,3 +101,21 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 def json_line(record: dict[str, Any]) -> str:
     """One compact JSON line (the machine-readable last line of a benchmark's output)."""
     return json.dumps(record, sort_keys=False, separators=(",", ":"))
+
+
+def model_configs(length: int) -> dict[str, ModelConfig]:
+    """The benchmarks' model shapes, both with a planner, holding canvases of `length` tokens.
+
+    `tiny`: the tests' shape (V 64, D 32, 2 layers, 4/2 heads, F 48); `small`: ~35M params
+    (V 4096, D 512, 8 layers, 8 heads, F 1408).
+    """
+    max_len = max(4096, length)
+    return {
+        "tiny": ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
+                            rope_theta=10000.0, max_sequence_length=max_len, mask_token_id=63, eos_token_id=1,
+                            pad_token_id=1, eot_token_id=2, planner=PlannerConfig()),
+        "small": ModelConfig(vocab_size=4096, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
+                             mlp_hidden_size=1408, rope_theta=10000.0, max_sequence_length=max_len,
+                             mask_token_id=4095, eos_token_id=1, pad_token_id=1, eot_token_id=2,
+                             planner=PlannerConfig()),
+    }

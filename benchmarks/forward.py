@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dultra_jax.config import ModelConfig, PlannerConfig
+from dultra_jax.config import ModelConfig
 from dultra_jax.models import policy
 from dultra_jax.sharding import path_str
 
@@ -51,20 +51,6 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype (parameters stay float32).")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 1024, "n of the n x n x n reference matmul.")
 _MATMUL_ITERS = flags.DEFINE_integer("matmul_iters", 10, "Timed iterations of the reference matmul.")
-
-
-def model_configs(length: int) -> dict[str, ModelConfig]:
-    """`tiny`: the tests' shape (V 64, D 32, 2 layers, 4/2 heads, F 48); `small`: ~30M params."""
-    max_len = max(4096, length)
-    return {
-        "tiny": ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
-                            rope_theta=10000.0, max_sequence_length=max_len, mask_token_id=63, eos_token_id=1,
-                            pad_token_id=1, eot_token_id=2, planner=PlannerConfig()),
-        "small": ModelConfig(vocab_size=4096, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
-                             mlp_hidden_size=1408, rope_theta=10000.0, max_sequence_length=max_len,
-                             mask_token_id=4095, eos_token_id=1, pad_token_id=1, eot_token_id=2,
-                             planner=PlannerConfig()),
-    }
 
 
 def forward_flops(config: ModelConfig, batch: int, length: int) -> dict[str, float]:
@@ -105,7 +91,7 @@ def bench_config(name: str, config: ModelConfig, batch: int, length: int, iters:
 
 def main(argv):
     del argv
-    configs = model_configs(_LENGTH.value)
+    configs = common.model_configs(_LENGTH.value)
     unknown = [c for c in _CONFIGS.value if c not in configs]
     if unknown:
         raise app.UsageError(f"--configs: unknown config(s) {unknown}; known: {sorted(configs)}")

@@ -1,0 +1,143 @@
+"""The jitted rollout: equals a Python loop, keeps its invariants, shards, and rejects bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dultra_jax.config import RULES, ConfigError, DecodeConfig
+from dultra_jax.decoding import rollout as R
+from dultra_jax.sharding import batch_sharding, make_mesh, param_shardings
+from tests.helpers import MASK_ID, random_params, tiny_config
+
+MODEL = tiny_config()
+PARAMS = random_params(MODEL)
+PROMPTS = np.random.default_rng(0).integers(3, MASK_ID, size=(4, 6))
+
+
+def decode(rule="planner_bernoulli", **kw):
+    fields = dict(rule=rule, prompt_length=8, gen_length=12, block_length=4, temperature=0.7, eos_token_id=1)
+    fields.update(kw)
+    return DecodeConfig(**fields)
+
+
+def _assert_same(a: R.Trajectory, b: R.Trajectory):
+    for name in ("tokens", "unmask_step", "num_steps", "prompt_tokens", "prompt_valid"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_allclose(a.step_logps, b.step_logps, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("config", [decode(rule) for rule in RULES]
+                         + [decode("threshold", eoser=True, threshold=0.2), decode("planner_topk", factor=1.5),
+                            decode("low_confidence", steps=6, temperature=0.0)],
+                         ids=lambda c: f"{c.rule}{'-eoser' if c.eoser else ''}{'-f' if c.factor else ''}")
+def test_while_loop_equals_python_loop(config):
+    jitted = R.rollout(PARAMS, PROMPTS, None, jax.random.key(1), config, MODEL)
+    looped = R.rollout_python_loop(PARAMS, PROMPTS, None, jax.random.key(1), config, MODEL)
+    _assert_same(jitted, looped)
+    _check_invariants(jitted, config)
+
+
+def _check_invariants(traj: R.Trajectory, config: DecodeConfig):
+    tokens, steps, nfe = map(np.asarray, (traj.tokens, traj.unmask_step, traj.num_steps))
+    # Every generated position is revealed exactly once: at one row-step below the row's NFE.
+    assert np.all(tokens != MASK_ID) and np.all(steps < nfe[:, None])
+    # Each row-step revealed at least one token (NFE counts only steps that did something).
+    for row in range(len(nfe)):
+        assert set(steps[row]) == set(range(nfe[row]))
+    # Blocks are decoded left to right.
+    per_block = steps.reshape(len(nfe), config.num_blocks, config.block_length)
+    assert np.all(per_block.max(-1)[:, :-1] < per_block.min(-1)[:, 1:])
+    assert np.all(nfe <= config.step_budget)
+    np.testing.assert_array_equal(traj.prompt_tokens[:, -PROMPTS.shape[1]:], PROMPTS)
+    # Log-probs are recorded for exactly the steps taken.
+    logps = np.asarray(traj.step_logps)
+    assert np.all(logps[np.arange(logps.shape[1])[None] >= nfe[:, None]] == 0)
+    assert np.all(np.isfinite(logps))
+
+
+def test_step_logps_replay_from_the_trajectory():
+    """Rebuilding each step's canvas from (tokens, unmask_step) gives the recorded log-probs."""
+    config = decode(temperature=0.5)
+    traj = R.rollout(PARAMS, PROMPTS, None, jax.random.key(3), config, MODEL)
+    valid = jnp.concatenate([traj.prompt_valid, jnp.ones(traj.tokens.shape, bool)], axis=1)
+    for k in range(int(traj.num_steps.max())):
+        canvas = R.canvas_before_step(traj, k, MASK_ID)
+        positions, active, cand, logits, unmask = R.evaluate_block(PARAMS, canvas, valid, MODEL, config)
+        reveal = R.policy.gather_positions(traj.unmask_step, positions - config.prompt_length) == k
+        x0 = R.policy.gather_positions(traj.tokens, positions - config.prompt_length)
+        logp = R.action_log_prob(logits, unmask, x0, cand, reveal & cand, config)
+        want = np.where(np.asarray(active), np.asarray(traj.step_logps[:, k]), 0.0)
+        np.testing.assert_allclose(np.where(np.asarray(active), logp, 0.0), want, atol=1e-5, rtol=0)
+
+
+def test_determinism_and_seeds():
+    topk = decode("planner_topk", temperature=0.0)
+    a = R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), topk, MODEL)
+    b = R.rollout(PARAMS, PROMPTS, None, jax.random.key(99), topk, MODEL)
+    _assert_same(a, b)
+    bern = decode("planner_bernoulli", temperature=0.0)
+    c = R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), bern, MODEL)
+    d = R.rollout(PARAMS, PROMPTS, None, jax.random.key(1), bern, MODEL)
+    assert not np.array_equal(c.unmask_step, d.unmask_step)
+
+
+def test_second_call_does_not_retrace():
+    config = decode(gen_length=8)
+    R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), config, MODEL)
+    count = R.TRACE_COUNT["rollout_loop"]
+    R.rollout(PARAMS, PROMPTS[::-1].copy(), None, jax.random.key(5), config, MODEL)
+    assert R.TRACE_COUNT["rollout_loop"] == count
+
+
+def test_left_padding_and_step_budget():
+    valid = np.ones((2, 6), bool)
+    valid[0, :2] = False
+    config = decode(max_steps=2)
+    traj = R.rollout(PARAMS, PROMPTS[:2], valid, jax.random.key(0), config, MODEL)
+    assert traj.prompt_valid.shape == (2, 8)
+    np.testing.assert_array_equal(traj.prompt_valid[0], [False] * 4 + [True] * 4)
+    np.testing.assert_array_equal(traj.prompt_tokens[:, :2], MODEL.pad_token_id)
+    # Budget of 2 steps: rows stop with masks left; unrevealed positions carry unmask_step == T.
+    assert np.all(np.asarray(traj.num_steps) == 2)
+    unrevealed = np.asarray(traj.tokens) == MASK_ID
+    assert unrevealed.any() and np.all(np.asarray(traj.unmask_step)[unrevealed] == 2)
+
+
+def test_done_rows_spend_no_nfe():
+    # threshold 0 reveals the whole block each step: 3 NFE; low_confidence one token per step: 12.
+    fast = R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), decode("threshold", threshold=0.0), MODEL)
+    assert np.all(np.asarray(fast.num_steps) == 3)
+    slow = R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), decode("low_confidence"), MODEL)
+    assert np.all(np.asarray(slow.num_steps) == 12)
+
+
+def test_sharded_rollout_equals_unsharded():
+    config = decode(temperature=0.5)
+    prompts = np.random.default_rng(1).integers(3, MASK_ID, size=(8, 8)).astype(np.int32)
+    want = R.rollout(PARAMS, prompts, None, jax.random.key(2), config, MODEL)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    params = jax.device_put(PARAMS, param_shardings(PARAMS, mesh))
+    with jax.set_mesh(mesh):
+        got = R.rollout(params, jax.device_put(prompts, batch_sharding(mesh)),
+                        jax.device_put(np.ones(prompts.shape, bool), batch_sharding(mesh)),
+                        jax.random.key(2), config, MODEL)
+    assert got.tokens.sharding.spec[0] == ("data", "fsdp")
+    _assert_same(got, want)
+
+
+def test_bad_input_names_the_value():
+    with pytest.raises(ConfigError, match=r"gen_length=12 is not a multiple of decode.block_length=5"):
+        decode(block_length=5)
+    with pytest.raises(ConfigError, match=r"decode.rule='confident' is unknown"):
+        decode("confident")
+    with pytest.raises(ConfigError, match=r"prompts are 9 tokens wide, longer than decode.prompt_length=8"):
+        R.rollout(PARAMS, np.ones((2, 9), np.int32), None, jax.random.key(0), decode(), MODEL)
+    with pytest.raises(ConfigError, match=r"model.mask_token_id=70 is outside the vocabulary \[0, 64\)"):
+        tiny_config(mask_token_id=70)
+    with pytest.raises(ConfigError, match=r"row 1, position 7: token id 63 is the mask id"):
+        R.rollout(PARAMS, np.array([[5] * 8, [5] * 7 + [MASK_ID]]), None, jax.random.key(0), decode(), MODEL)
+    with pytest.raises(ConfigError, match=r"decode.threshold=0.5 does not apply to rule 'factor'"):
+        decode("factor", threshold=0.5)
+    with pytest.raises(ConfigError, match=r"needs a planner head"):
+        R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), decode(), MODEL.replace(planner=None))
