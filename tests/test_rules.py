@@ -26,6 +26,7 @@ SEEDS = (0, 1, 2, 3)
 
 _select = jax.jit(rules.select, static_argnums=2)
 _action_log_prob = jax.jit(rollout.action_log_prob, static_argnums=5)
+_uniform = jax.jit(jax.random.uniform, static_argnums=1)  # the stochastic rules' draw, reproduced
 
 
 def _cfg(rule: str, **kw) -> DecodeConfig:
@@ -208,7 +209,7 @@ def test_select_matches_numpy_reference(rule, knobs, max_block_step):
                      token_logits=inp["token_logits"], x0=inp["x0"])
         key = jax.random.key(100 + seed)
         got = np.asarray(_select(view, key, config))
-        u = np.asarray(jax.random.uniform(key, (B, LB)))
+        u = np.asarray(_uniform(key, (B, LB)))
         want = reference_select(config, u=u, **{k: v for k, v in inp.items() if k != "x0"})
         np.testing.assert_array_equal(got, want, err_msg=f"rule={rule} {knobs} seed={seed}")
         # Invariants: a subset of the candidates, nothing for done rows, >= 1 for the others.
@@ -447,7 +448,7 @@ def test_random_rule_schedule_and_scores():
     assert counts == [3, 3, 2]
     config = _cfg("random", steps=4)  # k = 2: the two largest uniform scores
     key = jax.random.key(11)
-    u = np.asarray(jax.random.uniform(key, (1, LB)))
+    u = np.asarray(_uniform(key, (1, LB)))
     cand = _mask(0, 2, 3, 5, 6)[None]
     got = np.asarray(_select(_view(np.zeros((1, LB)), cand), key, config))
     best = sorted(np.flatnonzero(cand[0]), key=lambda i: -u[0, i])[:2]

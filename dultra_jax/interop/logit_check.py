@@ -30,6 +30,32 @@ class TokensError(ValueError):
     """A token file or array is malformed; the message names the file, the row and the value."""
 
 
+def read_token_lists(path: str) -> list[list[int]]:
+    """Reads a JSON file holding a non-empty list of non-empty token-id lists (rows may differ
+    in length). Raises `TokensError` naming `path` and the offending row or (row, position)."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except OSError as e:
+        raise TokensError(f"cannot read token file {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise TokensError(f"token file {path} is not valid JSON: {e}") from None
+    return check_token_lists(rows, f"token file {path}")
+
+
+def check_token_lists(rows, source: str) -> list[list[int]]:
+    """Validates decoded JSON as a non-empty list of non-empty integer lists; `source` names it."""
+    if not isinstance(rows, list) or not rows:
+        raise TokensError(f"{source} must hold a non-empty list of token-id lists")
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or not row:
+            raise TokensError(f"{source}: row {i} is not a non-empty list of token ids")
+        for j, token in enumerate(row):
+            if isinstance(token, bool) or not isinstance(token, int):
+                raise TokensError(f"{source}: row {i}, position {j}: {token!r} is not an integer token id")
+    return rows
+
+
 def read_tokens(path: str, vocab_size: int | None = None) -> np.ndarray:
     """Reads a JSON list of equal-length token-id lists into an `[B, L]` int32 array.
 
@@ -39,28 +65,11 @@ def read_tokens(path: str, vocab_size: int | None = None) -> np.ndarray:
     Raises:
       TokensError naming `path` and the offending row (index and length) or id (row, position).
     """
-    try:
-        with open(path) as f:
-            rows = json.load(f)
-    except OSError as e:
-        raise TokensError(f"cannot read token file {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise TokensError(f"token file {path} is not valid JSON: {e}") from None
-    if not isinstance(rows, list) or not rows:
-        raise TokensError(f"token file {path} must hold a non-empty list of token-id lists")
-    length = None
+    rows = read_token_lists(path)
     for i, row in enumerate(rows):
-        if not isinstance(row, list) or not row:
-            raise TokensError(f"token file {path}: row {i} is not a non-empty list of token ids")
-        if length is None:
-            length = len(row)
-        elif len(row) != length:
+        if len(row) != len(rows[0]):
             raise TokensError(f"token file {path}: row {i} has length {len(row)}, but row 0 has length "
-                              f"{length}; all rows must have the same length")
-        for j, token in enumerate(row):
-            if isinstance(token, bool) or not isinstance(token, int):
-                raise TokensError(f"token file {path}: row {i}, position {j}: {token!r} is not an integer "
-                                  "token id")
+                              f"{len(rows[0])}; all rows must have the same length")
     tokens = np.asarray(rows, dtype=np.int64)
     if vocab_size is not None:
         check_token_range(tokens, vocab_size, source=f"token file {path}")
