@@ -30,3 +30,47 @@ def tiny_model() -> ml_collections.ConfigDict:
                       rope_theta=10000.0, max_sequence_length=256, mask_token_id=63, eos_token_id=1,
                       pad_token_id=1, eot_token_id=2, dtype="float32", param_dtype="float32", remat=False))
     return model
+
+
+def rl(**overrides) -> ml_collections.ConfigDict:
+    """GRPO as the reference (spec section 5)."""
+    section = ml_collections.ConfigDict(dict(group_size=12, advantage="mean", advantage_min_clip=0.0,
+                                             eps_low=0.2, eps_high=1.0, beta=0.0, num_iterations=1))
+    section.update(overrides)
+    return section
+
+
+def optim(**overrides) -> ml_collections.ConfigDict:
+    """AdamW(0.9, 0.99, wd 0.1), lr 5e-6 constant, clip 1.0, backbone and planner trained."""
+    section = ml_collections.ConfigDict(dict(learning_rate=5e-6, schedule="constant", warmup_steps=0,
+                                             min_learning_rate=0.0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
+                                             grad_clip=1.0, train="all"))
+    section.update(overrides)
+    return section
+
+
+def decode(**overrides) -> ml_collections.ConfigDict:
+    """Training rollouts: planner Bernoulli, gen 256, block 32, temperature 0.1 (reference GSM8K)."""
+    section = ml_collections.ConfigDict(dict(
+        rule="planner_bernoulli", prompt_length=512, gen_length=256, block_length=32,
+        max_steps=ml_collections.FieldReference(None, field_type=int), temperature=0.1, logprob_temperature=1.0,
+        threshold=ml_collections.FieldReference(None, field_type=float),
+        factor=ml_collections.FieldReference(None, field_type=float),
+        steps=ml_collections.FieldReference(None, field_type=int),
+        entropy_bound=ml_collections.FieldReference(None, field_type=float),
+        eoser=False, eoser_gamma_min=0.4, eos_token_id=126081))
+    section.update(overrides)
+    return section
+
+
+def checkpoint(**overrides) -> ml_collections.ConfigDict:
+    section = ml_collections.ConfigDict(dict(every=400, keep=3, async_save=True))
+    section.update(overrides)
+    return section
+
+
+def mesh(**overrides) -> ml_collections.ConfigDict:
+    """All devices on 'fsdp' by default; set data/tensor for larger slices."""
+    section = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    section.update(overrides)
+    return section

@@ -289,6 +289,77 @@ class DecodeConfig:
 def decode_config_from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict,
                             prefix: str = "decode.") -> DecodeConfig:
     """`DecodeConfig` from a (ConfigDict) mapping; unknown keys are errors naming the key."""
+    return dataclass_from_dict(DecodeConfig, cfg, prefix)
+
+
+ADVANTAGES = ("mean", "mean_std", "leave_one_out")
+TRAINABLE = ("all", "planner", "backbone")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """GRPO (spec section 5).
+
+    Attributes:
+      group_size: G rollouts per prompt.
+      advantage: "mean" (R - group mean, the reference), "mean_std" (also / group std),
+        "leave_one_out" (R - mean of the other G-1).
+      advantage_min_clip: C; advantages below it become 0.
+      eps_low, eps_high: the ratio clip range [1 - eps_low, 1 + eps_high].
+      beta: KL weight to the frozen initial policy (0: no reference model).
+      num_iterations: updates per rollout batch (>1 uses the rollout's log-probs as "old").
+    """
+
+    group_size: int = 12
+    advantage: str = "mean"
+    advantage_min_clip: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float = 1.0
+    beta: float = 0.0
+    num_iterations: int = 1
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ConfigError(f"rl.group_size={self.group_size} must be at least 2 (advantages are group-relative)")
+        if self.advantage not in ADVANTAGES:
+            raise ConfigError(f"rl.advantage={self.advantage!r} is unknown; use one of {', '.join(ADVANTAGES)}")
+        if not 0 <= self.eps_low < 1 or self.eps_high < 0:
+            raise ConfigError(f"rl.eps_low={self.eps_low} must be in [0, 1) and rl.eps_high={self.eps_high} >= 0")
+        if self.beta < 0:
+            raise ConfigError(f"rl.beta={self.beta} must be >= 0")
+        if self.num_iterations < 1:
+            raise ConfigError(f"rl.num_iterations={self.num_iterations} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with gradient clipping and a learning-rate schedule; `train` picks the parameter group."""
+
+    learning_rate: float = 5e-6
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_learning_rate: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    train: str = "all"
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ConfigError(f"optim.learning_rate={self.learning_rate} must be positive")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+        if self.train not in TRAINABLE:
+            raise ConfigError(f"optim.train={self.train!r} is unknown; use one of {', '.join(TRAINABLE)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+def dataclass_from_dict(cls, cfg: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str):
+    """`cls(**cfg)` for a flat config section, with unknown keys reported by name."""
     cfg = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
-    _unknown_keys(cfg, {f.name for f in dataclasses.fields(DecodeConfig)}, prefix)
-    return DecodeConfig(**cfg)
+    _unknown_keys(cfg, {f.name for f in dataclasses.fields(cls)}, prefix)
+    return cls(**cfg)

@@ -25,3 +25,56 @@ def encode_prompt(tokenizer, text: str, *, system: str | None = None, chat: bool
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """The text the model sees for `prompt`.
+
+    Chat messages go through the tokenizer's chat template with the assistant header appended
+    (`add_generation_prompt=True`); a tokenizer without a template (or `tokenizer=None`) joins the
+    message contents with blank lines. Plain text is returned unchanged (no template).
+    """
+    if isinstance(prompt, str):
+        return prompt
+    messages = [dict(m) for m in prompt]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of already-rendered text; special tokens written in the text (the chat template's
+    headers) are parsed as such and nothing is added. Equal to `apply_chat_template(tokenize=True)`
+    on the text `render_prompt` returns."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def stop_token_ids(tokenizer, extra=()) -> tuple[int, ...]:
+    """EOS plus the end-of-turn tokens a chat tokenizer knows (`<|eot_id|>`, `<|im_end|>`, ...)."""
+    ids: list[int] = []
+    if tokenizer is not None:
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            ids.append(int(tokenizer.eos_token_id))
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        for name in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>"):
+            if name in vocab:
+                ids.append(int(vocab[name]))
+    ids.extend(int(i) for i in extra)
+    return tuple(dict.fromkeys(ids))
+
+
+def decode_completion(tokenizer, ids, stop_ids=(), *, skip_special_tokens: bool = False) -> str:
+    """Text of generated `ids` up to (not including) the first of `stop_ids` (EOS, end of turn).
+
+    With `tokenizer=None` the ids are rendered as space-separated integers: the tiny configs'
+    exact-match task compares that string with its `answer`.
+    """
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    stops = {int(s) for s in stop_ids}
+    for n, i in enumerate(ids):
+        if i in stops:
+            ids = ids[:n]
+            break
+    if tokenizer is None:
+        return " ".join(str(i) for i in ids)
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,66 @@
+"""Training checkpoints with Orbax: train state + data-iterator state + config, one step per dir.
+
+Orbax writes each step into a temporary directory and renames it into place when complete, so a
+crash or kill mid-save leaves the previous step as the latest good one. Saves are asynchronous
+(the next training step overlaps the write); `keep` bounds how many steps stay on disk.
+Restoring takes an abstract target whose leaves carry the shardings of *this* run's mesh, so a
+checkpoint written on one mesh shape restores onto another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """`CheckpointManager` wrapper for items `state` (pytree), `data` and `config` (JSON)."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict | None, config: dict) -> None:
+        """Starts saving `step` (returns before the write finishes when async)."""
+        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        log.info("checkpoint: saving step %d to %s", step, self.directory)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None, dict]:
+        """`(state, data_state, config)` of `step`; `abstract_state` leaves are
+        `jax.ShapeDtypeStruct`s with the target shardings."""
+        items = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
+        has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+        if has_data:
+            items["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], restored["data"] if has_data else None, restored["config"]
+
+    def read_config(self, step: int) -> dict:
+        """The config JSON saved with `step` (no arrays are read)."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """`ShapeDtypeStruct`s (with shardings) of a concrete pytree, as a restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,0 +1,246 @@
+"""The GRPO training loop (DESIGN section 4): data -> G rollouts per prompt -> rewards ->
+advantages -> sharded update -> metrics -> Orbax checkpoint, resumable from the latest step.
+
+`train(config, workdir)` is the whole job; `launch/train.py` only parses flags and calls it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dultra_jax import checkpoint as ckpt_lib
+from dultra_jax.config import (ConfigError, DecodeConfig, OptimConfig, RLConfig, dataclass_from_dict,
+                               decode_config_from_dict, model_config_from_dict, model_config_to_dict)
+from dultra_jax.decoding.rollout import Trajectory, rollout
+from dultra_jax.models import policy
+from dultra_jax.models.build import build_model
+from dultra_jax.rl.grpo import compute_advantages
+from dultra_jax.sharding import batch_sharding, check_batch, make_mesh, param_shardings
+from dultra_jax.training.state import (TrainState, create_train_state, grpo_update, learning_rate_schedule,
+                                       make_optimizer)
+
+log = logging.getLogger(__name__)
+
+TOP_LEVEL_KEYS = {"model", "decode", "rl", "optim", "data", "rewards", "mesh", "checkpoint", "total_steps", "seed",
+                  "log_every"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The validated view of a training config."""
+
+    model_section: dict
+    decode: DecodeConfig
+    rl: RLConfig
+    optim: OptimConfig
+    data: dict
+    rewards: dict
+    mesh: dict
+    checkpoint_every: int
+    keep_checkpoints: int
+    async_checkpoint: bool
+    total_steps: int
+    seed: int
+
+
+def run_config(config: ml_collections.ConfigDict) -> RunConfig:
+    """Validates a training `ConfigDict` at start-up; errors name the key."""
+    unknown = set(config.keys()) - TOP_LEVEL_KEYS
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    missing = {"model", "decode", "data", "total_steps"} - set(config.keys())
+    if missing:
+        raise ConfigError(f"config is missing {', '.join(sorted(missing))}")
+    if config.total_steps < 0:
+        raise ConfigError(f"total_steps={config.total_steps} must be >= 0")
+    ckpt = dict(config.get("checkpoint", {}))
+    unknown = set(ckpt) - {"every", "keep", "async_save"}
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join('checkpoint.' + k for k in sorted(unknown))}")
+    return RunConfig(
+        model_section=config.model.to_dict(), decode=decode_config_from_dict(config.decode),
+        rl=dataclass_from_dict(RLConfig, config.get("rl", {}), "rl."),
+        optim=dataclass_from_dict(OptimConfig, config.get("optim", {}), "optim."),
+        data=config.data.to_dict(), rewards=config.get("rewards", ml_collections.ConfigDict()).to_dict(),
+        mesh=config.get("mesh", ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))).to_dict(),
+        checkpoint_every=int(ckpt.get("every", 100)), keep_checkpoints=int(ckpt.get("keep", 3)),
+        async_checkpoint=bool(ckpt.get("async_save", True)), total_steps=int(config.total_steps),
+        seed=int(config.get("seed", 0)))
+
+
+def state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh) -> TrainState:
+    """Shardings of every state leaf: parameter rules for parameters and their optimiser
+    moments, replicated for counters and the rng."""
+    replicated = NamedSharding(mesh, P())
+    trainable = param_shardings(state.trainable, mesh)
+    opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, state.opt_state, trainable,
+                                      transform_non_params=lambda _: replicated,
+                                      is_leaf=lambda x: isinstance(x, NamedSharding))
+    return TrainState(step=replicated, trainable=trainable, frozen=param_shardings(state.frozen, mesh),
+                      opt_state=opt_state, rng=replicated,
+                      reference=None if state.reference is None else param_shardings(state.reference, mesh))
+
+
+class MetricsWriter:
+    """`metrics.jsonl` (one object per step) and TensorBoard scalars; only process 0 writes."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tensorboard = None
+        if not self.enabled:
+            return
+        # Rows written after the checkpoint we resume from are replaced by the rerun of those steps.
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+        from tensorboardX import SummaryWriter
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(key, value, row["step"])
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def repeat_rows(batch: dict[str, np.ndarray], group_size: int) -> dict[str, np.ndarray]:
+    """Each prompt's row G times in a row: `[P, ...] -> [P*G, ...]` (groups are consecutive)."""
+    return {k: np.repeat(v, group_size, axis=0) for k, v in batch.items()}
+
+
+def rollout_key(state: TrainState) -> jax.Array:
+    """The step's rollout key: the run's key folded with the step (restored with the state)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def step_metrics(trajectory: Trajectory, total: np.ndarray, parts: dict[str, np.ndarray], update: dict,
+                 accuracy_part: str | None) -> dict[str, Any]:
+    nfe = np.asarray(trajectory.num_steps)
+    gen_length = trajectory.tokens.shape[1]
+    row = {"loss": float(update["loss"]), "reward_mean": float(np.mean(total)),
+           **{f"reward_{name}": float(np.nanmean(value)) for name, value in parts.items()},
+           "nfe_mean": float(nfe.mean()), "tokens_per_forward": float(gen_length * len(nfe) / max(nfe.sum(), 1)),
+           "clip_fraction": float(update["clip_fraction"]), "logp_gap": float(update["logp_gap"]),
+           "grad_norm": float(update["grad_norm"]), "skipped": bool(update["skipped"])}
+    if accuracy_part is not None and accuracy_part in parts:
+        row["accuracy"] = float(np.mean(parts[accuracy_part] > 0))
+    return row
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+    """Runs (or resumes) GRPO training in `workdir`; returns this run's metric rows."""
+    # Imported here: the data and reward stacks pull in tokenizers and math-verify.
+    from dultra_jax.training.data_setup import TrainData
+
+    run = run_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(**run.mesh)
+    prompts_per_step = int(run.data.get("prompts_per_step", 1))
+    rows = prompts_per_step * run.rl.group_size
+    check_batch(f"batch rows = data.prompts_per_step ({prompts_per_step}) * rl.group_size "
+                f"({run.rl.group_size})", rows, mesh)
+
+    params, model = build_model(run.model_section, mesh=mesh, seed=run.seed)
+    decode = run.decode
+    decode.check_model(model)
+    data = TrainData(run.data, run.rewards, model, decode, prompts_per_step, seed=run.seed)
+
+    tx = make_optimizer(run.optim, run.total_steps)
+    schedule = learning_rate_schedule(run.optim, run.total_steps)
+    make_state = lambda p: create_train_state(p, tx, run.optim, run.rl, jax.random.key(run.seed))  # noqa: E731
+    shardings = state_shardings(jax.eval_shape(make_state, params), tx, mesh)
+    state = jax.jit(make_state, out_shardings=shardings)(params)
+    del params
+    update = jax.jit(lambda s, t, a: grpo_update(s, t, a, model=model, decode=decode, rl=run.rl, tx=tx),
+                     out_shardings=(shardings, None), donate_argnums=(0,))
+
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.keep_checkpoints,
+                                         async_save=run.async_checkpoint)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, data_state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state))
+        data.set_state(data_state)
+        log.info("resumed from step %d in %s", start, checkpointer.directory)
+    writer = MetricsWriter(workdir, start)
+    rows_sharding = batch_sharding(mesh)
+    history = []
+    try:
+        for step in range(start, run.total_steps):
+            began = time.perf_counter()
+            batch = repeat_rows(data.next_batch(), run.rl.group_size)
+            trajectory = rollout(state.params, jax.device_put(batch["prompt_tokens"], rows_sharding),
+                                 jax.device_put(batch["prompt_valid"], rows_sharding), rollout_key(state),
+                                 decode, model)
+            total, parts = data.rewards(batch, trajectory)
+            advantages = compute_advantages(jax.device_put(total.astype(np.float32), batch_sharding(mesh, 1)),
+                                            run.rl)
+            for _ in range(run.rl.num_iterations):
+                state, update_metrics = update(state, trajectory, advantages)
+            row = {"step": step + 1, **step_metrics(trajectory, total, parts, update_metrics, data.accuracy_part),
+                   "learning_rate": float(schedule(step)), "step_time_s": time.perf_counter() - began}
+            if row["skipped"]:
+                log.warning("step %d: non-finite loss or gradient; the update was skipped", step + 1)
+            writer.write(row)
+            history.append(row)
+            log.info("step %d/%d loss %.4g reward %.3f nfe %.1f tpf %.2f gap %.2g %.2fs", step + 1, run.total_steps,
+                     row["loss"], row["reward_mean"], row["nfe_mean"], row["tokens_per_forward"], row["logp_gap"],
+                     row["step_time_s"])
+            if (step + 1) % run.checkpoint_every == 0 or step + 1 == run.total_steps:
+                checkpointer.save(step + 1, state, data.get_state(),
+                                  {"config": config.to_dict(), "model": model_config_to_dict(model)})
+    finally:
+        checkpointer.close()
+        writer.close()
+    return history
+
+
+def restore_params(workdir: str, mesh=None):
+    """`(params, ModelConfig, model_path)` from the latest training checkpoint of `workdir`.
+
+    The checkpoint's own config (saved with it) rebuilds the abstract train state; parameters
+    are restored with the shardings of `mesh` (default: all local devices on 'fsdp').
+    """
+    directory = os.path.join(workdir, "checkpoints") if os.path.isdir(os.path.join(workdir, "checkpoints")) else workdir
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{workdir} is neither a training workdir nor a checkpoint directory")
+    checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise ConfigError(f"no training checkpoint in {directory}")
+        saved = checkpointer.read_config(step)
+        run = run_config(ml_collections.ConfigDict(saved["config"]))
+        model = model_config_from_dict(saved["model"])
+        tx = make_optimizer(run.optim, run.total_steps)
+        make_state = lambda p: create_train_state(p, tx, run.optim, run.rl, jax.random.key(0))  # noqa: E731
+        abstract = jax.eval_shape(make_state, policy.abstract_params(model))
+        shardings = state_shardings(abstract, tx, mesh if mesh is not None else make_mesh())
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        state, _, _ = checkpointer.restore(step, target)
+    finally:
+        checkpointer.close()
+    log.info("restored step %d from %s", step, directory)
+    return state.params, model, run.model_section.get("path")
