@@ -28,7 +28,7 @@ def get_config(arg=None):
         decode=common.decode(prompt_length=8, gen_length=8, block_length=4, temperature=1.0, eos_token_id=1),
         rl=common.rl(group_size=4),
         optim=common.optim(learning_rate=1e-3),
-        data=dict(task="exact", examples=EXAMPLES, prompts_per_step=2, mode="plain", shuffle_seed=0),
+        data=dict(task="exact", examples=EXAMPLES, prompts_per_step=2, shuffle_seed=0),
         rewards=dict(weights={"exact_match": 1.0, "step_penalty": 0.1}),
         mesh=common.mesh(),
         checkpoint=common.checkpoint(every=1, keep=3),

@@ -3,8 +3,10 @@ r"""Exports a model to an HF LLaDA (+ dUltra planner) safetensors directory for 
     python launch/export.py --model=SOURCE --out=OUT_DIR [--dtype=bfloat16] [--max_shard_size=5GB]
                             [--overwrite]
 
-SOURCE is an HF directory (config.json + model.safetensors or shards with an index); its
-config.json fields that we do not own and its tokenizer / remote-code files are carried through.
+SOURCE is an HF directory (config.json + model.safetensors or shards with an index), or a
+training workdir of `launch/train.py` (its latest Orbax checkpoint). The config.json fields that
+we do not own and the tokenizer / remote-code files of the HF directory (for a workdir: the one
+the run started from, if any) are carried through.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from dultra_jax.interop.hf_llada import export_hf, load_hf
 from dultra_jax.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError
 from dultra_jax.sharding import ShardingError, make_mesh
 
-_MODEL = flags.DEFINE_string("model", None, "Source: an HF LLaDA directory.", required=True)
+_MODEL = flags.DEFINE_string("model", None, "Source: an HF LLaDA directory or a training workdir.",
+                             required=True)
 _OUT = flags.DEFINE_string("out", None, "Output HF directory.", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],
                            "Storage dtype of the exported tensors.")
@@ -46,15 +49,16 @@ def load_source(flag_value: str, *, param_dtype: str = "float32",
     if is_hf_dir(flag_value):
         params, config, _ = load_hf(flag_value, mesh=mesh, dtype=param_dtype, param_dtype=param_dtype)
         return params, config, flag_value
-    # ---------------------------------------------------------------------------------------------
-    # TODO(trainer issue): Orbax training checkpoints (dultra_jax/checkpoint.py) dispatch here: a
-    # CheckpointManager directory (or one step of it) restores `state.params` plus the model config
-    # saved in its metadata, and the HF directory it was initialised from (recorded in the metadata)
-    # becomes `source_dir`, so tokenizer files and config fields are carried through.
-    # ---------------------------------------------------------------------------------------------
+    if os.path.isdir(os.path.join(flag_value, "checkpoints")) or any(
+            name.isdigit() for name in os.listdir(flag_value)):
+        # A training workdir (or its checkpoints directory): the latest step's parameters, and the
+        # HF directory the run started from (if any) for config fields and tokenizer files.
+        from dultra_jax.training.grpo_trainer import restore_params
+        params, config, source_dir = restore_params(flag_value, mesh=mesh)
+        return params, config, source_dir
     raise CheckpointError(
-        f"--model={flag_value} is not an HF model directory (it needs config.json and {SINGLE_FILE} or "
-        f"{INDEX_FILE}); exporting from training checkpoints is not supported yet")
+        f"--model={flag_value} is neither an HF model directory (config.json and {SINGLE_FILE} or "
+        f"{INDEX_FILE}) nor a training workdir with checkpoints")
 
 
 def main(argv):

@@ -171,7 +171,7 @@ def test_export_rejects_non_hf_source(tmp_path):
     (tmp_path / "not_hf" / "something.txt").write_text("x")
     proc = _run("launch/export.py", f"--model={tmp_path / 'not_hf'}", f"--out={tmp_path / 'o'}", check=False)
     assert proc.returncode != 0
-    assert f"{tmp_path / 'not_hf'} is not an HF model directory" in proc.stderr
+    assert f"{tmp_path / 'not_hf'} is neither an HF model directory" in proc.stderr
     proc = _run("launch/export.py", f"--model={tmp_path / 'absent'}", f"--out={tmp_path / 'o'}", check=False)
     assert proc.returncode != 0 and "absent: no such file or directory" in proc.stderr
     assert not (tmp_path / "o").exists()

@@ -256,8 +256,10 @@ def open_tfds(path: str, split: str | None = None, *, data_dir: str | None = Non
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises many types (DatasetNotFoundError, AssertionError, ValueError)
-        raise DataError(f"{where}: cannot open the TFDS split ({type(e).__name__}: {e}); prepare it in "
-                        f"array_record format (file_format='array_record')") from e
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"{where}: cannot open TFDS split {split!r} of {name!r} ({type(e).__name__}: "
+                        f"{first_line}); tfds.data_source reads datasets prepared with "
+                        f"file_format='array_record'") from e
     if len(source) == 0:
         raise DataError(f"{where}: split {split!r} is empty")
     decoded = DecodedSource(source, path=path)

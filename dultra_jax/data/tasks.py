@@ -124,7 +124,7 @@ REWARD_NAMES = ("math_correct", "math_format", "think_format", "code_correct", "
 # Task
 # ----------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)   # identity hash: usable as a dict key / static arg
 class Task:
     """A named task: how to prompt, what the answer is and how rewards are weighted.
 

@@ -166,7 +166,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     params, model = build_model(run.model_section, mesh=mesh, seed=run.seed)
     decode = run.decode
     decode.check_model(model)
-    data = TrainData(run.data, run.rewards, model, decode, prompts_per_step, seed=run.seed)
+    data = TrainData(run.data, run.rewards, model, decode, prompts_per_step, seed=run.seed,
+                     model_path=run.model_section.get("path"))
 
     tx = make_optimizer(run.optim, run.total_steps)
     schedule = learning_rate_schedule(run.optim, run.total_steps)
