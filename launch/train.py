@@ -18,8 +18,20 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).", required=True)
 
 
+def _quiet_orbax() -> None:
+    """Orbax logs every file rename at INFO through absl; keep its warnings only."""
+    import logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record):
+            return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+    logging.getLogger("absl").addFilter(_Filter())
+
+
 def main(argv):
     del argv
+    _quiet_orbax()
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, CheckpointError, ShardingError) as e:

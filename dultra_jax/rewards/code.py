@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -79,6 +80,10 @@ import tempfile
 import threading
 import time
 from typing import Sequence
+
+import numpy as np
+
+from dultra_jax.rewards.registry import RewardInputs, register
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +223,11 @@ def _blocked_ancestor(path: str) -> str | None:
     return None if (mode & stat.S_IROTH and mode & stat.S_IXOTH) else path
 
 
+@functools.lru_cache(maxsize=None)
+def _expose_groups_cached() -> tuple:
+    return tuple((anc, tuple(paths)) for anc, paths in _expose_groups())
+
+
 def _expose_groups() -> list[list]:
     """[[ancestor, [interpreter dirs under it]], ...] for dirs the sandbox uid cannot reach."""
     dirs = _interpreter_dirs()
@@ -262,11 +272,16 @@ def sandbox_mode() -> str:
         return _MODE
 
 
+@functools.lru_cache(maxsize=None)
 def _plain_uid_ok() -> bool:
     try:
-        return not _expose_groups()
+        ok = not _expose_groups()
     except SandboxError:
-        return False
+        ok = False
+    if not ok and os.geteuid() == 0:
+        logger.warning("code sandbox: plain mode as root without a separate uid (the interpreter is not "
+                       "reachable by other users); programs run as root")
+    return ok
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,21 +289,22 @@ def _plain_uid_ok() -> bool:
 
 
 def _scan_processes(sid: int | None, uid: int | None) -> list[int]:
-    """PIDs whose session id is `sid` or whose real uid is `uid`."""
+    """Live (not zombie) PIDs whose session id is `sid` or whose real uid is `uid`."""
     found = []
     me = os.getpid()
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
             continue
         try:
-            if sid is not None:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    data = f.read()
-                # Fields after the command name (which may contain spaces and parentheses).
-                fields = data[data.rindex(b")") + 2:].split()
-                if int(fields[3]) == sid:
-                    found.append(int(name))
-                    continue
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+            # Fields after the command name (which may contain spaces and parentheses).
+            fields = data[data.rindex(b")") + 2:].split()
+            if fields[0] in (b"Z", b"X"):
+                continue  # dead; its parent reaps it
+            if sid is not None and int(fields[3]) == sid:
+                found.append(int(name))
+                continue
             if uid is not None:
                 with open(f"/proc/{name}/status", "rb") as f:
                     for line in f:
@@ -299,6 +315,23 @@ def _scan_processes(sid: int | None, uid: int | None) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return found
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGKILL the sandbox: first everything in its session but the launcher, so that the launcher
+    reaps its child (no zombie is orphaned to init), then the whole process group."""
+    if proc.poll() is None and os.path.isdir("/proc"):
+        for pid in _scan_processes(proc.pid, None):
+            if pid != proc.pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        try:
+            proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc.pid)
 
 
 def _kill_leftovers(sid: int, uid: int | None, deadline_s: float = 5.0) -> list[int]:
@@ -445,9 +478,7 @@ def _run_sandboxed(program, tests, entry_point, timeout_s, mode, slot, limits, c
     if root and (mode == "ns" or _plain_uid_ok()):
         uid = _slot_uid(slot)
         if mode == "ns":
-            expose = _expose_groups()
-    elif root:
-        logger.warning("code sandbox: plain mode as root without a separate uid (interpreter unreachable)")
+            expose = [[anc, list(paths)] for anc, paths in _expose_groups_cached()]
     workdir = tempfile.mkdtemp(prefix="dultra_sbx_")
     result_r, result_w = os.pipe()
     nonce = secrets.token_hex(16)
@@ -473,26 +504,34 @@ def _run_sandboxed(program, tests, entry_point, timeout_s, mode, slot, limits, c
         timed_out, flooded = _pump(proc, {proc.stdout.fileno(): out, proc.stderr.fileno(): err, result_r: res},
                                    start + timeout_s, max_output)
     finally:
-        if result_w >= 0:
-            os.close(result_w)
-        os.close(result_r)
-        if proc is not None:
-            _kill_group(proc.pid)
+        try:
+            if result_w >= 0:
+                os.close(result_w)
+            os.close(result_r)
+            if proc is not None:
+                _cleanup_processes(proc, uid)
+        finally:  # the directory goes even if something above failed
             try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            for stream in (proc.stdout, proc.stderr):
-                stream.close()
-            left = _kill_leftovers(proc.pid, uid)
-            if left:
-                logger.error("code sandbox: processes %s survived the cleanup", left)
-        if uid is not None and mode == "plain":
-            _remove_owned(uid)
-        _rmtree(workdir)
+                if uid is not None and mode == "plain":
+                    _remove_owned(uid)
+            finally:
+                _rmtree(workdir)
     status, error = _status(proc.returncode, res.text(), nonce, timed_out, flooded)
     return CodeResult(passed=status == "passed", status=status, stdout=out.text(), stderr=err.text(),
                       duration_s=time.monotonic() - start, error=error, info=info)
+
+
+def _cleanup_processes(proc: subprocess.Popen, uid: int | None) -> None:
+    _terminate(proc)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    for stream in (proc.stdout, proc.stderr):
+        stream.close()
+    left = _kill_leftovers(proc.pid, uid)
+    if left:
+        logger.error("code sandbox: processes %s survived the cleanup", left)
 
 
 def _kill_group(pgid: int):
@@ -602,20 +641,28 @@ def _tests_of(example: dict) -> str | None:
     return str(tests)
 
 
-def code_reward_value(result: CodeResult) -> float:
-    """1 if every test passed, -0.05 for a runtime error that is not a syntax error, else 0."""
+PENALIZED_STATUSES = ("runtime_error", "timeout", "killed")
+
+
+def code_reward_value(result: CodeResult, penalized: Sequence[str] = PENALIZED_STATUSES) -> float:
+    """1 if every test passed, -0.05 for an execution error that is not a syntax error, else 0.
+
+    As in the reference APPS reward, where a timeout or a worker that dies without a result counts
+    as a runtime error, the default `penalized` statuses are `runtime_error`, `timeout` and
+    `killed`; a wrong answer (`failed`) and a `syntax_error` give 0.
+    """
     if result.passed:
         return 1.0
-    if result.status == "runtime_error":
+    if result.status in penalized:
         return -0.05
     return 0.0
 
 
-def code_correct(completions: Sequence[str], examples: Sequence[dict], *, timeout_s: float = 10.0,
-                 max_workers: int | None = None, **sandbox_kwargs) -> "np.ndarray":
-    """Per row: the completion's program run against `example["tests"]` (NaN without tests)."""
-    import numpy as np
-
+def code_correct_values(completions: Sequence[str], examples: Sequence[dict], *, timeout_s: float = 10.0,
+                        max_workers: int | None = None, penalized: Sequence[str] = PENALIZED_STATUSES,
+                        **sandbox_kwargs) -> np.ndarray:
+    """Per row: `code_reward_value` of the completion's program (`extract_program`) run against
+    `example["tests"]` (and `example["entry_point"]`), concurrently; NaN for rows without tests."""
     rows = [i for i, ex in enumerate(examples) if _tests_of(ex) is not None]
     out = np.full(len(completions), np.nan, np.float32)
     if not rows:
@@ -625,5 +672,15 @@ def code_correct(completions: Sequence[str], examples: Sequence[dict], *, timeou
                              entry_points=[examples[i].get("entry_point") for i in rows],
                              max_workers=max_workers, timeout_s=timeout_s, **sandbox_kwargs)
     for i, res in zip(rows, results):
-        out[i] = code_reward_value(res)
+        out[i] = code_reward_value(res, penalized)
     return out
+
+
+@register("code_correct")
+def code_correct(inputs: RewardInputs, *, timeout_s: float = 10.0, max_workers: int | None = None,
+                 penalized: Sequence[str] = PENALIZED_STATUSES, **sandbox_kwargs) -> np.ndarray:
+    """1 if all tests pass, -0.05 on an execution error that is not a syntax error (`penalized`
+    statuses, see `code_reward_value`), else 0; NaN without tests. Options: `timeout_s` (10 s),
+    `max_workers`, `penalized`, and `check_program`'s limits."""
+    return code_correct_values(inputs.completions, inputs.examples, timeout_s=timeout_s,
+                               max_workers=max_workers, penalized=penalized, **sandbox_kwargs)
