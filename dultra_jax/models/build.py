@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import jax
 from jax.sharding import Mesh
 
-from dultra_jax.config import ModelConfig, model_config_from_dict
+from dultra_jax.config import model_config_from_dict
 from dultra_jax.interop.hf_llada import load_hf
 from dultra_jax.models import policy
 from dultra_jax.sharding import param_shardings

@@ -8,6 +8,7 @@ Normalisation statistics, RoPE and softmax run in float32 whatever the compute d
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +118,50 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array 
 def swiglu(gate: Linear, up: Linear, down: Linear, x: jax.Array) -> jax.Array:
     """LLaDA / Llama MLP: `down(silu(gate(x)) * up(x))` (LLaDA names them ff_proj, up_proj, ff_out)."""
     return down(jax.nn.silu(gate(x)) * up(x))
+
+
+def self_attention(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Linear, out_proj: Linear, *,
+                   n_heads: int, n_kv_heads: int, head_dim: int, rope, valid: jax.Array | None,
+                   causal: bool = False) -> jax.Array:
+    """Grouped-query self-attention with RoPE on the normed input `h` `[B, L, D]` -> `[B, L, D]`."""
+    batch, length, _ = h.shape
+    q = q_proj(h).reshape(batch, length, n_heads, head_dim)
+    k = k_proj(h).reshape(batch, length, n_kv_heads, head_dim)
+    v = v_proj(h).reshape(batch, length, n_kv_heads, head_dim)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return out_proj(attention(q, k, v, key_valid=valid, causal=causal).reshape(batch, length, n_heads * head_dim))
+
+
+def make_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, stacked: bool):
+    """`n` layers from `make(rngs)`: one module with stacked `[n, ...]` parameters (for
+    `lax.scan`), or an `nnx.List`."""
+    if not stacked:
+        return nnx.List([make(rngs) for _ in range(n)])
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return make(rngs)
+
+    return create(rngs)
+
+
+def run_layers(layers, x: jax.Array, rope, valid, *, stacked: bool, remat: bool) -> jax.Array:
+    """Applies `layer(x, rope, valid)` in order: `lax.scan` over stacked parameters, or a loop.
+
+    With `remat`, each layer's activations are recomputed in the backward pass, so training
+    memory holds one layer's activations plus the `[B, L, D]` residual per layer.
+    """
+    def apply(graphdef, state, h):
+        return nnx.merge(graphdef, state)(h, rope, valid)
+
+    if remat:
+        apply = jax.checkpoint(apply, static_argnums=(0,), prevent_cse=not stacked)
+    if stacked:
+        graphdef, state = nnx.split(layers)
+        x, _ = jax.lax.scan(lambda h, layer_state: (apply(graphdef, layer_state, h), None), x, state)
+        return x
+    for layer in layers:
+        graphdef, state = nnx.split(layer)
+        x = apply(graphdef, state, x)
+    return x

@@ -12,8 +12,8 @@ import jax
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
-from dultra_jax.models.layers import (Embed, Linear, RMSNorm, apply_rope, attention, rope_tables, swiglu,
-                                      truncated_normal_init)
+from dultra_jax.models.layers import (Embed, Linear, RMSNorm, make_layers, rope_tables, run_layers, self_attention,
+                                      swiglu, truncated_normal_init)
 
 
 class LLaDABlock(nnx.Module):
@@ -37,49 +37,15 @@ class LLaDABlock(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None) -> jax.Array:
         """`x` `[B, L, D]`, `rope` tables `[B|1, L, Dh]`, `valid` `[B, L]` key mask or None."""
-        batch, length, _ = x.shape
-        h = self.attn_norm(x)
-        q = self.q_proj(h).reshape(batch, length, self.n_heads, self.head_dim)
-        k = self.k_proj(h).reshape(batch, length, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(h).reshape(batch, length, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        a = attention(q, k, v, key_valid=valid).reshape(batch, length, self.n_heads * self.head_dim)
-        x = x + self.attn_out(a)
+        x = x + self_attention(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
+                               n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                               rope=rope, valid=valid)
         return x + swiglu(self.ff_proj, self.up_proj, self.ff_out, self.ff_norm(x))
 
 
 def make_blocks(config: ModelConfig, n: int, rngs: nnx.Rngs, stacked: bool):
-    """`n` LLaDA blocks: one module with stacked `[n, ...]` parameters, or an `nnx.List`."""
-    if not stacked:
-        return nnx.List([LLaDABlock(config, rngs=rngs) for _ in range(n)])
-
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs):
-        return LLaDABlock(config, rngs=rngs)
-
-    return create(rngs)
-
-
-def run_blocks(blocks, x: jax.Array, rope, valid, *, stacked: bool, remat: bool) -> jax.Array:
-    """Applies the blocks in order: `lax.scan` over stacked parameters, or a Python loop.
-
-    With `remat`, each block's activations are recomputed in the backward pass, so training
-    memory holds one block's activations plus the `[B, L, D]` residual per layer.
-    """
-    def apply(graphdef, state, h):
-        return nnx.merge(graphdef, state)(h, rope, valid)
-
-    if remat:
-        apply = jax.checkpoint(apply, static_argnums=(0,), prevent_cse=not stacked)
-    if stacked:
-        graphdef, state = nnx.split(blocks)
-        x, _ = jax.lax.scan(lambda h, layer_state: (apply(graphdef, layer_state, h), None), x, state)
-        return x
-    for block in blocks:
-        graphdef, state = nnx.split(block)
-        x = apply(graphdef, state, x)
-    return x
+    """`n` LLaDA blocks, stacked (scan over layers) or as an `nnx.List`."""
+    return make_layers(lambda r: LLaDABlock(config, rngs=r), n, rngs, stacked)
 
 
 class LLaDAModel(nnx.Module):
@@ -102,7 +68,7 @@ class LLaDAModel(nnx.Module):
     def hidden(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None) -> jax.Array:
         """`h_last [B, L, D]` after `ln_f` for `tokens [B, L]`, `positions [B|1, L]`, `valid [B, L]`."""
         x = self.wte(tokens)
-        x = run_blocks(self.blocks, x, self.rope(positions), valid, stacked=self.config.scan_layers,
+        x = run_layers(self.blocks, x, self.rope(positions), valid, stacked=self.config.scan_layers,
                        remat=self.config.remat)
         return self.ln_f(x)
 

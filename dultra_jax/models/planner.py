@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
-from dultra_jax.models.layers import Embed, Linear, layer_norm_no_affine
-from dultra_jax.models.llada import make_blocks, run_blocks
+from dultra_jax.models.layers import Embed, Linear, layer_norm_no_affine, run_layers
+from dultra_jax.models.llada import make_blocks
 
 _xavier = jax.nn.initializers.xavier_uniform()
 
@@ -83,6 +83,6 @@ class PlannerHead(nnx.Module):
         """
         temb = self.time_embedding(t)[:, None, :] + self.mask_embedding(candidates.astype(jnp.int32))
         h = self.norm_out_1(h_last, temb)
-        f = run_blocks(self.mask_head, h, rope, valid, stacked=False, remat=self.remat)
+        f = run_layers(self.mask_head, h, rope, valid, stacked=False, remat=self.remat)
         f = self.norm_out_2(f, temb)
         return self.mask_linear(f)[..., 0].astype(jnp.float32)

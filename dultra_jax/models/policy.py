@@ -1,48 +1,34 @@
 """Pure functions over the parameter pytree: init, backbone forward, planner, `policy_apply`.
 
-`params` is a plain nested dict of arrays (`nnx.State.to_pure_dict()` layout). The module
-structure is a deterministic function of the frozen `ModelConfig`, so every function here takes
-`config` as a static argument and rebuilds the graph definition from a cache: no NNX objects
-cross a `jit` boundary and no per-step graph traversal happens (flax #4336).
+`params` is a plain nested dict of arrays (`nnx.to_pure_dict` layout); every function takes the
+frozen `ModelConfig` as a static argument (see `dultra_jax.models.pure`).
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from dultra_jax.config import ModelConfig
+from dultra_jax.models import pure
 from dultra_jax.models.llada import LLaDAModel
 
-Params = dict[str, Any]
-
-
-@functools.lru_cache(maxsize=None)
-def model_graphdef(config: ModelConfig) -> nnx.GraphDef:
-    """The (static) graph definition of the model for `config`; no parameters are allocated."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: LLaDAModel(config, rngs=nnx.Rngs(0))))
-    return graphdef
+Params = pure.Params
 
 
 def abstract_params(config: ModelConfig) -> Params:
     """`jax.ShapeDtypeStruct` pytree of the parameters (for shardings and checkpoint checks)."""
-    _, state = nnx.split(nnx.eval_shape(lambda: LLaDAModel(config, rngs=nnx.Rngs(0))))
-    return nnx.to_pure_dict(state)
+    return pure.abstract_params(LLaDAModel, config)
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
     """Randomly initialised parameters (spec init); jit it with `out_shardings` to shard."""
-    _, state = nnx.split(LLaDAModel(config, rngs=nnx.Rngs(params=rng)))
-    return nnx.to_pure_dict(state)
+    return pure.init_params(LLaDAModel, config, rng)
 
 
 def bind(config: ModelConfig, params: Params) -> LLaDAModel:
     """A module view of `params`, for use inside a traced function."""
-    return nnx.merge(model_graphdef(config), params)
+    return pure.bind(LLaDAModel, config, params)
 
 
 def default_positions(length: int) -> jax.Array:

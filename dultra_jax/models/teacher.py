@@ -14,7 +14,6 @@ the frozen `TeacherConfig` static; the graph definition is rebuilt from a cache 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -22,8 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dultra_jax.config import ConfigError, parse_dtype
-from dultra_jax.models.layers import Embed, Linear, RMSNorm, apply_rope, attention, rope_tables, swiglu
-from dultra_jax.models.llada import run_blocks
+from dultra_jax.models import pure
+from dultra_jax.models.layers import (Embed, Linear, RMSNorm, make_layers, rope_tables, run_layers, self_attention,
+                                      swiglu)
 
 Params = dict[str, Any]
 
@@ -200,29 +200,10 @@ class TeacherBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None) -> jax.Array:
         """`x` `[B, L, D]`, `rope` tables `[B|1, L, Dh]`, `valid` `[B, L]` key mask or None."""
-        batch, length, _ = x.shape
-        h = self.input_layernorm(x)
-        q = self.q_proj(h).reshape(batch, length, self.n_heads, self.head_dim)
-        k = self.k_proj(h).reshape(batch, length, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(h).reshape(batch, length, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        a = attention(q, k, v, key_valid=valid, causal=True).reshape(batch, length, self.n_heads * self.head_dim)
-        x = x + self.o_proj(a)
+        x = x + self_attention(self.input_layernorm(x), self.q_proj, self.k_proj, self.v_proj, self.o_proj,
+                               n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                               rope=rope, valid=valid, causal=True)
         return x + swiglu(self.gate_proj, self.up_proj, self.down_proj, self.post_attention_layernorm(x))
-
-
-def make_teacher_layers(config: TeacherConfig, rngs: nnx.Rngs):
-    """The decoder blocks: one module with stacked `[n_layers, ...]` leaves, or an `nnx.List`."""
-    n = config.num_hidden_layers
-    if not config.scan_layers:
-        return nnx.List([TeacherBlock(config, rngs=rngs) for _ in range(n)])
-
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs):
-        return TeacherBlock(config, rngs=rngs)
-
-    return create(rngs)
 
 
 class TeacherLM(nnx.Module):
@@ -232,7 +213,8 @@ class TeacherLM(nnx.Module):
         self.config = config
         kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, rngs=rngs, **kw)
-        self.layers = make_teacher_layers(config, rngs)
+        self.layers = make_layers(lambda r: TeacherBlock(config, rngs=r), config.num_hidden_layers, rngs,
+                                  stacked=config.scan_layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=config.weight_dtype)
         self.lm_head = (None if config.tie_word_embeddings else
                         Linear(config.hidden_size, config.vocab_size, rngs=rngs, kernel_init=_hf_init(), **kw))
@@ -249,7 +231,7 @@ class TeacherLM(nnx.Module):
             positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed_tokens(tokens)
-        x = run_blocks(self.layers, x, rope, valid, stacked=self.config.scan_layers, remat=False)
+        x = run_layers(self.layers, x, rope, valid, stacked=self.config.scan_layers, remat=False)
         return self.norm(x)
 
     def logits(self, h: jax.Array) -> jax.Array:
@@ -274,28 +256,19 @@ class TeacherLM(nnx.Module):
 # Pure functions
 
 
-@functools.lru_cache(maxsize=None)
-def teacher_graphdef(config: TeacherConfig) -> nnx.GraphDef:
-    """The static graph definition for `config`; no parameters are allocated."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: TeacherLM(config, rngs=nnx.Rngs(0))))
-    return graphdef
-
-
 def teacher_abstract_params(config: TeacherConfig) -> Params:
     """`jax.ShapeDtypeStruct` pytree of the parameters (for loading and shardings)."""
-    _, state = nnx.split(nnx.eval_shape(lambda: TeacherLM(config, rngs=nnx.Rngs(0))))
-    return nnx.to_pure_dict(state)
+    return pure.abstract_params(TeacherLM, config)
 
 
 def teacher_init_params(config: TeacherConfig, rng: jax.Array) -> Params:
     """Randomly initialised parameters (HF normal(0.02) init), as a plain nested dict."""
-    _, state = nnx.split(TeacherLM(config, rngs=nnx.Rngs(params=rng)))
-    return nnx.to_pure_dict(state)
+    return pure.init_params(TeacherLM, config, rng)
 
 
 def bind_teacher(config: TeacherConfig, params: Params) -> TeacherLM:
     """A module view of `params`, for use inside a traced function."""
-    return nnx.merge(teacher_graphdef(config), params)
+    return pure.bind(TeacherLM, config, params)
 
 
 def teacher_forward(params: Params, tokens: jax.Array, config: TeacherConfig,
