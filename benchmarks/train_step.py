@@ -51,7 +51,7 @@ Models (random init, with a planner; `tiny` and `small` from benchmarks/common.p
 `bench` is the default because `small` is too slow for 2 CPU cores: at B=4, Lp=64, Lg=128 one
 replayed step (forward + backward) of `small` took ~2.8 s there, so one update at T=128 takes
 about six minutes and the default run (warm-up + 2 calls at each of T = 8, 32, 128) well over
-half an hour. `bench` took 0.37 s a step on an idle host (~48 s an update at T=128, the default
+half an hour. `bench` took 0.37 s a step on a lightly loaded host (~48 s an update at T=128, the default
 run ~4 minutes) and up to 0.87 s on a busy shared one (~110 s at T=128, the run ~9 minutes).
 `--model=small` is for accelerators.
 """
@@ -256,8 +256,7 @@ def main(argv):
           f"{high['best_s'] / low['best_s']:.2f}x")
     if _MODEL.value == "bench":
         print("bench = small (35M) shrunk to D 256 / 4 layers (~6.5M), so that T=128 runs in 1 to 2 minutes on "
-              "2 CPU cores; "
-              "--model=small for the small shape")
+              "2 CPU cores; --model=small for the small shape")
     if device_ratio is not None:
         print(f"device allocator peak after T={high['steps']} / after T={low['steps']}: {device_ratio:.3f}x")
     settings = {"model": _MODEL.value, "steps": steps, "batch": _BATCH.value, "iters": _ITERS.value,

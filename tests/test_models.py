@@ -163,3 +163,16 @@ def test_sharded_forward_equals_unsharded():
                     config, suppress_mask=False)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_llada_8b_config_has_the_reference_parameter_counts():
+    """8.02B backbone + 303M planner (reference sections 1.3 and 6.2), from shapes alone."""
+    from configs import llada_8b
+    from dultra_jax.config import model_config_from_dict
+
+    config = model_config_from_dict(llada_8b.get_config().model)
+    shapes = policy.abstract_params(config)
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    assert count({k: v for k, v in shapes.items() if k != "planner"}) == 8_015_581_184
+    assert count(shapes["planner"]) == 303_083_521
+    assert shapes["blocks"]["ff_proj"]["kernel"].shape == (32, 4096, 12288)

@@ -103,3 +103,20 @@ def test_config_errors_name_the_key(tmp_path):
                            f"--workdir={tmp_path / 'd'}", "--config.rl.no_such_key=1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "no_such_key" in proc.stderr
+
+
+def test_reference_configs_validate_and_match_the_reference():
+    from configs import code, math
+    from dultra_jax.config import model_config_from_dict
+    from dultra_jax.training.grpo_trainer import run_config
+
+    for module, temperature in ((math, 0.1), (code, 0.5)):
+        run = run_config(module.get_config())
+        assert run.rl.group_size == 12 and run.rl.advantage == "mean" and run.rl.advantage_min_clip == 0.0
+        assert (run.rl.eps_low, run.rl.eps_high, run.rl.beta, run.rl.num_iterations) == (0.2, 1.0, 0.0, 1)
+        assert (run.optim.learning_rate, run.optim.schedule, run.optim.b1, run.optim.b2) == (5e-6, "constant", 0.9, 0.99)
+        assert (run.optim.weight_decay, run.optim.grad_clip, run.optim.train) == (0.1, 1.0, "all")
+        assert (run.decode.gen_length, run.decode.block_length, run.decode.temperature) == (256, 32, temperature)
+        assert run.decode.rule == "planner_bernoulli" and run.decode.logprob_temperature == 1.0
+        model = model_config_from_dict(run.model_section)
+        assert (model.n_layers, model.d_model, model.vocab_size, model.mask_token_id) == (32, 4096, 126464, 126336)
