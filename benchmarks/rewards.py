@@ -14,9 +14,11 @@ The sandbox probe and one warm-up check run first, untimed.
 
 Math: `--num_math` built-in (completion, reference) pairs in GSM8K / MATH forms, half decided by
 the normalisation (`is_equiv`, no subprocess), half going to math-verify (equivalences it alone sees,
-and wrong answers, which always get that far). They are timed with `is_correct` one at a time per
-group, and all together with `check_answers` (threads over the math-verify worker pool). The
-math-verify worker start-up is timed separately (`warmup_s`) and not included.
+and wrong answers, which always get that far). Each group is timed with `is_correct` one at a time
+(`all_sequential` is the two together); then `--num_math` other pairs of the same kinds (fresh
+strings, so math-verify's parse cache does not help) are timed with `check_answers`, threads over the
+math-verify worker pool. Starting the workers is timed apart (`warmup_s`), and 20 more pairs are
+checked untimed first. `agree` counts answers equal to the pair's expected verdict.
 
 The last line printed is one JSON object (`{"benchmark": "rewards", ...}`) with every figure.
 """
@@ -55,7 +57,8 @@ BUILTIN_PROGRAMS = [
     ("add", "def add(x, y):\n    return x + y\n",
      "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"),
     ("fib", "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
-     "def check(candidate):\n    assert candidate(10) == 55\n    assert candidate(1) == 1\n    assert candidate(30) == 832040\n"),
+     "def check(candidate):\n    assert candidate(10) == 55\n    assert candidate(1) == 1\n"
+     "    assert candidate(30) == 832040\n"),
     ("is_prime", "def is_prime(n):\n    if n < 2:\n        return False\n    i = 2\n    while i * i <= n:\n"
                  "        if n % i == 0:\n            return False\n        i += 1\n    return True\n",
      "def check(candidate):\n    assert [k for k in range(20) if candidate(k)] == [2, 3, 5, 7, 11, 13, 17, 19]\n"
@@ -66,9 +69,10 @@ BUILTIN_PROGRAMS = [
      "def check(candidate):\n    assert candidate(12, 18) == 6\n    assert candidate(17, 5) == 1\n"),
     ("count_vowels", "def count_vowels(s):\n    return sum(c in 'aeiouAEIOU' for c in s)\n",
      "def check(candidate):\n    assert candidate('Hello World') == 3\n    assert candidate('xyz') == 0\n"),
-    ("flatten", "def flatten(xs):\n    out = []\n    for x in xs:\n        out.extend(flatten(x) if isinstance(x, list) "
-                "else [x])\n    return out\n",
-     "def check(candidate):\n    assert candidate([1, [2, [3, 4]], 5]) == [1, 2, 3, 4, 5]\n    assert candidate([]) == []\n"),
+    ("flatten", "def flatten(xs):\n    out = []\n    for x in xs:\n"
+                "        out.extend(flatten(x) if isinstance(x, list) else [x])\n    return out\n",
+     "def check(candidate):\n    assert candidate([1, [2, [3, 4]], 5]) == [1, 2, 3, 4, 5]\n"
+     "    assert candidate([]) == []\n"),
     ("sort_desc", "def sort_desc(xs):\n    return sorted(xs, reverse=True)\n",
      "def check(candidate):\n    assert candidate([3, 1, 2]) == [3, 2, 1]\n    import random\n"
      "    r = random.Random(0)\n    xs = [r.randint(0, 99) for _ in range(1000)]\n"
@@ -112,8 +116,8 @@ _ROOTS = (2, 3, 5, 6, 7, 10, 11, 13)
 
 def _pair(i: int) -> tuple[str, str, bool]:
     """The i-th (completion, reference, expected) pair; kinds 0-4 are fast-path forms, 5-9 go to math-verify."""
-    v = 3 + (i * 7919) % 60000  # some with thousands separators
-    a = 1 + i % 9
+    v = 3 + (i * 7919) % 60000  # most with thousands separators
+    a = 1 + (i // 10) % 97  # varies between rounds of the ten kinds (no repeats within 970 pairs)
     kind = i % 10
     if kind == 0:  # a GSM8K solution as the reference
         return (f"She has {v - a} + {a} = {v} now. The answer is \\boxed{{{v}}}.",
@@ -128,7 +132,7 @@ def _pair(i: int) -> tuple[str, str, bool]:
     if kind == 4:
         return f"\\boxed{{{v % 100}\\%}}", str(v % 100), True
     if kind == 5:
-        k = _ROOTS[i % len(_ROOTS)]
+        k = _ROOTS[(i // 10) % len(_ROOTS)]
         return f"\\boxed{{\\frac{{\\sqrt{{{k}}}}}{{{a + 1}}}}}", f"\\frac{{1}}{{{a + 1}}}\\sqrt{{{k}}}", True
     if kind == 6:
         return f"\\boxed{{(x+{a})^2}}", f"x^2+{2 * a}x+{a * a}", True
@@ -139,8 +143,10 @@ def _pair(i: int) -> tuple[str, str, bool]:
     return f"\\boxed{{x+{a}}}", f"x-{a}", False  # wrong expression
 
 
-def math_pairs(n: int) -> list[tuple[str, str, bool]]:
-    return [_pair(i) for i in range(n)]
+def math_pairs(n: int, offset: int = 0) -> list[tuple[str, str, bool]]:
+    """Pairs `offset .. offset + n - 1`: different offsets give different strings, so math-verify's
+    parse cache (and sympy's) do not carry over from one timed run to the next."""
+    return [_pair(offset + i) for i in range(n)]
 
 
 def fast_path(completion: str, reference: str) -> bool:
@@ -191,21 +197,30 @@ def main(argv):
             "timeout_s": _TIMEOUT_S.value, "warmup_status": warm.status, "sequential": sequential, "pool": pool,
             "speedup": pool["checks_per_s"] / sequential["checks_per_s"]}
 
+    # Start every math-verify worker the threaded run will use (timed apart: a one-time cost).
+    # `check_answers` starts them lazily, so they are taken from the pool all at once here.
+    threads = math_lib._POOL.max_workers
     start = time.perf_counter()
     verifier = math_lib.warmup()
+    held = [math_lib._POOL._acquire() for _ in range(threads)] if verifier else []
+    for worker in held:
+        if worker is not None:
+            math_lib._POOL._release(worker, healthy=True)
     warmup_s = time.perf_counter() - start
-    pairs = math_pairs(_NUM_MATH.value)
+    n = _NUM_MATH.value
+    warm = math_pairs(20, offset=10 * n + 1000)  # first parses in each worker (untimed)
+    math_lib.check_answers([c for c, _, _ in warm], [r for _, r, _ in warm], timeout_s=_MATH_TIMEOUT_S.value,
+                           max_workers=threads)
+    pairs = math_pairs(n)
     fast = [p for p in pairs if fast_path(p[0], p[1])]
     slow = [p for p in pairs if not fast_path(p[0], p[1])]
-    threads = math_lib._POOL.max_workers
-    if slow:  # start the other verifier workers too (untimed)
-        math_lib.check_answers([c for c, _, _ in slow[:2 * threads]], [r for _, r, _ in slow[:2 * threads]],
-                               timeout_s=_MATH_TIMEOUT_S.value, max_workers=threads)
-    math = {"num_pairs": len(pairs), "math_verify_available": verifier, "warmup_s": warmup_s,
-            "fast_path": time_math(fast, _MATH_TIMEOUT_S.value),
-            "math_verify": time_math(slow, _MATH_TIMEOUT_S.value),
-            "all_sequential": time_math(pairs, _MATH_TIMEOUT_S.value),
-            "all_threaded": time_math_threaded(pairs, _MATH_TIMEOUT_S.value, threads)}
+    fast_r, slow_r = time_math(fast, _MATH_TIMEOUT_S.value), time_math(slow, _MATH_TIMEOUT_S.value)
+    both = {k: fast_r[k] + slow_r[k] for k in ("checks", "seconds", "correct", "agree")}
+    both["checks_per_s"] = both["checks"] / both["seconds"]
+    math = {"num_pairs": n, "math_verify_available": verifier, "verifier_workers": threads, "warmup_s": warmup_s,
+            "fast_path": fast_r, "math_verify": slow_r, "all_sequential": both,
+            # Other pairs of the same kinds (fresh strings: no parse cache from the run above).
+            "all_threaded": time_math_threaded(math_pairs(n, offset=n), _MATH_TIMEOUT_S.value, threads)}
 
     host = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "sandbox_mode": mode,
             "max_concurrency": code_lib.max_concurrency(), "sandbox_probe_s": probe_s}

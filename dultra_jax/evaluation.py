@@ -474,16 +474,16 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
                 bar.set_description(setting.label)
                 start = time.perf_counter()  # warm-up: compiles this setting's rollout (untimed)
                 tokens0, valid0 = device_batches[0]
-                jax.block_until_ready(rollout(params, tokens0, valid0, jax.random.key(seeds[0]), decode, model))
+                warmup_key = jax.random.fold_in(jax.random.key(seeds[0]), 0)
+                jax.block_until_ready(rollout(params, tokens0, valid0, warmup_key, decode, model))
                 warmup_s = time.perf_counter() - start
                 correct, nfe, non_eos, wall_s = [], [], [], 0.0
                 for seed in seeds:
                     seed_correct, seed_nfe, seed_non_eos = [], [], []
-                    key = jax.random.key(seed)
-                    for j, (batch, (tokens, valid)) in enumerate(zip(batches, device_batches)):
+                    keys = [jax.random.fold_in(jax.random.key(seed), j) for j in range(len(batches))]
+                    for batch, (tokens, valid), rng in zip(batches, device_batches, keys):
                         start = time.perf_counter()
-                        trajectory = jax.block_until_ready(
-                            rollout(params, tokens, valid, jax.random.fold_in(key, j), decode, model))
+                        trajectory = jax.block_until_ready(rollout(params, tokens, valid, rng, decode, model))
                         wall_s += time.perf_counter() - start
                         rows = np.flatnonzero(batch["row_valid"])
                         metrics = row_metrics(trajectory, stop_ids, batch["row_valid"])

@@ -152,7 +152,7 @@ def test_mbpp_reference_code_passes(mbpp):
 
 
 def test_mbpp_through_the_code_correct_reward(mbpp):
-    (row502, f502), (row367, f367) = mbpp[1], mbpp[3]
+    f502, f367 = mbpp[1][1], mbpp[3][1]
     assert "r = n%m" in f502["answer"]
     wrong = f502["answer"].replace("r = n%m", "r = n//m")
     completions = [_fenced(f502["answer"]), _fenced(f367["answer"]), _fenced(wrong),

@@ -209,7 +209,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             log.info("step %d/%d loss %.4g reward %.3f nfe %.1f tpf %.2f gap %.2g %.2fs", step + 1, run.total_steps,
                      row["loss"], row["reward_mean"], row["nfe_mean"], row["tokens_per_forward"], row["logp_gap"],
                      row["step_time_s"])
-            if (step + 1) % run.checkpoint_every == 0 or step + 1 == run.total_steps:
+            due = (step + 1) % run.checkpoint_every == 0 or step + 1 == run.total_steps
+            if due and row["skipped"]:
+                log.warning("step %d: not checkpointed after a skipped update", step + 1)
+            elif due:
                 checkpointer.save(step + 1, state, data.get_state(),
                                   {"config": config.to_dict(), "model": model_config_to_dict(model)})
     finally:

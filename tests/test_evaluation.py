@@ -1,0 +1,243 @@
+"""dultra_jax/evaluation.py and launch/evaluate.py: metrics on hand-made trajectories, one compile per
+setting, and the launcher end to end on a tiny random model with a character-level chat tokenizer."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dultra_jax import evaluation as ev
+from dultra_jax.config import ConfigError, ModelConfig, PlannerConfig
+from dultra_jax.decoding import rollout as rollout_lib
+from dultra_jax.decoding.rollout import Trajectory
+from tests.fixtures.data_helpers import EOS_ID, EOT_ID, SPECIAL_TOKENS, write_chat_tokenizer
+from tests.helpers import random_params, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# GSM8K-format records (question / answer ending in '#### n'), short so prompts stay small.
+GSM8K_RECORDS = [
+    {"question": "What is 2+2?", "answer": "2+2=<<2+2=4>>4\n#### 4"},
+    {"question": "Tom has 3 apples and eats 1. How many are left?", "answer": "3-1=<<3-1=2>>2\n#### 2"},
+    {"question": "A box holds 1,000 pens. How many pens are in 2 boxes?", "answer": "2*1000=2000\n#### 2,000"},
+]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device, not the tests' eight
+    return subprocess.run([sys.executable, os.path.join(REPO, "launch/evaluate.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def _trajectory(tokens, num_steps) -> Trajectory:
+    tokens = np.asarray(tokens, np.int32)
+    b = tokens.shape[0]
+    return Trajectory(tokens=tokens, unmask_step=np.zeros_like(tokens), num_steps=np.asarray(num_steps, np.int32),
+                      step_logps=np.zeros((b, 1), np.float32), prompt_tokens=np.zeros((b, 2), np.int32),
+                      prompt_valid=np.ones((b, 2), bool))
+
+
+def test_row_metrics_counts_tokens_before_the_first_stop_id():
+    traj = _trajectory([[7, 8, 0, 9, 0, 0],     # EOS at 2
+                        [4, 0, 0, 0, 0, 0],     # end of turn first: 0 tokens
+                        [7, 8, 9, 10, 11, 12],  # no stop id: all 6
+                        [7, 8, 9, 4, 0, 0]],    # padding row
+                       num_steps=[3, 2, 6, 5])
+    got = ev.row_metrics(traj, stop_ids=(0, 4), row_valid=[True, True, True, False])
+    np.testing.assert_array_equal(got["non_eos"], [2, 0, 6])
+    np.testing.assert_array_equal(got["nfe"], [3, 2, 6])
+    np.testing.assert_array_equal(got["generated"], [6, 6, 6])
+    np.testing.assert_array_equal(ev.first_stop_lengths([[1, 2, 3]], ()), [3])
+
+
+def test_summarize_setting_tpf_and_tokens_per_second():
+    setting = ev.Setting("threshold", "threshold", 0.9)
+    nfe = np.array([[3, 2, 6], [4, 2, 6]])
+    non_eos = np.array([[2, 0, 6], [3, 0, 6]])
+    correct = np.array([[True, False, True], [True, False, False]])
+    row = ev.summarize_setting(setting, correct, nfe, non_eos, gen_length=6, wall_s=2.0, warmup_s=5.0)
+    assert row["nfe"] == pytest.approx(23 / 6)
+    assert row["tpf"] == pytest.approx(36 / 23)          # 6 seeds x records x 6 tokens / 23 NFE
+    assert row["tpf_non_eos"] == pytest.approx(17 / 23)
+    assert row["tokens_per_s"] == pytest.approx(18.0)
+    assert row["non_eos_tokens_per_s"] == pytest.approx(8.5)
+    assert (row["n"], row["seeds"], row["rule"], row["sweep_value"]) == (3, 2, "threshold", 0.9)
+    assert row["accuracy"] == pytest.approx(50.0)
+    assert set(ev.SUMMARY_COLUMNS) <= set(row)
+
+
+def test_accuracy_standard_error_is_over_records_of_seed_averaged_correctness():
+    correct = np.array([[1, 0, 1, 1], [1, 1, 0, 1]], bool)   # 2 seeds x 4 records
+    stats = ev.accuracy_stats(correct)
+    per_record = np.array([1.0, 0.5, 0.5, 1.0])
+    want_se = 100 * math.sqrt(np.sum((per_record - 0.75) ** 2) / 3) / math.sqrt(4)
+    assert stats["accuracy"] == pytest.approx(75.0)
+    assert stats["accuracy_stderr"] == pytest.approx(want_se)
+    assert stats["accuracy_per_seed"] == [75.0, 75.0]
+    assert stats["accuracy_seed_std"] == pytest.approx(0.0)
+    # One seed of 0/1 outcomes: the familiar sqrt(p (1 - p) / (n - 1)).
+    one = ev.accuracy_stats(np.array([[1, 1, 1, 0, 0]], bool))
+    assert one["accuracy_stderr"] == pytest.approx(100 * math.sqrt(0.6 * 0.4 / 4))
+    assert one["accuracy_seed_std"] is None
+    assert ev.accuracy_stats(np.array([[1], [0]], bool))["accuracy_stderr"] is None
+
+
+def test_pareto_front():
+    nfe = [10, 20, 15, 30, 10, 40]
+    acc = [50, 70, 40, 70, 50, 80]
+    np.testing.assert_array_equal(ev.pareto_front(nfe, acc), [True, True, False, False, True, True])
+
+
+def test_sweep_settings_defaults_and_errors():
+    settings = ev.sweep_settings({"planner_bernoulli": None, "threshold": [0.8, 0.9], "low_confidence": None,
+                                  "ass": None})
+    assert [s.value for s in settings[:5]] == list(ev.DEFAULT_FACTORS)
+    assert {s.key for s in settings[:5]} == {"factor"}
+    assert settings[5:7] == [ev.Setting("threshold", "threshold", 0.8), ev.Setting("threshold", "threshold", 0.9)]
+    assert settings[7] == ev.Setting("low_confidence", "steps", None)
+    assert settings[8] == ev.Setting("ass", None, None)
+    assert ev.sweep_settings(["factor"]) == [ev.Setting("factor", "factor", None)]
+    with pytest.raises(ConfigError, match="unknown rule 'bogus'"):
+        ev.sweep_settings({"bogus": None})
+    with pytest.raises(ConfigError, match="no sweep knob"):
+        ev.sweep_settings({"ass": [1.0]})
+    with pytest.raises(ConfigError, match="twice"):
+        ev.sweep_settings([("factor", [1.0]), ("factor", [1.0])])
+
+
+# ------------------------------------------------------------------------------- in process
+
+
+def test_evaluate_compiles_once_per_setting_and_writes_outputs(tmp_path):
+    """The exact task on token-id prompts (no tokenizer): two seeds x two batches (the last padded)
+    reuse one compiled rollout; samples and summary agree."""
+    from dultra_jax.data.tasks import get_task
+
+    model = tiny_config()
+    params = random_params(model)
+    records = [{"prompt_ids": [3, 4, 5], "answer": "3 4 5"}, {"prompt_ids": [10, 11], "answer": "12"},
+               {"prompt_ids": [20, 21, 22, 23], "answer": "24 25"}]
+    before = rollout_lib.TRACE_COUNT["rollout_loop"]
+    summary = ev.evaluate(params, model, None, records, get_task("exact"), rules_and_sweeps={"threshold": None},
+                          seeds=[1, 2], gen_length=8, block_length=4, prompt_length=8, batch_size=2,
+                          out_dir=str(tmp_path), progress=False)
+    assert rollout_lib.TRACE_COUNT["rollout_loop"] - before == 1
+    [row] = summary["rows"]
+    assert (row["rule"], row["sweep_key"], row["sweep_value"], row["n"], row["seeds"]) == (
+        "threshold", "threshold", 0.9, 3, 2)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and sorted((s["seed"], s["index"]) for s in samples) == [
+        (seed, i) for seed in (1, 2) for i in range(3)]
+    assert [s["reference"] for s in samples[:3]] == ["3 4 5", "12", "24 25"]
+    assert row["nfe"] == pytest.approx(np.mean([s["nfe"] for s in samples]))
+    assert row["accuracy"] == pytest.approx(100 * np.mean([s["correct"] for s in samples]))
+    assert row["tpf_non_eos"] == pytest.approx(sum(s["non_eos_tokens"] for s in samples)
+                                               / sum(s["nfe"] for s in samples))
+    assert set(summary["files"]) == {"samples", "summary_json", "summary_csv", "pareto_png"}
+
+
+# -------------------------------------------------------------------------------- launcher
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random LLaDA + planner in HF layout with the character-level chat tokenizer beside it."""
+    from dultra_jax.interop.hf_llada import export_hf
+
+    directory = tmp_path_factory.mktemp("eval") / "model"
+    vocab = len(SPECIAL_TOKENS) + 98   # the specials + printable ASCII without \x0b \x0c
+    config = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
+                         rope_theta=10000.0, max_sequence_length=128,
+                         mask_token_id=SPECIAL_TOKENS.index("<|mdm_mask|>"), eos_token_id=EOS_ID,
+                         pad_token_id=EOS_ID, eot_token_id=EOT_ID, planner=PlannerConfig())
+    export_hf(random_params(config), config, str(directory), dtype="float32")
+    write_chat_tokenizer(str(directory))
+    tokenizer = json.loads((directory / "tokenizer.json").read_text())
+    assert len(tokenizer["model"]["vocab"]) == vocab <= 128
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gsm8k_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_RECORDS))
+    return path
+
+
+def _typed(value: str, like):
+    if like is None:
+        return value or None
+    return type(like)(value) if not isinstance(like, float) else float(value)
+
+
+def test_launcher_writes_samples_summary_and_pareto_plot(model_dir, gsm8k_file, tmp_path):
+    out = tmp_path / "eval"
+    proc = _run(f"--model={model_dir}", "--task=gsm8k", f"--data={gsm8k_file}", "--rules=planner_bernoulli,threshold",
+                "--factors=1.0,1.5", "--thresholds=0.9", "--seeds=42,123", "--gen_length=16", "--block_length=8",
+                "--prompt_length=48", "--batch_size=2", "--dtype=float32", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "batch/s" in proc.stderr or "s/batch" in proc.stderr   # the tqdm progress bar
+    assert "planner_bernoulli" in proc.stdout and "threshold=0.9" in proc.stdout
+
+    assert sorted(os.listdir(out)) == ["pareto.png", "samples.jsonl", "summary.csv", "summary.json"]
+    png = (out / "pareto.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    settings = [("planner_bernoulli", 1.0), ("planner_bernoulli", 1.5), ("threshold", 0.9)]
+    assert len(samples) == len(GSM8K_RECORDS) * len(settings) * 2
+    for s in samples:
+        assert set(ev.SAMPLE_FIELDS) <= set(s)
+        assert isinstance(s["correct"], bool) and isinstance(s["completion"], str)
+        assert 1 <= s["nfe"] <= 16 and 0 <= s["non_eos_tokens"] <= 16
+        assert s["prompt"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert {(s["rule"], s["sweep_value"], s["seed"], s["index"]) for s in samples} == {
+        (rule, value, seed, i) for rule, value in settings for seed in (42, 123) for i in range(3)}
+    assert {s["index"]: s["reference"] for s in samples} == {0: "4", 1: "2", 2: "2000"}
+    assert {s["sweep_key"] for s in samples} == {"factor", "threshold"}
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["task"], summary["num_records"], summary["seeds"]) == ("gsm8k", 3, [42, 123])
+    rows = summary["rows"]
+    assert [(r["rule"], r["sweep_value"]) for r in rows] == settings
+    with open(out / "summary.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    for row, csv_row in zip(rows, csv_rows):
+        assert list(csv_row) == list(ev.SUMMARY_COLUMNS)
+        for key in ev.SUMMARY_COLUMNS:
+            got = _typed(csv_row[key], row[key])
+            assert got == (pytest.approx(row[key]) if isinstance(row[key], float) else row[key]), key
+        mine = [s for s in samples if (s["rule"], s["sweep_value"]) == (row["rule"], row["sweep_value"])]
+        assert (row["n"], row["seeds"]) == (3, 2)
+        assert row["nfe"] == pytest.approx(np.mean([s["nfe"] for s in mine]))
+        assert row["tpf"] == pytest.approx(16 * len(mine) / sum(s["nfe"] for s in mine))
+        assert row["accuracy"] == pytest.approx(100 * np.mean([s["correct"] for s in mine]))
+        assert row["tokens_per_s"] > 0 and row["wall_s"] > 0
+    # The threshold rule with the rule's default sweep.
+    assert rows[2]["sweep_key"] == "threshold"
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--rules=planner_bernoulli,bogus", "--rules: unknown rule(s) 'bogus'"),
+    ("--data={missing}", "--data={missing}: no such file"),
+    ("--model={missing}", "--model: {missing}: no such file"),
+])
+def test_launcher_errors_name_the_flag(model_dir, gsm8k_file, tmp_path, flag, message):
+    missing = str(tmp_path / "missing")
+    args = {"--model": f"--model={model_dir}", "--data": f"--data={gsm8k_file}", "--rules": "--rules=threshold"}
+    args[flag.split("=")[0]] = flag.format(missing=missing)
+    proc = _run(*args.values(), f"--out={tmp_path / 'out'}")
+    assert proc.returncode != 0
+    assert message.format(missing=missing) in proc.stderr
+    assert not (tmp_path / "out").exists()
