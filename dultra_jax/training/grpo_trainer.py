@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dultra_jax import checkpoint as ckpt_lib
@@ -26,7 +27,7 @@ from dultra_jax.decoding.rollout import Trajectory, rollout
 from dultra_jax.models import policy
 from dultra_jax.models.build import build_model
 from dultra_jax.rl.grpo import compute_advantages
-from dultra_jax.sharding import batch_sharding, check_batch, make_mesh, param_shardings
+from dultra_jax.sharding import BATCH_AXES, batch_sharding, check_batch, make_mesh, param_shardings
 from dultra_jax.training.state import (TrainState, create_train_state, grpo_update, learning_rate_schedule,
                                        make_optimizer)
 
@@ -131,6 +132,20 @@ def repeat_rows(batch: dict[str, np.ndarray], group_size: int) -> dict[str, np.n
     return {k: np.repeat(v, group_size, axis=0) for k, v in batch.items()}
 
 
+def global_rows(local: np.ndarray, mesh) -> jax.Array:
+    """This process's rows `[B_local, ...]` as its part of a global array sharded by rows."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local)
+
+
+def local_rows(tree, mesh):
+    """The rows of row-sharded global arrays that this process holds, as host numpy arrays."""
+    def one(x):
+        local = multihost_utils.global_array_to_host_local_array(x, mesh, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+        return np.asarray(local)
+
+    return jax.tree.map(one, tree)
+
+
 def rollout_key(state: TrainState) -> jax.Array:
     """The step's rollout key: the run's key folded with the step (restored with the state)."""
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -186,21 +201,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
         data.set_state(data_state)
         log.info("resumed from step %d in %s", start, checkpointer.directory)
     writer = MetricsWriter(workdir, start)
-    rows_sharding = batch_sharding(mesh)
     history = []
     try:
         for step in range(start, run.total_steps):
             began = time.perf_counter()
+            # Each process holds its own rows (whole groups); arrays are assembled globally.
             batch = repeat_rows(data.next_batch(), run.rl.group_size)
-            trajectory = rollout(state.params, jax.device_put(batch["prompt_tokens"], rows_sharding),
-                                 jax.device_put(batch["prompt_valid"], rows_sharding), rollout_key(state),
-                                 decode, model)
-            total, parts = data.rewards(batch, trajectory)
-            advantages = compute_advantages(jax.device_put(total.astype(np.float32), batch_sharding(mesh, 1)),
-                                            run.rl)
+            trajectory = rollout(state.params, global_rows(batch["prompt_tokens"], mesh),
+                                 global_rows(batch["prompt_valid"], mesh), rollout_key(state), decode, model)
+            local = local_rows(trajectory, mesh)
+            total, parts = data.rewards(batch, local)
+            advantages = compute_advantages(global_rows(total.astype(np.float32), mesh), run.rl)
             for _ in range(run.rl.num_iterations):
                 state, update_metrics = update(state, trajectory, advantages)
-            row = {"step": step + 1, **step_metrics(trajectory, total, parts, update_metrics, data.accuracy_part),
+            row = {"step": step + 1, **step_metrics(local, total, parts, update_metrics, data.accuracy_part),
                    "learning_rate": float(schedule(step)), "step_time_s": time.perf_counter() - began}
             if row["skipped"]:
                 log.warning("step %d: non-finite loss or gradient; the update was skipped", step + 1)
