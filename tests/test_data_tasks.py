@@ -108,10 +108,10 @@ def test_humaneval():
     assert "def unique(l: list):" in user["content"]                      # the signature is in the prompt
     fields = task.example_fields(row)
     assert fields["entry_point"] == "unique" and fields["prompt_code"] == row["prompt"]
-    assert fields["tests"] == row["test"] + "\n\ncheck(unique)\n"
+    assert fields["tests"] == row["test"]  # defines check(); the sandbox calls check(entry_point)
     assert task.reference(row) == row["prompt"] + row["canonical_solution"]
     ns = {}
-    exec(fields["answer"] + "\n" + fields["tests"], ns)                   # the reference passes its tests
+    exec(fields["answer"] + "\n" + fields["tests"] + "\ncheck(unique)\n", ns)  # the reference passes its tests
 
 
 def test_apps_prompt_fields_and_filter():

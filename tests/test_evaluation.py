@@ -16,7 +16,7 @@ from dultra_jax.config import ConfigError, ModelConfig, PlannerConfig
 from dultra_jax.decoding import rollout as rollout_lib
 from dultra_jax.decoding.rollout import Trajectory
 from tests.fixtures.data_helpers import EOS_ID, EOT_ID, SPECIAL_TOKENS, write_chat_tokenizer
-from tests.helpers import random_params, tiny_config
+from tests.helpers import random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -115,37 +115,6 @@ def test_sweep_settings_defaults_and_errors():
         ev.sweep_settings([("factor", [1.0]), ("factor", [1.0])])
 
 
-# ------------------------------------------------------------------------------- in process
-
-
-def test_evaluate_compiles_once_per_setting_and_writes_outputs(tmp_path):
-    """The exact task on token-id prompts (no tokenizer): two seeds x two batches (the last padded)
-    reuse one compiled rollout; samples and summary agree."""
-    from dultra_jax.data.tasks import get_task
-
-    model = tiny_config()
-    params = random_params(model)
-    records = [{"prompt_ids": [3, 4, 5], "answer": "3 4 5"}, {"prompt_ids": [10, 11], "answer": "12"},
-               {"prompt_ids": [20, 21, 22, 23], "answer": "24 25"}]
-    before = rollout_lib.TRACE_COUNT["rollout_loop"]
-    summary = ev.evaluate(params, model, None, records, get_task("exact"), rules_and_sweeps={"threshold": None},
-                          seeds=[1, 2], gen_length=8, block_length=4, prompt_length=8, batch_size=2,
-                          out_dir=str(tmp_path), progress=False)
-    assert rollout_lib.TRACE_COUNT["rollout_loop"] - before == 1
-    [row] = summary["rows"]
-    assert (row["rule"], row["sweep_key"], row["sweep_value"], row["n"], row["seeds"]) == (
-        "threshold", "threshold", 0.9, 3, 2)
-    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 6 and sorted((s["seed"], s["index"]) for s in samples) == [
-        (seed, i) for seed in (1, 2) for i in range(3)]
-    assert [s["reference"] for s in samples[:3]] == ["3 4 5", "12", "24 25"]
-    assert row["nfe"] == pytest.approx(np.mean([s["nfe"] for s in samples]))
-    assert row["accuracy"] == pytest.approx(100 * np.mean([s["correct"] for s in samples]))
-    assert row["tpf_non_eos"] == pytest.approx(sum(s["non_eos_tokens"] for s in samples)
-                                               / sum(s["nfe"] for s in samples))
-    assert set(summary["files"]) == {"samples", "summary_json", "summary_csv", "pareto_png"}
-
-
 # -------------------------------------------------------------------------------- launcher
 
 
@@ -224,8 +193,37 @@ def test_launcher_writes_samples_summary_and_pareto_plot(model_dir, gsm8k_file, 
         assert row["tpf"] == pytest.approx(16 * len(mine) / sum(s["nfe"] for s in mine))
         assert row["accuracy"] == pytest.approx(100 * np.mean([s["correct"] for s in mine]))
         assert row["tokens_per_s"] > 0 and row["wall_s"] > 0
-    # The threshold rule with the rule's default sweep.
-    assert rows[2]["sweep_key"] == "threshold"
+
+
+# ------------------------------------------------------------------------- library, in process
+
+
+def test_evaluate_compiles_once_per_setting_and_writes_outputs(model_dir, tmp_path):
+    """The exact task on token-id prompts (no tokenizer): two seeds x two batches (the last padded)
+    reuse one compiled rollout; samples and summary agree."""
+    from dultra_jax.data.tasks import get_task
+
+    params, model, source_dir = ev.load_model_source(str(model_dir))
+    assert source_dir == str(model_dir) and model.has_planner
+    records = [{"prompt_ids": [13, 14, 15], "answer": "13 14 15"}, {"prompt_ids": [10, 11], "answer": "12"},
+               {"prompt_ids": [20, 21, 22, 23], "answer": "24 25"}]
+    before = rollout_lib.TRACE_COUNT["rollout_loop"]
+    summary = ev.evaluate(params, model, None, records, get_task("exact"), rules_and_sweeps={"threshold": None},
+                          seeds=[1, 2], gen_length=8, block_length=4, prompt_length=8, batch_size=2,
+                          out_dir=str(tmp_path), progress=False)
+    assert rollout_lib.TRACE_COUNT["rollout_loop"] - before == 1
+    [row] = summary["rows"]
+    assert (row["rule"], row["sweep_key"], row["sweep_value"], row["n"], row["seeds"]) == (
+        "threshold", "threshold", 0.9, 3, 2)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and sorted((s["seed"], s["index"]) for s in samples) == [
+        (seed, i) for seed in (1, 2) for i in range(3)]
+    assert [s["reference"] for s in samples[:3]] == ["13 14 15", "12", "24 25"]
+    assert row["nfe"] == pytest.approx(np.mean([s["nfe"] for s in samples]))
+    assert row["accuracy"] == pytest.approx(100 * np.mean([s["correct"] for s in samples]))
+    assert row["tpf_non_eos"] == pytest.approx(sum(s["non_eos_tokens"] for s in samples)
+                                               / sum(s["nfe"] for s in samples))
+    assert set(summary["files"]) == {"samples", "summary_json", "summary_csv", "pareto_png"}
 
 
 @pytest.mark.parametrize("flag, message", [

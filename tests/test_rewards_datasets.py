@@ -105,11 +105,8 @@ def test_humaneval_through_the_code_correct_reward(humaneval):
     np.testing.assert_array_equal(_code_reward(completions, [f for _, f in rows]), [1.0, 1.0, 0.0, 0.0])
 
 
-# Known issue (reported): the humaneval task's `tests` already end in `check(entry_point)` and the
-# sandbox calls `check(entry_point)` again because `entry_point` is passed too, so every HumanEval
-# check runs twice, and a program without the entry point gets NameError -> `runtime_error` (reward
-# -0.05) instead of the sandbox's own "entry point is not defined" -> `failed` (reward 0).
-@pytest.mark.xfail(strict=True, reason="humaneval tests call check() and the sandbox calls it again")
+# The humaneval task's `tests` define `check`; the sandbox calls it once with `entry_point`, and a
+# program without the entry point is a plain failure (reward 0), not a runtime error (-0.05).
 def test_humaneval_check_runs_once(humaneval):
     record, fields = humaneval["HumanEval/53"]
     program = record["prompt"] + "    print('called')\n" + record["canonical_solution"]
@@ -120,7 +117,6 @@ def test_humaneval_check_runs_once(humaneval):
     assert calls == calls_alone > 0, (calls, calls_alone)
 
 
-@pytest.mark.xfail(strict=True, reason="a missing entry point is a NameError in the tests' own check() call")
 def test_humaneval_missing_entry_point_is_a_failure(humaneval):
     record, fields = humaneval["HumanEval/53"]
     program = (record["prompt"] + record["canonical_solution"]).replace("def add(", "def plus(")
@@ -247,9 +243,9 @@ NOT_EQUIVALENT = [
 ]
 
 # Reasonable equivalences that fail today (reported; strict, so a fix shows up here).
-KNOWN_MISSES = [
+UNIT_WORDS = [
     # A bare unit word after the number: math-verify reads `18 dollars` as a product of symbols,
-    # and the normalisation strips only `\text{...}` / `\mbox{...}` units.
+    # so the normalisation strips units.
     pytest.param("\\boxed{18 dollars}", "18", id="bare-dollars-word"),
     pytest.param("#### 18 dollars", "18", id="hash-dollars-word"),
     pytest.param("\\boxed{\\$18\\ dollars}", "18", id="backslash-space-dollars"),
@@ -279,23 +275,20 @@ def test_non_equivalences(completion, reference):
     assert not is_correct(completion, reference, timeout_s=20.0)
 
 
-@pytest.mark.xfail(strict=True, reason="reported: a bare unit word is not stripped")
-@pytest.mark.parametrize("completion, reference", KNOWN_MISSES)
-def test_known_missed_equivalences(completion, reference):
+@pytest.mark.parametrize("completion, reference", UNIT_WORDS)
+def test_unit_words_are_stripped(completion, reference):
     assert is_correct(completion, reference, timeout_s=20.0)
 
 
-# Reported: `normalize_answer` wraps `\sqrt`'s argument before removing spaces, so `\sqrt 3` becomes
-# `\sqrt{}3` (an empty root) and the fast path misses `\sqrt 3` == `\sqrt{3}` (math-verify still
-# finds it); and units in `\text{}` are kept (`5\text{ cm}` -> `5cm`), though the module docstring
-# lists units among what the normalisation handles.
-@pytest.mark.xfail(strict=True, reason="reported: normalize_answer gaps (sqrt with a space, \\text units)")
+# The fast path alone: `\sqrt 3` == `\sqrt{3}`, units in `\text{}` dropped; a glued single letter
+# is algebra (`2x` != `2`).
 @pytest.mark.parametrize("a, b", [("\\frac{\\sqrt 3}{2}", "\\frac{\\sqrt{3}}{2}"), ("5\\text{ cm}", "5")])
-def test_known_fast_path_gaps(a, b):
+def test_fast_path_normalisation(a, b):
     assert is_equiv(a, b)
+    assert not is_equiv("2x", "2")
 
 
-def test_known_fast_path_gaps_still_correct_via_math_verify():
+def test_the_same_answers_are_correct_end_to_end():
     assert is_correct("\\boxed{\\frac{\\sqrt 3}{2}}", "\\frac{\\sqrt{3}}{2}", timeout_s=20.0)
     assert is_correct("\\boxed{5\\text{ cm}}", "5", timeout_s=20.0)
 

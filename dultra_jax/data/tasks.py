@@ -22,7 +22,8 @@ Per-row fields (`example_fields`), all strings:
   - code tasks (`mbpp`, `humaneval`, `apps`, `custom` kind code):
       `answer`      the reference solution (may be "" for APPS rows without one);
       `tests`       Python source to run after the candidate program; it raises on failure
-                    (MBPP: imports + setup + asserts; HumanEval: `test` + `check(entry_point)`);
+                    (MBPP: imports + setup + asserts; HumanEval: `test`, whose `check` the sandbox calls with
+                    `entry_point`);
                     "" for APPS, which is judged on `input_output`;
       `entry_point` the function under test ("" when the program is a stdin/stdout script);
       `input_output` APPS's JSON string {"inputs": [...], "outputs": [...], "fn_name"?: str}, else "";
@@ -385,7 +386,7 @@ def _humaneval(options):
 
     def fields(ex):
         entry = str(ex["entry_point"])
-        return _code_fields(answer=reference(ex), tests=f"{ex['test']}\n\ncheck({entry})\n", entry_point=entry,
+        return _code_fields(answer=reference(ex), tests=ex["test"], entry_point=entry,
                             prompt_code=str(ex["prompt"]))
 
     return Task(

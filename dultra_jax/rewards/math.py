@@ -123,19 +123,23 @@ def _fix_sqrt(s: str) -> str:
 def normalize_answer(s: str) -> str:
     """A canonical string for simple answers (MATH-style `strip_string` plus numbers)."""
     s = str(s).strip()
-    s = s.replace("\n", "").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", "")
+    s = s.replace("\n", "").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", " ")
     s = s.replace("\\\\", "\\").replace("tfrac", "frac").replace("dfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
-    s = re.sub(r"\\text\{\s*([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\\mbox\{\s*([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\(?:text|mbox)\{\s*([^{}]*)\}", r" \1", s).strip()
+    # A number followed by a unit (`18 dollars`, `5 cm`, `12inches`) keeps the number; a single
+    # letter glued to a number (`2x`) is algebra, not a unit.
+    unit = re.fullmatch(r"(-?[\d,]*\.?\d+)(\s*)([A-Za-z]+(?:\s+[A-Za-z]+)*)\.?", s)
+    if unit and (unit.group(2) or len(unit.group(3)) >= 3):
+        s = unit.group(1)
     s = s.replace("\\%", "").replace("%", "")
     s = s.strip().rstrip(".").strip()
     # A variable assignment with a short left side (`x = 5`) keeps its value.
     if s.count("=") == 1 and len(s.split("=")[0].strip()) <= 2:
         s = s.split("=")[1].strip()
-    s = _fix_sqrt(s)
     s = s.replace(" ", "")
+    s = _fix_sqrt(s)
     s = _fix_fracs(s)
     # Thousands separators in plain numbers: 1,234,567 -> 1234567.
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
