@@ -1,7 +1,7 @@
 """Evaluation (spec section 8): accuracy, NFE, tokens per forward and wall tokens/s over rules,
 sweeps and seeds, with the samples, a summary and an accuracy-versus-NFE Pareto plot on disk.
 
-    params, model, source_dir = load_model_source("/ckpt/dUltra-8B", mesh=make_mesh(), dtype="bfloat16")
+    params, model, source_dir = build.load_model_source("/ckpt/dUltra-8B", mesh=make_mesh(), dtype="bfloat16")
     summary = evaluate(params, model, load_tokenizer(source_dir), records, get_task("gsm8k"),
                        rules_and_sweeps={"planner_bernoulli": None, "threshold": [0.9]},
                        seeds=(42, 123, 456, 789, 1000), gen_length=256, block_length=32,
@@ -52,7 +52,6 @@ import numpy as np
 
 from dultra_jax.config import PLANNER_RULES, RULES, ConfigError, DecodeConfig, ModelConfig
 from dultra_jax.decoding.rollout import Trajectory, check_prompts, rollout
-from dultra_jax.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -76,60 +75,6 @@ SAMPLES_FILE, SUMMARY_JSON, SUMMARY_CSV, PARETO_PNG = "samples.jsonl", "summary.
 # ------------------------------------------------------------------------------------- loading
 
 
-def is_hf_dir(path: str) -> bool:
-    """An HF model directory: config.json plus model.safetensors or a shard index."""
-    return (os.path.isfile(os.path.join(path, "config.json"))
-            and (os.path.isfile(os.path.join(path, SINGLE_FILE)) or os.path.isfile(os.path.join(path, INDEX_FILE))))
-
-
-def is_workdir(path: str) -> bool:
-    """A training workdir of `launch/train.py` (or its `checkpoints` directory)."""
-    return os.path.isdir(path) and (os.path.isdir(os.path.join(path, "checkpoints"))
-                                    or any(name.isdigit() for name in os.listdir(path)))
-
-
-def model_source_kind(path: str) -> str:
-    """What `path` holds, `"hf"` or `"workdir"`, without reading weights; CheckpointError naming
-    `path` when it is neither."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or directory")
-    if is_hf_dir(path):
-        return "hf"
-    if is_workdir(path):
-        return "workdir"
-    raise CheckpointError(f"{path} is neither an HF model directory (config.json and {SINGLE_FILE} or "
-                          f"{INDEX_FILE}) nor a training workdir with checkpoints")
-
-
-def load_model_source(path: str, *, mesh=None, dtype: str | None = None,
-                      param_dtype: str | None = None) -> tuple[Any, ModelConfig, str | None]:
-    """`(params, ModelConfig, source_dir)` of an HF LLaDA directory or a training workdir.
-
-    Args:
-      path: an HF directory (config.json + safetensors), or a workdir of `launch/train.py` (its
-        latest Orbax checkpoint, restored with the config saved beside it).
-      mesh: parameters are placed with their `sharding.param_shardings` on it (None: default device
-        for an HF directory, all devices on 'fsdp' for a workdir).
-      dtype, param_dtype: compute and storage dtypes (None: float32 for an HF directory, the
-        checkpoint's own for a workdir).
-    Returns:
-      `source_dir`: the HF directory with the tokenizer (the directory itself, or the one the
-      training run started from; None when it had none).
-    Raises:
-      CheckpointError naming `path` when it is missing or neither kind of source.
-    """
-    if model_source_kind(path) == "hf":
-        from dultra_jax.interop.hf_llada import load_hf
-        params, config, _ = load_hf(path, mesh=mesh, dtype=dtype or "float32", param_dtype=param_dtype or "float32")
-        return params, config, path
-    from dultra_jax.training.grpo_trainer import restore_params
-    params, config, source_dir = restore_params(path, mesh=mesh)
-    if param_dtype is not None and param_dtype != config.param_dtype:
-        config = config.replace(param_dtype=param_dtype)
-        params = jax.tree.map(lambda x: x.astype(config.weight_dtype), params)
-    if dtype is not None:
-        config = config.replace(dtype=dtype)
-    return params, config, source_dir
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -307,6 +252,14 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str, title: str | None 
                 zorder=1)
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=160, facecolors="none", edgecolors="black",
                    linewidths=1.5, zorder=3, label="Pareto front")
+        nfes = [r["nfe"] for r in rows if r["nfe"] > 0]
+        if nfes and max(nfes) > 10 * min(nfes):  # e.g. one-token-per-step baselines beside the planner
+            from matplotlib.ticker import FuncFormatter, LogLocator
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("mean NFE (forward passes per sample)")
     ax.set_ylabel("accuracy (%)")
     if title:
@@ -415,9 +368,15 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
     if batch_size <= 0:
         raise ConfigError(f"batch_size={batch_size} must be positive")
     settings = sweep_settings(rules_and_sweeps)
+    overrides = dict(decode_overrides or {})
+    reserved = {"rule", "prompt_length", "gen_length", "block_length", "temperature", "max_steps",
+                *(k for k in SWEEP_KEYS.values() if k)}
+    if reserved & set(overrides):
+        raise ConfigError(f"decode_overrides: {sorted(reserved & set(overrides))} are set by evaluate's own "
+                          "arguments and the sweeps")
     common = dict(prompt_length=prompt_length, gen_length=gen_length, block_length=block_length,
-                  temperature=temperature, max_steps=max_steps, eos_token_id=model.eos_token_id,
-                  **dict(decode_overrides or {}))
+                  temperature=temperature, max_steps=max_steps, eos_token_id=model.eos_token_id)
+    common.update(overrides)
     decodes = [s.decode_config(**common) for s in settings]
     for decode in decodes:
         decode.check_model(model)

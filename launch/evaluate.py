@@ -80,7 +80,7 @@ def _rules_and_sweeps():
 
 
 def _load_model(mesh):
-    from dultra_jax.evaluation import load_model_source
+    from dultra_jax.models.build import load_model_source
     from dultra_jax.models.build import build_model
 
     if _CONFIG.value is not None:
@@ -121,7 +121,7 @@ def main(argv):
             raise ConfigError("give exactly one of --model=HF_DIR_OR_WORKDIR and --config=CONFIG_FILE")
         rules = _rules_and_sweeps()
         if _MODEL.value is not None:
-            from dultra_jax.evaluation import model_source_kind
+            from dultra_jax.models.build import model_source_kind
             try:
                 model_source_kind(_MODEL.value)  # fail before reading any data
             except CheckpointError as e:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Mapping
 
 import jax
 from jax.sharding import Mesh
 
-from dultra_jax.config import model_config_from_dict
+from dultra_jax.config import ModelConfig, model_config_from_dict
 from dultra_jax.interop.hf_llada import load_hf
+from dultra_jax.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError
 from dultra_jax.models import policy
 from dultra_jax.sharding import param_shardings
 
@@ -41,3 +43,58 @@ def build_model(model_cfg: Mapping[str, Any], *, mesh: Mesh | None = None, seed:
     params = jax.jit(policy.init_params, static_argnums=0, out_shardings=shardings)(config, jax.random.key(seed))
     log.info("randomly initialised a %d-layer, d_model %d model (seed %d)", config.n_layers, config.d_model, seed)
     return params, config
+
+
+def is_hf_dir(path: str) -> bool:
+    """An HF model directory: config.json plus model.safetensors or a shard index."""
+    return (os.path.isfile(os.path.join(path, "config.json"))
+            and (os.path.isfile(os.path.join(path, SINGLE_FILE)) or os.path.isfile(os.path.join(path, INDEX_FILE))))
+
+
+def is_workdir(path: str) -> bool:
+    """A training workdir of `launch/train.py` (or its `checkpoints` directory)."""
+    return os.path.isdir(path) and (os.path.isdir(os.path.join(path, "checkpoints"))
+                                    or any(name.isdigit() for name in os.listdir(path)))
+
+
+def model_source_kind(path: str) -> str:
+    """What `path` holds, `"hf"` or `"workdir"`, without reading weights; CheckpointError naming
+    `path` when it is neither."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if is_hf_dir(path):
+        return "hf"
+    if is_workdir(path):
+        return "workdir"
+    raise CheckpointError(f"{path} is neither an HF model directory (config.json and {SINGLE_FILE} or "
+                          f"{INDEX_FILE}) nor a training workdir with checkpoints")
+
+
+def load_model_source(path: str, *, mesh=None, dtype: str | None = None,
+                      param_dtype: str | None = None) -> tuple[Any, ModelConfig, str | None]:
+    """`(params, ModelConfig, source_dir)` of an HF LLaDA directory or a training workdir.
+
+    Args:
+      path: an HF directory (config.json + safetensors), or a workdir of `launch/train.py` (its
+        latest Orbax checkpoint, restored with the config saved beside it).
+      mesh: parameters are placed with their `sharding.param_shardings` on it (None: default device
+        for an HF directory, all devices on 'fsdp' for a workdir).
+      dtype, param_dtype: compute and storage dtypes (None: float32 for an HF directory, the
+        checkpoint's own for a workdir).
+    Returns:
+      `source_dir`: the HF directory with the tokenizer (the directory itself, or the one the
+      training run started from; None when it had none).
+    Raises:
+      CheckpointError naming `path` when it is missing or neither kind of source.
+    """
+    if model_source_kind(path) == "hf":
+        params, config, _ = load_hf(path, mesh=mesh, dtype=dtype or "float32", param_dtype=param_dtype or "float32")
+        return params, config, path
+    from dultra_jax.training.grpo_trainer import restore_params
+    params, config, source_dir = restore_params(path, mesh=mesh)
+    if param_dtype is not None and param_dtype != config.param_dtype:
+        config = config.replace(param_dtype=param_dtype)
+        params = jax.tree.map(lambda x: x.astype(config.weight_dtype), params)
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    return params, config, source_dir

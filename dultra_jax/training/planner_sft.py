@@ -1,0 +1,313 @@
+"""Planner initialisation (spec section 7): supervised imitation of the Fast-dLLM factor rule.
+
+The backbone is frozen; only `params["planner"]` trains. From an SFT row `[prompt | solution +
+EOS padding]` each step builds a partially decoded canvas:
+
+* the current block: one of the response's `Lr // block_length` blocks, uniformly. The blocks
+  are *aligned* (`Lp + b * block_length`), exactly the blocks the rollout decodes, whereas the
+  reference (`planner/data.py`) takes a random span of at least `block_length` tokens anywhere in
+  the answer. Aligned blocks keep every planner input in the distribution the planner meets at
+  inference (the rollout never sees a span that straddles two blocks), and keep shapes fixed;
+* `t ~ U(0, 1)`; `n = max(1, ceil(t * block_length))` of the block's positions, chosen uniformly,
+  are masked (as the reference's `dLLMDataCollator`), and so is *every* position after the block;
+* candidates = the block's masked positions (the suffix is not a candidate);
+* targets = the `factor` rule's decisions (f = `factor`, default 1) on the frozen backbone's
+  greedy predictions for the candidates: confidence = max softmax probability with the mask
+  logit at -inf. The rule is `dultra_jax.decoding.rules.select` with `rule="factor"` on a
+  `StepView` of block-local arrays, the very function the rollout uses;
+* planner inputs: the backbone's `h_last` of the canvas, `t_plan = 1 - #mask / L` over the whole
+  canvas (`policy.planner_timestep`, inside `planner_apply`) and the candidates;
+* loss = `BCEWithLogits(pos_weight = #neg / #pos)` averaged over the batch's candidates (plain
+  BCE when one class is empty).
+
+The backbone forward runs outside `value_and_grad` on the frozen parameters (the reference's
+`no_grad`), so no backward pass ever touches the backbone. Defaults as the reference: AdamW lr
+1e-5, cosine, weight decay 0.01, gradient clipping 1.0.
+
+`init_planner(config, workdir)` is the whole job (`launch/init_planner.py`): load the base HF
+directory (`model.path`) with a fresh planner, train, log loss and agreement (accuracy, precision
+and recall of `sigmoid(logit) > 0.5` against the targets), measure held-out agreement and
+decoding, and export an HF directory with the planner (the base directory's tokenizer files
+travel with it).
+
+Config (`configs/planner_init.py`): as `mdlm_sft` (model, optim, data, eval, mesh, checkpoint,
+total_steps, seed, log_every, export_dir, export_dtype), plus `data.block_length`,
+`eval.agreement_batches` (held-out batches scored for agreement) and `factor` (the rule's f).
+Outputs in `workdir`: `checkpoints/` (planner + optimiser only), `metrics.jsonl`, `tensorboard/`,
+`planner_init_eval.json` and the HF directory (default `workdir/hf`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig, model_config_to_dict
+from dultra_jax.decoding import rules
+from dultra_jax.models import policy
+from dultra_jax.models.build import build_model
+from dultra_jax.sharding import check_batch, make_mesh
+from dultra_jax.training import mdlm_sft
+from dultra_jax.training.state import PLANNER_KEY, TrainState, make_optimizer, merge_params
+
+log = logging.getLogger(__name__)
+
+Params = policy.Params
+
+PLANNER_KEYS = mdlm_sft.COMMON_KEYS | {"factor"}
+PLANNER_DATA_KEYS = mdlm_sft.DATA_KEYS | {"block_length"}
+PLANNER_EVAL_KEYS = mdlm_sft.EVAL_KEYS | {"agreement_batches"}
+
+
+@struct.dataclass
+class PlannerExample:
+    """One corrupted batch with its targets.
+
+    Attributes:
+      canvas: `[B, L]` int32 with `mask_id` at masked positions; valid: `[B, L]` bool.
+      positions: `[B, Lb]` int32 canvas positions of each row's current block.
+      candidates: `[B, Lb]` bool, the block's masked positions; in_block: `[B, L]` the same on the canvas.
+      targets: `[B, Lb]` bool, the factor rule's reveal decisions (False off the candidates).
+      confidence: `[B, Lb]` float32 greedy confidence of the backbone.
+      h_last: `[B, L, D]` the frozen backbone's final hidden states (the planner's input).
+    """
+
+    canvas: jax.Array
+    valid: jax.Array
+    positions: jax.Array
+    candidates: jax.Array
+    in_block: jax.Array
+    targets: jax.Array
+    confidence: jax.Array
+    h_last: jax.Array
+
+
+def target_rule(decode: DecodeConfig) -> DecodeConfig:
+    """The factor-rule config the targets use (greedy tokens, `f = decode.factor`)."""
+    if decode.rule != "factor":
+        raise ValueError(f"planner targets use the factor rule, got {decode.rule!r}")
+    return decode
+
+
+def corrupt_block(tokens: jax.Array, rng: jax.Array, *, prompt_length: int, block_length: int, num_blocks: int,
+                  mask_id: int):
+    """Masks part of a random aligned block of the response and everything after it.
+
+    Args:
+      tokens: `[B, L]` clean rows `[prompt (Lp) | response (num_blocks * block_length)]`.
+    Returns:
+      `(canvas [B, L], positions [B, Lb]`, `candidates [B, Lb]` bool, `in_block [B, L]` bool).
+    """
+    batch, length = tokens.shape
+    b_key, t_key, u_key = jax.random.split(rng, 3)
+    block = jax.random.randint(b_key, (batch,), 0, num_blocks)
+    t = jax.random.uniform(t_key, (batch,), jnp.float32)
+    n = jnp.maximum(1, jnp.ceil(t * block_length)).astype(jnp.int32)
+    order = jnp.argsort(jax.random.uniform(u_key, (batch, block_length)), axis=-1)
+    rank = jnp.argsort(order, axis=-1)  # a uniformly random permutation of 0..Lb-1 per row
+    candidates = rank < n[:, None]
+    start = prompt_length + block * block_length
+    positions = (start[:, None] + jnp.arange(block_length)[None, :]).astype(jnp.int32)
+    pos = jnp.arange(length)[None, :]
+    rel = pos - start[:, None]
+    inside = (rel >= 0) & (rel < block_length)
+    in_block = inside & jnp.take_along_axis(candidates, jnp.clip(rel, 0, block_length - 1), axis=-1)
+    is_masked = in_block | (rel >= block_length)
+    return jnp.where(is_masked, mask_id, tokens), positions, candidates, in_block
+
+
+def factor_targets(token_logits: jax.Array, candidates: jax.Array, decode: DecodeConfig):
+    """The factor rule's decisions on block-local logits.
+
+    Args:
+      token_logits: `[B, Lb, V]` float32 with the mask logit at -inf; candidates: `[B, Lb]` bool.
+    Returns:
+      `(targets [B, Lb]` bool, `confidence [B, Lb]` float32).
+    """
+    x0 = jnp.argmax(token_logits, axis=-1).astype(jnp.int32)
+    confidence = jnp.take_along_axis(jax.nn.softmax(token_logits, axis=-1), x0[..., None], axis=-1)[..., 0]
+    view = rules.StepView(token_logits=token_logits, x0=x0, confidence=confidence, unmask_probs=None,
+                          candidates=candidates, block_step=jnp.zeros(candidates.shape[:1], jnp.int32))
+    # The factor rule is deterministic; the key is unused.
+    return rules.select(view, jax.random.key(0), target_rule(decode)), confidence
+
+
+def planner_example(params: Params, batch: dict[str, jax.Array], rng: jax.Array, model: ModelConfig,
+                    decode: DecodeConfig) -> PlannerExample:
+    """Corrupts `batch` (`{tokens, valid}`), runs the frozen backbone, and labels the candidates.
+
+    `decode` fixes `prompt_length`, `gen_length`, `block_length` and the factor (`rule="factor"`).
+    Only the backbone of `params` is read (any planner entry is ignored), under `stop_gradient`:
+    nothing here is differentiated.
+    """
+    backbone = jax.lax.stop_gradient({k: v for k, v in params.items() if k != PLANNER_KEY})
+    canvas, positions, candidates, in_block = corrupt_block(
+        batch["tokens"], rng, prompt_length=decode.prompt_length, block_length=decode.block_length,
+        num_blocks=decode.num_blocks, mask_id=model.mask_token_id)
+    token_logits, h_last = policy.forward(backbone, canvas, model.replace(planner=None), valid=batch["valid"],
+                                          logit_positions=positions)
+    token_logits = policy.suppress_mask_logit(token_logits.astype(jnp.float32), model.mask_token_id)
+    targets, confidence = factor_targets(token_logits, candidates, decode)
+    return PlannerExample(canvas=canvas, valid=batch["valid"], positions=positions, candidates=candidates,
+                          in_block=in_block, targets=targets, confidence=confidence,
+                          h_last=jax.lax.stop_gradient(h_last))
+
+
+def planner_bce(unmask_logits: jax.Array, targets: jax.Array, candidates: jax.Array):
+    """`BCEWithLogits(pos_weight = #neg / #pos)` averaged over the candidates.
+
+    `pos_weight` is computed over the whole (global) batch, 1 when either class is empty.
+    Returns `(loss, pos_weight)`.
+    """
+    y = targets.astype(jnp.float32)
+    num_pos = jnp.sum(candidates & targets)
+    num_neg = jnp.sum(candidates & ~targets)
+    pos_weight = jnp.where((num_pos > 0) & (num_neg > 0), num_neg / jnp.maximum(num_pos, 1), 1.0).astype(jnp.float32)
+    z = unmask_logits.astype(jnp.float32)
+    per = -(pos_weight * y * jax.nn.log_sigmoid(z) + (1.0 - y) * jax.nn.log_sigmoid(-z))
+    loss = jnp.sum(jnp.where(candidates, per, 0.0)) / jnp.maximum(jnp.sum(candidates), 1)
+    return loss, pos_weight
+
+
+def agreement(unmask_logits: jax.Array, targets: jax.Array, candidates: jax.Array) -> dict[str, jax.Array]:
+    """Accuracy, precision and recall of `sigmoid(logit) > 0.5` against the targets over the
+    candidates, and the true and predicted positive rates."""
+    pred = unmask_logits > 0
+    tp = jnp.sum(candidates & pred & targets)
+    fp = jnp.sum(candidates & pred & ~targets)
+    fn = jnp.sum(candidates & ~pred & targets)
+    n = jnp.maximum(jnp.sum(candidates), 1)
+    return {"accuracy": jnp.sum(candidates & (pred == targets)) / n,
+            "precision": tp / jnp.maximum(tp + fp, 1), "recall": tp / jnp.maximum(tp + fn, 1),
+            "positive_rate": jnp.sum(candidates & targets) / n, "predicted_rate": jnp.sum(candidates & pred) / n}
+
+
+def planner_logits(params: Params, example: PlannerExample, model: ModelConfig) -> jax.Array:
+    """The planner's unmask logits at the block positions: `[B, Lb]` float32."""
+    logits = policy.planner_apply(params, example.h_last, example.canvas, example.in_block, model,
+                                  valid=example.valid)
+    return policy.gather_positions(logits, example.positions)
+
+
+def planner_update(state: TrainState, batch: dict[str, jax.Array], *, model: ModelConfig, decode: DecodeConfig,
+                   tx: optax.GradientTransformation):
+    """One planner step: the example from the frozen backbone, then BCE on the planner only."""
+    example = planner_example(state.frozen, batch, mdlm_sft.step_key(state), model, decode)
+
+    def loss_fn(trainable):
+        z = planner_logits(merge_params(trainable, state.frozen), example, model)
+        loss, pos_weight = planner_bce(z, example.targets, example.candidates)
+        return loss, {"pos_weight": pos_weight, **agreement(z, example.targets, example.candidates)}
+
+    return mdlm_sft.apply_gradients(state, loss_fn, tx)
+
+
+def planner_eval(params: Params, batch: dict[str, jax.Array], rng: jax.Array, *, model: ModelConfig,
+                 decode: DecodeConfig) -> dict[str, jax.Array]:
+    """Loss and agreement on one batch, no update."""
+    example = planner_example(params, batch, rng, model, decode)
+    z = planner_logits(params, example, model)
+    loss, pos_weight = planner_bce(z, example.targets, example.candidates)
+    return {"loss": loss, "pos_weight": pos_weight, **agreement(z, example.targets, example.candidates)}
+
+
+def target_decode_config(run: mdlm_sft.SFTRun, factor: float) -> DecodeConfig:
+    return DecodeConfig(rule="factor", prompt_length=int(run.data["prompt_length"]),
+                        gen_length=int(run.data["response_length"]), block_length=int(run.data["block_length"]),
+                        temperature=0.0, factor=factor)
+
+
+def heldout_agreement(params: Params, model: ModelConfig, task: mdlm_sft.SFTTask, run: mdlm_sft.SFTRun,
+                      decode: DecodeConfig, mesh) -> dict[str, float] | None:
+    """Mean loss and agreement over `eval.agreement_batches` batches of the eval split."""
+    batches = int(run.eval.get("agreement_batches", 0))
+    if batches <= 0:
+        return None
+    batch_size = int(run.data["batch_size"])
+    section = {**run.data, "split": run.eval["split"], "start": int(run.eval["start"]),
+               "num_examples": batches * batch_size}
+    _, rows = mdlm_sft.task_rows(task, section, model)
+    data = mdlm_sft.SFTData({k: rows[k] for k in ("tokens", "valid")}, batch_size, run.seed)
+    evaluate = jax.jit(lambda p, b, k: planner_eval(p, b, k, model=model, decode=decode))
+    key = jax.random.key(run.seed + 1)
+    metrics = [evaluate(params, mdlm_sft.global_batch(data.local_batch(j), mesh), jax.random.fold_in(key, j))
+               for j in range(batches)]
+    host = jax.device_get(metrics)
+    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def init_planner(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) planner initialisation in `workdir` and exports an HF directory with the
+    planner.
+
+    Returns `{"history", "export_dir", "agreement" (held-out), "eval" (decoding), "train_time_s"}`.
+    """
+    task = mdlm_sft.get_sft_task(str(config.data.get("task", "arithmetic")))
+    run = mdlm_sft.sft_run_config(config, top_keys=PLANNER_KEYS, data_keys=PLANNER_DATA_KEYS,
+                                  eval_keys=PLANNER_EVAL_KEYS, task=task)
+    base_dir = run.model_section.get("path")
+    if not base_dir:
+        raise ConfigError("model.path must name the base HF directory whose planner is initialised")
+    if run.model_section.get("planner") is None:
+        raise ConfigError("model.planner is None; planner initialisation needs a planner section")
+    if run.optim.train != "planner":
+        raise ConfigError(f"optim.train={run.optim.train!r}: planner initialisation trains the planner only "
+                          "(set optim.train='planner')")
+    factor = float(run.extra.get("factor", 1.0))
+    if factor <= 0:
+        raise ConfigError(f"factor={factor} must be positive")
+    if int(run.data["response_length"]) % int(run.data["block_length"]):
+        raise ConfigError(f"data.response_length={run.data['response_length']} is not a multiple of "
+                          f"data.block_length={run.data['block_length']}")
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(**run.mesh)
+    check_batch(f"data.batch_size ({run.data['batch_size']})", int(run.data["batch_size"]), mesh)
+
+    params, model = build_model(run.model_section, mesh=mesh, seed=run.seed)
+    task.check_model(model)
+    decode = target_decode_config(run, factor)
+    decode.check_model(model)
+    _, rows = mdlm_sft.task_rows(task, run.data, model)
+    data = mdlm_sft.SFTData({k: rows[k] for k in ("tokens", "valid")}, int(run.data["batch_size"]), run.seed)
+    log.info("init_planner: base %s, %d %s examples, batch %d, %d steps", base_dir, data.size, task.name,
+             data.batch_size, run.total_steps)
+
+    tx = make_optimizer(run.optim, run.total_steps)
+    make_state = lambda p: mdlm_sft.create_state(p, tx, "planner", run.seed)  # noqa: E731
+    shardings = mdlm_sft.state_shardings_for(jax.eval_shape(make_state, params), tx, mesh)
+    state = jax.jit(make_state, out_shardings=shardings)(params)
+    del params
+    update = mdlm_sft.jit_update(lambda s, b: planner_update(s, b, model=model, decode=decode, tx=tx),
+                                 shardings, mesh)
+
+    began = time.perf_counter()
+    config_json = {"config": config.to_dict(), "model": model_config_to_dict(model)}
+    state, history = mdlm_sft.run_training(state, update, data, run, workdir, mesh, config_json, "init_planner")
+    train_time = time.perf_counter() - began
+
+    params = state.params
+    export_dir = run.export_dir or os.path.join(workdir, "hf")
+    from dultra_jax.interop.hf_llada import export_hf
+
+    export_hf(params, model, export_dir, dtype=run.export_dtype, source_dir=base_dir, overwrite=True)
+    log.info("init_planner: exported the model with its planner to %s", export_dir)
+
+    heldout = heldout_agreement(params, model, task, run, decode, mesh)
+    if heldout is not None:
+        log.info("init_planner held-out agreement: %s", " ".join(f"{k} {v:.4g}" for k, v in heldout.items()))
+    results = mdlm_sft.run_decode_eval(params, model, task, run, mesh, "init_planner")
+    summary = {"steps": run.total_steps, "train_time_s": train_time, "base_dir": base_dir, "export_dir": export_dir,
+               "final_train_metrics": history[-1] if history else None, "heldout_agreement": heldout,
+               "eval": results}
+    mdlm_sft.write_json(os.path.join(workdir, "planner_init_eval.json"), summary)
+    return {"history": history, "export_dir": export_dir, "agreement": heldout, "eval": results,
+            "train_time_s": train_time}
