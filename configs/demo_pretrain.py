@@ -37,6 +37,7 @@ def get_config(arg=None):
         data=dict(task="arithmetic", split="train", num_examples=100_000, start=0, batch_size=128,
                   prompt_length=A.PROMPT_LENGTH, response_length=A.GEN_LENGTH),
         eval=dict(split="heldout", num_examples=512, start=0, batch_size=128, rules=("low_confidence",),
+                  every=250, every_examples=128,
                   steps=ml_collections.FieldReference(None, field_type=int),
                   block_length=ml_collections.FieldReference(None, field_type=int)),
         mesh=common.mesh(),

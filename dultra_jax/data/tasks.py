@@ -118,7 +118,7 @@ CODE_WEIGHTS = {"code_correct": 3.0, "code_fence": 1.0}
 THINK_WEIGHT = 0.5
 STEP_PENALTY_WEIGHT = 0.1
 REWARD_NAMES = ("math_correct", "math_format", "think_format", "code_correct", "code_fence",
-                "step_penalty", "distill", "exact_match")
+                "step_penalty", "distill", "exact_match", "arithmetic_correct")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,9 +247,11 @@ def _weights(kind: str, mode: str, overrides: Mapping[str, float] | None) -> dic
         weights = dict(CODE_WEIGHTS)
     elif kind == "exact":
         weights = {"exact_match": 1.0}
+    elif kind == "arithmetic":
+        weights = {"arithmetic_correct": 1.0}
     else:
-        raise ValueError(f"unknown task kind {kind!r}; expected math, code or exact")
-    if mode == THINKING and kind != "exact":
+        raise ValueError(f"unknown task kind {kind!r}; expected math, code, exact or arithmetic")
+    if mode == THINKING and kind in ("math", "code"):
         weights["think_format"] = THINK_WEIGHT
     weights["step_penalty"] = STEP_PENALTY_WEIGHT
     for name, w in (overrides or {}).items():
@@ -518,6 +520,17 @@ def _exact(options):
         fields_fn=lambda ex: {"answer": str(ex["answer"])}, options=o)
 
 
+def _arithmetic(options):
+    """The embedded demo task (`dultra_jax.data.arithmetic`): the bare problem text as the prompt
+    (no system prompt, no chat template), rewarded by the strict integer check."""
+    o = _take_options("arithmetic", options, {**_COMMON, "mode": NON_THINKING})
+    return Task(
+        name="arithmetic", mode=_check_mode(o["mode"]), kind="arithmetic",
+        reward_weights=_weights("arithmetic", NON_THINKING, o["reward_weights"]),
+        required_fields=("prompt", "answer"), prompt_fn=lambda ex, m: str(ex["prompt"]),
+        reference_fn=lambda ex: str(ex["answer"]), fields_fn=lambda ex: {"answer": str(ex["answer"])}, options=o)
+
+
 TASKS: dict[str, Callable[[dict[str, Any]], Task]] = {
     "gsm8k": _gsm8k,
     "math": _math("math"),
@@ -527,6 +540,7 @@ TASKS: dict[str, Callable[[dict[str, Any]], Task]] = {
     "apps": _apps,
     "custom": _custom,
     "exact": _exact,
+    "arithmetic": _arithmetic,
 }
 
 

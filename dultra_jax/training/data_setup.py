@@ -1,7 +1,7 @@
 """The trainer's data side: records -> task -> grain iterator, and completions -> rewards.
 
-Config keys (`data`): `task` and `task_options`; records from `examples` (inline) or `path` (+
-`split`, `data_dir`, `limit`); `tokenizer` (a directory; default `model.path`; none for
+Config keys (`data`): `task` and `task_options`; records from `examples` (inline), `generator`
+(`{"name", "split", "n"}`, a built-in generator) or `path` (+ `split`, `data_dir`, `limit`); `tokenizer` (a directory; default `model.path`; none for
 token-id examples); `mode`; `prompts_per_step`; `shuffle_seed`.
 Config keys (`rewards`): `weights` (default: the task's), `options` (per reward), and
 `teacher_path` / `teacher_weight` / `teacher_dtype` for the distillation reward.
@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig
+from dultra_jax.data import arithmetic
 from dultra_jax.data.pipeline import make_train_iterator
 from dultra_jax.data.tasks import get_task, load_task_records
 from dultra_jax.data.tokenizer import decode_completion, load_tokenizer, stop_token_ids
@@ -24,11 +25,23 @@ from dultra_jax.decoding.rollout import Trajectory
 
 log = logging.getLogger(__name__)
 
-DATA_KEYS = {"task", "task_options", "examples", "path", "split", "data_dir", "limit", "tokenizer", "mode",
-             "prompts_per_step", "shuffle_seed"}
+DATA_KEYS = {"task", "task_options", "examples", "generator", "path", "split", "data_dir", "limit", "tokenizer",
+             "mode", "prompts_per_step", "shuffle_seed"}
 REWARD_KEYS = {"weights", "options", "teacher_path", "teacher_weight", "teacher_dtype"}
 # The reward part whose positive value means "correct", per task kind.
-CORRECTNESS = {"math": "math_correct", "code": "code_correct", "exact": "exact_match"}
+CORRECTNESS = {"math": "math_correct", "code": "code_correct", "exact": "exact_match",
+               "arithmetic": "arithmetic_correct"}
+# Built-in record generators: `data.generator = {"name", "split", "n"}`.
+GENERATORS = {"arithmetic": arithmetic.records}
+
+
+def generate_records(spec: Mapping[str, Any]) -> list[dict]:
+    """Records from a built-in generator: `{"name": "arithmetic", "split": "train", "n": 20000}`."""
+    spec = dict(spec)
+    _check_keys(spec, {"name", "split", "n"}, "data.generator.")
+    if spec.get("name") not in GENERATORS:
+        raise ConfigError(f"data.generator.name={spec.get('name')!r} is unknown; known: {', '.join(GENERATORS)}")
+    return GENERATORS[spec["name"]](spec.get("split", "train"), int(spec["n"]))
 
 
 def _check_keys(section: Mapping[str, Any], known: set[str], prefix: str) -> None:
@@ -57,6 +70,8 @@ class TrainData:
             raise ConfigError(f"data.task={data.get('task')!r}: {e}") from None
         if data.get("examples"):
             records = [dict(r) for r in data["examples"]]
+        elif data.get("generator"):
+            records = generate_records(data["generator"])
         elif data.get("path"):
             records = load_task_records(self.task, data["path"], data.get("split"), data_dir=data.get("data_dir"),
                                         limit=data.get("limit"))

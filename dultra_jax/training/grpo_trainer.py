@@ -34,7 +34,7 @@ from dultra_jax.training.state import (TrainState, create_train_state, grpo_upda
 log = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = {"model", "decode", "rl", "optim", "data", "rewards", "mesh", "checkpoint", "total_steps", "seed",
-                  "log_every"}
+                  "final_eval"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +232,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     finally:
         checkpointer.close()
         writer.close()
+    if config.get("final_eval"):
+        from dultra_jax.training import final_eval
+        initial, _ = build_model(run.model_section, mesh=mesh, seed=run.seed)
+        final_eval.compare(config.final_eval.to_dict(), {"initial": initial, "trained": state.params}, model,
+                           data.tokenizer, data.task, decode, data.stop_ids, workdir, mesh=mesh)
     return history
 
 

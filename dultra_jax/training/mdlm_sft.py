@@ -63,7 +63,8 @@ Batch = dict[str, jax.Array]
 MASK_EPS = 1e-3
 
 DATA_KEYS = {"task", "split", "num_examples", "start", "batch_size", "prompt_length", "response_length"}
-EVAL_KEYS = {"split", "num_examples", "start", "batch_size", "rules", "steps", "block_length"}
+EVAL_KEYS = {"split", "num_examples", "start", "batch_size", "rules", "steps", "block_length", "every",
+             "every_examples"}
 CHECKPOINT_KEYS = {"every", "keep", "async_save"}
 COMMON_KEYS = {"model", "optim", "data", "eval", "mesh", "checkpoint", "total_steps", "seed", "log_every",
                "export_dir", "export_dtype"}
@@ -186,6 +187,13 @@ class SFTTask:
     prompt_length: int
     response_length: int
     block_length: int
+    encode_batch: Callable[[Any, Sequence[dict]], list[tuple[list[int], list[int]]]] | None = None
+
+    def encode_many(self, problems: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
+        """`encode` of every problem (through the task's batched encoder when it has one)."""
+        if self.encode_batch is not None:
+            return self.encode_batch(self.tokenizer, problems)
+        return [self.encode(self.tokenizer, p) for p in problems]
 
     def check_model(self, model: ModelConfig) -> None:
         """The model's special ids must be the tokenizer's (errors name the key)."""
@@ -201,10 +209,29 @@ class SFTTask:
                               f"tokenizer's {len(self.tokenizer)} tokens")
 
 
+def _arithmetic_encode_batch(tokenizer, problems: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
+    """`arithmetic.encode_example` of many problems with two batched tokenizer calls (the
+    per-example call dominates data preparation); the padding and length checks are
+    `encode_example`'s, applied to each row."""
+    from dultra_jax.data import arithmetic as A
+
+    if not problems:
+        return []
+    prompts = tokenizer([str(p["prompt"]) for p in problems], add_special_tokens=False)["input_ids"]
+    solutions = tokenizer([str(p["solution"]) for p in problems], add_special_tokens=False)["input_ids"]
+    out = []
+    for problem, prompt, solution in zip(problems, prompts, solutions):
+        if len(prompt) > A.PROMPT_LENGTH or len(solution) >= A.GEN_LENGTH:
+            out.append(A.encode_example(tokenizer, problem))  # raises encode_example's error
+            continue
+        out.append((list(prompt), list(solution) + [int(tokenizer.eos_token_id)] * (A.GEN_LENGTH - len(solution))))
+    return out
+
+
 def _arithmetic_task() -> SFTTask:
     from dultra_jax.data import arithmetic as A
 
-    return SFTTask(name="arithmetic", tokenizer=A.build_tokenizer(), make_problems=A.make_problems,
+    return SFTTask(encode_batch=_arithmetic_encode_batch, name="arithmetic", tokenizer=A.build_tokenizer(), make_problems=A.make_problems,
                    encode=A.encode_example, check=A.check_answer, save_tokenizer=A.build_tokenizer,
                    mask_token=A.MASK_TOKEN, prompt_length=A.PROMPT_LENGTH, response_length=A.GEN_LENGTH,
                    block_length=A.BLOCK_LENGTH)
@@ -292,7 +319,7 @@ def global_batch(local: Mapping[str, np.ndarray], mesh) -> Batch:
 def task_rows(task: SFTTask, section: Mapping[str, Any], model: ModelConfig) -> tuple[list[dict], dict]:
     """`(problems, encoded rows)` of a data / eval section's split."""
     problems = task.make_problems(section["split"], int(section["num_examples"]), int(section.get("start", 0)))
-    examples = [task.encode(task.tokenizer, p) for p in problems]
+    examples = task.encode_many(problems)
     rows = encode_rows(examples, int(section["prompt_length"]), int(section["response_length"]),
                        model.pad_token_id, model.eos_token_id)
     return problems, rows
@@ -351,7 +378,8 @@ def sft_run_config(config: ml_collections.ConfigDict, *, top_keys: set[str], dat
         if key in data_keys and (not isinstance(data.get(key), int) or data[key] <= 0):
             raise ConfigError(f"data.{key}={data.get(key)!r} must be a positive integer")
     eval_defaults = {"split": "heldout", "start": 0, "num_examples": 0, "batch_size": data["batch_size"],
-                     "rules": (), "steps": None, "block_length": None}
+                     "rules": (), "steps": None, "block_length": None, "every": 0,
+                     "every_examples": 128}
     evaluation = _section(config, "eval", eval_keys, eval_defaults)
     ckpt = _section(config, "checkpoint", CHECKPOINT_KEYS, {"every": 500, "keep": 2, "async_save": True})
     export_dtype = str(config.get("export_dtype", "float32"))
@@ -360,6 +388,9 @@ def sft_run_config(config: ml_collections.ConfigDict, *, top_keys: set[str], dat
     log_every = int(config.get("log_every", 50))
     if log_every <= 0:
         raise ConfigError(f"log_every={log_every} must be positive")
+    every = int(evaluation.get("every") or 0)
+    if every < 0 or (every and every % log_every):
+        raise ConfigError(f"eval.every={every} must be 0 (off) or a multiple of log_every={log_every}")
     if int(ckpt["every"]) <= 0:
         raise ConfigError(f"checkpoint.every={ckpt['every']} must be positive")
     extra = {k: config[k] for k in top_keys - COMMON_KEYS if k in config}
@@ -385,9 +416,12 @@ def _mean_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def run_training(state: TrainState, update: Callable, data: SFTData, run: SFTRun, workdir: str, mesh,
-                 config_json: dict, name: str) -> tuple[TrainState, list[dict]]:
+                 config_json: dict, name: str,
+                 evaluate: Callable[[TrainState], dict[str, float]] | None = None) -> tuple[TrainState, list[dict]]:
     """The shared SFT loop: batches -> `update` -> logged means every `log_every` steps ->
     Orbax checkpoints every `checkpoint.every` steps and at the end; resumes from the latest.
+    With `evaluate`, its scalars join the logged row every `eval.every` steps (not the last:
+    the caller evaluates the final state itself).
 
     Only `step`, the trainable parameters, the optimiser state and the rng are checkpointed: the
     frozen group (the planner trainer's backbone) is rebuilt from the model source on resume.
@@ -415,7 +449,11 @@ def run_training(state: TrainState, update: Callable, data: SFTData, run: SFTRun
                 now = time.perf_counter()
                 row = {"step": done, **_mean_metrics(pending), "step_time_s": (now - last) / len(pending),
                        "elapsed_s": now - began}
-                pending, last = [], now
+                pending = []
+                every = int(run.eval.get("every") or 0)
+                if evaluate is not None and every and done % every == 0 and done != run.total_steps:
+                    row.update(evaluate(state))
+                last = time.perf_counter()
                 writer.write(row)
                 history.append(row)
                 log.info("%s step %d/%d %s", name, done, run.total_steps,
@@ -489,6 +527,24 @@ def eval_decode_config(rule: str, run: SFTRun, task: SFTTask, model: ModelConfig
                           steps=steps, eos_token_id=model.eos_token_id)
     decode.check_model(model)
     return decode
+
+
+def periodic_decode_eval(model: ModelConfig, task: SFTTask, run: SFTRun, mesh) -> Callable[[TrainState], dict] | None:
+    """The `run_training` callback: the first eval rule's accuracy and NFE on the first
+    `eval.every_examples` eval problems (None when `eval.every` is 0 or there is no rule)."""
+    num = min(int(run.eval["every_examples"]), int(run.eval["num_examples"]))
+    if not int(run.eval.get("every") or 0) or not run.eval["rules"] or num <= 0:
+        return None
+    rule = run.eval["rules"][0]
+    problems = task.make_problems(run.eval["split"], num, int(run.eval["start"]))
+    decode = eval_decode_config(rule, run, task, model)
+
+    def evaluate(state: TrainState) -> dict[str, float]:
+        result = decode_accuracy(state.params, model, task, problems, decode, int(run.eval["batch_size"]), mesh,
+                                 seed=run.seed, num_samples=0)
+        return {f"eval_{rule}_accuracy": result["accuracy"], f"eval_{rule}_nfe": result["nfe_mean"]}
+
+    return evaluate
 
 
 def run_decode_eval(params: Params, model: ModelConfig, task: SFTTask, run: SFTRun, mesh, name: str) -> list[dict]:
@@ -569,7 +625,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     began = time.perf_counter()
     config_json = {"config": config.to_dict(), "model": model_config_to_dict(model)}
-    state, history = run_training(state, update, data, run, workdir, mesh, config_json, "pretrain")
+    state, history = run_training(state, update, data, run, workdir, mesh, config_json, "pretrain",
+                                  evaluate=periodic_decode_eval(model, task, run, mesh))
     train_time = time.perf_counter() - began
 
     params = state.params
