@@ -1,0 +1,293 @@
+"""Masked-diffusion SFT (pre-training) and planner initialisation on the arithmetic task.
+
+(a) the MDLM loss against a NumPy computation; (b) a few pre-training steps from scratch lower
+the loss, resume exactly, and write an HF directory `load_hf` reads; (c) planner-init targets
+equal an independent NumPy factor rule, `pos_weight` is right, only the planner moves, and the
+export carries the planner.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dultra_jax.config import ConfigError, DecodeConfig
+from dultra_jax.data import arithmetic as A
+from dultra_jax.interop.hf_llada import load_hf
+from dultra_jax.models import policy
+from dultra_jax.models.build import build_model
+from dultra_jax.training import mdlm_sft, planner_sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_model(**overrides):
+    model = dict(path=ml_collections.FieldReference(None, field_type=str), vocab_size=A.vocab_size(), d_model=32,
+                 n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64, rope_theta=10000.0, max_sequence_length=64,
+                 mask_token_id=A.MASK_ID, eos_token_id=A.EOS_ID, pad_token_id=A.PAD_ID,
+                 eot_token_id=ml_collections.FieldReference(None, field_type=int),
+                 planner=ml_collections.FieldReference(None, field_type=ml_collections.ConfigDict),
+                 dtype="float32", param_dtype="float32", scan_layers=True, remat=False, mask_padding=True)
+    model.update(overrides)
+    return ml_collections.ConfigDict(model)
+
+
+def _pretrain_config(total_steps=30, schedule="cosine", lr=3e-3, eval_examples=16):
+    return ml_collections.ConfigDict(dict(
+        model=_tiny_model(),
+        optim=dict(learning_rate=lr, schedule=schedule, warmup_steps=0, min_learning_rate=0.0, b1=0.9, b2=0.98,
+                   eps=1e-8, weight_decay=0.01, grad_clip=1.0, train="all"),
+        data=dict(task="arithmetic", split="train", num_examples=256, start=0, batch_size=16),
+        eval=dict(split="heldout", num_examples=eval_examples, start=0, batch_size=16, rules=("low_confidence",)),
+        mesh=dict(data=1, fsdp=-1, tensor=1),
+        checkpoint=dict(every=2, keep=2, async_save=False),
+        total_steps=total_steps, seed=0, log_every=2, mask_eps=1e-3, export_dir=None, export_dtype="float32"))
+
+
+def _rows(n=16, split="train"):
+    tokenizer = A.build_tokenizer()
+    problems = A.make_problems(split, n)
+    examples = [A.encode_example(tokenizer, p) for p in problems]
+    rows = mdlm_sft.encode_rows(examples, A.PROMPT_LENGTH, A.GEN_LENGTH, A.PAD_ID, A.EOS_ID)
+    return problems, {k: jnp.asarray(v) for k, v in rows.items()}
+
+
+def _leaves(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# ------------------------------------------------------------------------------ (a) the loss
+
+
+def test_masked_diffusion_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    batch, length, vocab, prompt = 3, 7, 5, 2
+    logits = rng.standard_normal((batch, length, vocab)).astype(np.float32)
+    targets = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+    response = np.zeros((batch, length), bool)
+    response[:, prompt:] = True
+    is_masked = response & (rng.random((batch, length)) < 0.5)
+    is_masked[0, prompt] = True
+    p_mask = np.array([0.3, 0.9, 0.05], np.float32)
+    loss, _ = mdlm_sft.masked_diffusion_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(is_masked),
+                                             jnp.asarray(p_mask), jnp.asarray(response))
+    expected = 0.0
+    for b in range(batch):
+        row = 0.0
+        for i in range(length):
+            if is_masked[b, i]:
+                z = logits[b, i].astype(np.float64)
+                row += (np.log(np.sum(np.exp(z - z.max()))) + z.max() - z[targets[b, i]]) / p_mask[b]
+        expected += row / (length - prompt)  # LLaDA divides by the answer length
+    np.testing.assert_allclose(float(loss), expected / batch, rtol=1e-5)
+
+
+def test_corruption_masks_only_the_response():
+    _, rows = _rows(16)
+    noisy, is_masked, p_mask = mdlm_sft.corrupt(rows["tokens"], rows["response"], jax.random.key(1), A.MASK_ID, 1e-3)
+    noisy, is_masked, p_mask = map(np.asarray, (noisy, is_masked, p_mask))
+    assert not is_masked[:, :A.PROMPT_LENGTH].any()
+    assert np.all((p_mask >= 1e-3) & (p_mask <= 1.0))
+    np.testing.assert_array_equal(noisy == A.MASK_ID, is_masked)
+    np.testing.assert_array_equal(noisy[~is_masked], np.asarray(rows["tokens"])[~is_masked])
+    # The masked fraction follows each row's t.
+    assert np.corrcoef(p_mask, is_masked[:, A.PROMPT_LENGTH:].mean(axis=1))[0, 1] > 0.8
+
+
+# ------------------------------------------------------------------------- (b) pre-training
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    result = mdlm_sft.pretrain(_pretrain_config(), workdir)
+    return workdir, result
+
+
+def test_pretrain_lowers_the_loss_and_exports_a_loadable_hf_dir(pretrained):
+    workdir, result = pretrained
+    export_dir = result["export_dir"]
+    assert export_dir == os.path.join(workdir, "hf")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert os.path.exists(os.path.join(export_dir, name)), name
+    params, config, hf = load_hf(export_dir)
+    assert not config.has_planner and "mask_embedding.weight" not in json.dumps(hf)
+    assert (config.vocab_size, config.mask_token_id, config.eos_token_id) == (A.vocab_size(), A.MASK_ID, A.EOS_ID)
+    from dultra_jax.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(export_dir)
+    assert tokenizer.convert_tokens_to_ids(A.MASK_TOKEN) == A.MASK_ID
+
+    # The same corruption of the same batch scores lower after training.
+    initial, _ = build_model(_tiny_model(), seed=0)
+    _, rows = _rows(32)
+    loss_fn = jax.jit(lambda p: mdlm_sft.mdlm_loss(p, rows, jax.random.key(7), config)[0])
+    before, after = float(loss_fn(initial)), float(loss_fn(params))
+    assert after < before - 0.5, (before, after)
+
+    history = result["history"]
+    assert [row["step"] for row in history] == list(range(2, 31, 2))
+    assert history[-1]["loss"] < history[0]["loss"]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [row["step"] for row in history]
+    with open(os.path.join(workdir, "pretrain_eval.json")) as f:
+        summary = json.load(f)
+    (ev,) = summary["eval"]
+    assert ev["rule"] == "low_confidence" and ev["num_examples"] == 16 and ev["nfe_mean"] == A.GEN_LENGTH
+    assert 0.0 <= ev["accuracy"] <= 1.0 and ev["samples"]
+
+
+def test_pretrain_resume_equals_uninterrupted(tmp_path):
+    straight = mdlm_sft.pretrain(_pretrain_config(4, "constant", eval_examples=0), str(tmp_path / "a"))
+    mdlm_sft.pretrain(_pretrain_config(2, "constant", eval_examples=0), str(tmp_path / "b"))
+    resumed = mdlm_sft.pretrain(_pretrain_config(4, "constant", eval_examples=0), str(tmp_path / "b"))
+    assert [row["step"] for row in resumed["history"]] == [4]
+    a, _, _ = load_hf(straight["export_dir"])
+    b, _, _ = load_hf(resumed["export_dir"])
+    for (name, x), y in zip(_leaves(a).items(), _leaves(b).values()):
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_sft_data_is_deterministic_and_covers_each_epoch():
+    rows = {"x": np.arange(10)}
+    data = mdlm_sft.SFTData(rows, batch_size=4, seed=3)
+    epoch = np.concatenate([data.batch(0)["x"], data.batch(1)["x"], data.batch(2)["x"][:2]])
+    assert sorted(epoch.tolist()) == list(range(10))
+    again = mdlm_sft.SFTData(rows, batch_size=4, seed=3)
+    np.testing.assert_array_equal(again.batch(7)["x"], data.batch(7)["x"])
+
+
+def test_config_errors_name_the_key(tmp_path):
+    config = _pretrain_config()
+    config.data.bogus = 1
+    with pytest.raises(ConfigError, match="data.bogus"):
+        mdlm_sft.pretrain(config, str(tmp_path / "x"))
+    config = _pretrain_config()
+    config.model.mask_token_id = 2
+    with pytest.raises(ConfigError, match="model.mask_token_id"):
+        mdlm_sft.pretrain(config, str(tmp_path / "y"))
+
+
+def test_launcher_rejects_unknown_keys(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "launch/pretrain.py", "--config=configs/demo_pretrain.py",
+                           f"--workdir={tmp_path}", "--config.data.bogus=1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "bogus" in proc.stderr
+
+
+# ------------------------------------------------------------------- (c) planner initialisation
+
+
+def _numpy_factor_rule(confidence, candidates, factor):
+    """Fast-dLLM's factor rule written out: sort the candidates by confidence (ties: lower
+    position first), accept k = 1, then k = 2, 3, ... while c(k) >= 1 - f / (k + 1)."""
+    out = np.zeros(candidates.shape, bool)
+    for b in range(candidates.shape[0]):
+        idx = [i for i in np.argsort(-confidence[b], kind="stable") if candidates[b, i]]
+        n = 0
+        for k, i in enumerate(idx, start=1):
+            if k > 1 and confidence[b, i] < 1.0 - factor / (k + 1):
+                break
+            n = k
+        out[b, idx[:n]] = True
+    return out
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.5])
+def test_planner_targets_equal_numpy_factor_rule(pretrained, factor):
+    _, result = pretrained
+    params, model, _ = load_hf(result["export_dir"])
+    _, rows = _rows(16)
+    decode = DecodeConfig(rule="factor", prompt_length=A.PROMPT_LENGTH, gen_length=A.GEN_LENGTH,
+                          block_length=A.BLOCK_LENGTH, temperature=0.0, factor=factor)
+    example = jax.jit(lambda p, b, k: planner_sft.planner_example(p, b, k, model, decode))(
+        params, {"tokens": rows["tokens"], "valid": rows["valid"]}, jax.random.key(3))
+    ex = jax.tree.map(np.asarray, example)
+    tokens = np.asarray(rows["tokens"])
+
+    # The corruption: an aligned response block, >= 1 masked candidate, everything after it masked.
+    start = ex.positions[:, 0]
+    assert np.all((start - A.PROMPT_LENGTH) % A.BLOCK_LENGTH == 0) and np.all(start >= A.PROMPT_LENGTH)
+    assert np.all(ex.candidates.sum(axis=1) >= 1)
+    for b in range(len(tokens)):
+        s = start[b]
+        assert np.all(ex.canvas[b, s + A.BLOCK_LENGTH:] == A.MASK_ID)
+        np.testing.assert_array_equal(ex.canvas[b, :s], tokens[b, :s])
+        block = ex.canvas[b, s:s + A.BLOCK_LENGTH]
+        np.testing.assert_array_equal(block == A.MASK_ID, ex.candidates[b])
+        np.testing.assert_array_equal(block[~ex.candidates[b]], tokens[b, s:s + A.BLOCK_LENGTH][~ex.candidates[b]])
+        np.testing.assert_array_equal(np.flatnonzero(ex.in_block[b]), s + np.flatnonzero(ex.candidates[b]))
+
+    # The targets: the factor rule on the backbone's own greedy confidences, recomputed in NumPy.
+    logits, _ = policy.forward(params, jnp.asarray(ex.canvas), model, valid=rows["valid"])
+    logits = np.asarray(logits, np.float64)
+    block_logits = np.take_along_axis(logits, ex.positions[..., None], axis=1)
+    block_logits[..., A.MASK_ID] = -np.inf
+    probs = np.exp(block_logits - block_logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    confidence = probs.max(-1)
+    np.testing.assert_allclose(ex.confidence, confidence, rtol=1e-4, atol=1e-6)
+    expected = _numpy_factor_rule(confidence, ex.candidates, factor)
+    np.testing.assert_array_equal(ex.targets, expected)
+    assert not np.any(ex.targets & ~ex.candidates)
+    if factor > 1.0:  # the larger factor must accept more than the at-least-one token somewhere
+        assert np.any(ex.targets.sum(axis=1) > 1)
+
+
+def test_planner_bce_pos_weight():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((3, 4)).astype(np.float32)
+    candidates = np.array([[1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]], bool)
+    targets = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 0, 0]], bool)
+    loss, pos_weight = planner_sft.planner_bce(jnp.asarray(z), jnp.asarray(targets), jnp.asarray(candidates))
+    pos, neg = np.sum(candidates & targets), np.sum(candidates & ~targets)
+    assert float(pos_weight) == pytest.approx(neg / pos)  # 6 negatives / 3 positives
+    log_sig = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
+    per = -(neg / pos * targets * log_sig(z) + (1 - targets) * log_sig(-z))
+    assert float(loss) == pytest.approx(per[candidates].mean(), rel=1e-5)
+    # One class empty: plain BCE.
+    all_pos = candidates.copy()
+    loss, pos_weight = planner_sft.planner_bce(jnp.asarray(z), jnp.asarray(all_pos), jnp.asarray(candidates))
+    assert float(pos_weight) == 1.0
+    assert float(loss) == pytest.approx(-log_sig(z)[candidates].mean(), rel=1e-5)
+
+
+def test_init_planner_trains_only_the_planner_and_exports_it(pretrained, tmp_path):
+    _, result = pretrained
+    base_dir = result["export_dir"]
+    config = _pretrain_config()
+    del config["mask_eps"]
+    config.model = _tiny_model(planner=ml_collections.ConfigDict(dict(num_head_layers=1, freq_dim=256,
+                                                                      adaln_eps=1e-4)))
+    config.model.path = base_dir
+    config.optim.update(train="planner", learning_rate=1e-3)
+    config.data.block_length = A.BLOCK_LENGTH
+    config.eval = dict(split="heldout", num_examples=0, start=0, batch_size=16, rules=(), agreement_batches=1)
+    config.total_steps = 4
+    config.factor = 1.0
+    out = planner_sft.init_planner(config, str(tmp_path))
+
+    history = out["history"]
+    assert {"loss", "pos_weight", "accuracy", "precision", "recall", "grad_norm"} <= set(history[-1])
+    assert all(np.isfinite(row["loss"]) for row in history)
+    assert set(out["agreement"]) >= {"accuracy", "precision", "recall", "loss"}
+    params, model, hf = load_hf(out["export_dir"])
+    assert model.has_planner and hf["architectures"] == ["LLaDOUModelLM"]
+    assert os.path.exists(os.path.join(out["export_dir"], "tokenizer.json"))  # carried from the base dir
+    base, _, _ = load_hf(base_dir)
+    trained = _leaves({k: v for k, v in params.items() if k != "planner"})
+    for name, leaf in _leaves(base).items():  # bit-identical backbone
+        np.testing.assert_array_equal(trained[name], leaf, err_msg=name)
+    fresh, _ = build_model({**config.model.to_dict()}, seed=0)  # the planner it started from
+    moved = [not np.array_equal(a, b) for a, b in zip(_leaves(fresh["planner"]).values(),
+                                                       _leaves(params["planner"]).values())]
+    assert any(moved)
+    with open(os.path.join(str(tmp_path), "planner_init_eval.json")) as f:
+        assert json.load(f)["heldout_agreement"]["accuracy"] == pytest.approx(out["agreement"]["accuracy"])
