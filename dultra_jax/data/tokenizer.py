@@ -14,7 +14,14 @@ def load_tokenizer(directory: str):
     if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json",
                                                                     "tokenizer.model")):
         raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {directory}")
-    return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    # AutoTokenizer reads the directory's config.json and warns that `llada` is not a known model
+    # type; the tokenizer itself is complete, so silence that one call.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def encode_prompt(tokenizer, text: str, *, system: str | None = None, chat: bool = True) -> list[int]:

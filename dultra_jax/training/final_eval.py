@@ -74,7 +74,8 @@ def compare(spec: Mapping[str, Any], params_by_group: Mapping[str, Any], model, 
                              "nfe": row["nfe"], "tpf": row["tpf"], "tpf_non_eos": row["tpf_non_eos"],
                              "tokens_per_s": row["tokens_per_s"], "rule": rule, "params": group,
                              "sweep_value": row["sweep_value"], "n": row["n"]}
-    results = {name: results[name] for name in rows}
+    # Baselines first, slowest first, then the trained rows (config dicts do not keep key order).
+    results = dict(sorted(results.items(), key=lambda item: (item[1]["params"] == "trained", -item[1]["nfe"])))
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_rows = [{**r, "rule": name, "sweep_value": None} for name, r in results.items()]
