@@ -8,6 +8,7 @@ export carries the planner.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,16 +39,16 @@ def _tiny_model(**overrides):
     return ml_collections.ConfigDict(model)
 
 
-def _pretrain_config(total_steps=30, schedule="cosine", lr=3e-3, eval_examples=16):
+def _pretrain_config(total_steps=20, lr=5e-3, eval_examples=16):
     return ml_collections.ConfigDict(dict(
         model=_tiny_model(),
-        optim=dict(learning_rate=lr, schedule=schedule, warmup_steps=0, min_learning_rate=0.0, b1=0.9, b2=0.98,
+        optim=dict(learning_rate=lr, schedule="cosine", warmup_steps=0, min_learning_rate=0.0, b1=0.9, b2=0.98,
                    eps=1e-8, weight_decay=0.01, grad_clip=1.0, train="all"),
         data=dict(task="arithmetic", split="train", num_examples=256, start=0, batch_size=16),
         eval=dict(split="heldout", num_examples=eval_examples, start=0, batch_size=16, rules=("low_confidence",)),
         mesh=dict(data=1, fsdp=-1, tensor=1),
-        checkpoint=dict(every=2, keep=2, async_save=False),
-        total_steps=total_steps, seed=0, log_every=2, mask_eps=1e-3, export_dir=None, export_dtype="float32"))
+        checkpoint=dict(every=10, keep=3, async_save=False),
+        total_steps=total_steps, seed=0, log_every=5, mask_eps=1e-3, export_dir=None, export_dtype="float32"))
 
 
 def _rows(n=16, split="train"):
@@ -132,7 +133,7 @@ def test_pretrain_lowers_the_loss_and_exports_a_loadable_hf_dir(pretrained):
     assert after < before - 0.5, (before, after)
 
     history = result["history"]
-    assert [row["step"] for row in history] == list(range(2, 31, 2))
+    assert [row["step"] for row in history] == [5, 10, 15, 20]
     assert history[-1]["loss"] < history[0]["loss"]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [row["step"] for row in history]
@@ -143,12 +144,18 @@ def test_pretrain_lowers_the_loss_and_exports_a_loadable_hf_dir(pretrained):
     assert 0.0 <= ev["accuracy"] <= 1.0 and ev["samples"]
 
 
-def test_pretrain_resume_equals_uninterrupted(tmp_path):
-    straight = mdlm_sft.pretrain(_pretrain_config(4, "constant", eval_examples=0), str(tmp_path / "a"))
-    mdlm_sft.pretrain(_pretrain_config(2, "constant", eval_examples=0), str(tmp_path / "b"))
-    resumed = mdlm_sft.pretrain(_pretrain_config(4, "constant", eval_examples=0), str(tmp_path / "b"))
-    assert [row["step"] for row in resumed["history"]] == [4]
-    a, _, _ = load_hf(straight["export_dir"])
+def test_pretrain_resume_equals_uninterrupted(pretrained, tmp_path):
+    workdir, result = pretrained
+    # The same run, stopped after its step-10 checkpoint, then started again.
+    resumed_dir = str(tmp_path / "run")
+    shutil.copytree(workdir, resumed_dir)
+    shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "20"))
+    shutil.rmtree(os.path.join(resumed_dir, "hf"))
+    resumed = mdlm_sft.pretrain(_pretrain_config(eval_examples=0), resumed_dir)
+    assert [row["step"] for row in resumed["history"]] == [15, 20]
+    with open(os.path.join(resumed_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [5, 10, 15, 20]
+    a, _, _ = load_hf(result["export_dir"])
     b, _, _ = load_hf(resumed["export_dir"])
     for (name, x), y in zip(_leaves(a).items(), _leaves(b).values()):
         np.testing.assert_array_equal(x, y, err_msg=name)

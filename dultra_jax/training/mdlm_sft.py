@@ -143,7 +143,7 @@ def apply_gradients(state: TrainState, loss_fn: Callable[[Params], tuple[jax.Arr
     Returns `(new_state, metrics)` with `loss`, `grad_norm` and `skipped` added.
     """
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
@@ -446,9 +446,9 @@ def run_training(state: TrainState, update: Callable, data: SFTData, run: SFTRun
             pending.append(metrics)
             done = step + 1
             if done % run.log_every == 0 or done == run.total_steps:
+                means = _mean_metrics(pending)  # waits for the steps to finish
                 now = time.perf_counter()
-                row = {"step": done, **_mean_metrics(pending), "step_time_s": (now - last) / len(pending),
-                       "elapsed_s": now - began}
+                row = {"step": done, **means, "step_time_s": (now - last) / len(pending), "elapsed_s": now - began}
                 pending = []
                 every = int(run.eval.get("every") or 0)
                 if evaluate is not None and every and done % every == 0 and done != run.total_steps:
