@@ -64,3 +64,13 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """`ShapeDtypeStruct`s (with shardings) of a concrete pytree, as a restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def quiet_orbax_logs() -> None:
+    """Orbax logs every file rename at INFO through absl: keep only its warnings (launchers)."""
+
+    class _OrbaxWarningsOnly(logging.Filter):
+        def filter(self, record):
+            return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+    logging.getLogger("absl").addFilter(_OrbaxWarningsOnly())

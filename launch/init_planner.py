@@ -8,11 +8,10 @@ Resumes from the latest checkpoint in `DIR/checkpoints`; writes `DIR/metrics.jso
 directory (`export_dir`, default `DIR/hf`) and `DIR/planner_init_eval.json`.
 """
 
-import logging
-
 from absl import app, flags
 from ml_collections import config_flags
 
+from dultra_jax.checkpoint import quiet_orbax_logs
 from dultra_jax.config import ConfigError
 from dultra_jax.interop.safetensors_io import CheckpointError
 from dultra_jax.sharding import ShardingError
@@ -22,19 +21,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Planner-initialisatio
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, export).", required=True)
 
 
-def _quiet_orbax() -> None:
-    """Orbax logs every file rename at INFO through absl; keep its warnings only."""
-
-    class _Filter(logging.Filter):
-        def filter(self, record):
-            return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-    logging.getLogger("absl").addFilter(_Filter())
-
-
 def main(argv):
     del argv
-    _quiet_orbax()
+    quiet_orbax_logs()
     try:
         init_planner(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, CheckpointError, ShardingError) as e:

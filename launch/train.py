@@ -9,6 +9,7 @@ Resumes automatically from the latest checkpoint in `DIR/checkpoints`. Metrics g
 from absl import app, flags
 from ml_collections import config_flags
 
+from dultra_jax.checkpoint import quiet_orbax_logs
 from dultra_jax.config import ConfigError
 from dultra_jax.interop.safetensors_io import CheckpointError
 from dultra_jax.sharding import ShardingError
@@ -18,20 +19,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).", required=True)
 
 
-def _quiet_orbax() -> None:
-    """Orbax logs every file rename at INFO through absl; keep its warnings only."""
-    import logging
-
-    class _Filter(logging.Filter):
-        def filter(self, record):
-            return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-    logging.getLogger("absl").addFilter(_Filter())
-
-
 def main(argv):
     del argv
-    _quiet_orbax()
+    quiet_orbax_logs()
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, CheckpointError, ShardingError) as e:

@@ -53,7 +53,7 @@ from dultra_jax.config import (SCHEDULED_RULES, ConfigError, DecodeConfig, Model
 from dultra_jax.models import policy
 from dultra_jax.models.build import build_model
 from dultra_jax.sharding import batch_sharding, check_batch, make_mesh
-from dultra_jax.training.state import TrainState, make_optimizer, merge_params, partition_params
+from dultra_jax.training.state import TrainState, apply_update, make_optimizer, merge_params, partition_params
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,7 @@ def apply_gradients(state: TrainState, loss_fn: Callable[[Params], tuple[jax.Arr
     Returns `(new_state, metrics)` with `loss`, `grad_norm` and `skipped` added.
     """
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1, trainable=keep(trainable, state.trainable),
-                              opt_state=keep(opt_state, state.opt_state))
+    new_state, grad_norm, finite = apply_update(state, grads, loss, tx)
     return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite, **metrics}
 
 

@@ -98,6 +98,19 @@ def create_train_state(params: Params, tx: optax.GradientTransformation, optim: 
                       reference=params if rl.beta > 0 else None)
 
 
+def apply_update(state: TrainState, grads: Params, loss: jax.Array, tx: optax.GradientTransformation):
+    """The optimiser step on `state.trainable`, skipped (state kept, step counted) when the loss or
+    the gradient is not finite. Returns `(new_state, grad_norm, finite)`."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new, old)  # noqa: E731
+    new_state = state.replace(step=state.step + 1, trainable=keep(trainable, state.trainable),
+                              opt_state=keep(opt_state, state.opt_state))
+    return new_state, grad_norm, finite
+
+
 def grpo_update(state: TrainState, trajectory: Trajectory, advantages: jax.Array, *, model: ModelConfig,
                 decode: DecodeConfig, rl: RLConfig, tx: optax.GradientTransformation):
     """One optimiser update from a batch of trajectories.
@@ -135,13 +148,7 @@ def grpo_update(state: TrainState, trajectory: Trajectory, advantages: jax.Array
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
     grads, loss, clipped_count, gap = jax.lax.fori_loop(0, jnp.max(trajectory.num_steps), body, init)
 
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1, trainable=keep(trainable, state.trainable),
-                              opt_state=keep(opt_state, state.opt_state))
+    new_state, grad_norm, finite = apply_update(state, grads, loss, tx)
     metrics = {"loss": loss, "grad_norm": grad_norm, "logp_gap": gap, "skipped": ~finite,
                "clip_fraction": clipped_count / jnp.maximum(jnp.sum(trajectory.num_steps), 1)}
     return new_state, metrics
