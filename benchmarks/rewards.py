@@ -136,8 +136,8 @@ def _pair(i: int) -> tuple[str, str, bool]:
         return f"\\boxed{{\\frac{{\\sqrt{{{k}}}}}{{{a + 1}}}}}", f"\\frac{{1}}{{{a + 1}}}\\sqrt{{{k}}}", True
     if kind == 6:
         return f"\\boxed{{(x+{a})^2}}", f"x^2+{2 * a}x+{a * a}", True
-    if kind == 7:
-        return f"\\boxed{{{v}\\text{{ cm}}}}", str(v), True
+    if kind == 7:  # a power that only a symbolic check evaluates
+        return f"\\boxed{{{a}^{{2}}}}", str(a * a), True
     if kind == 8:  # wrong number
         return f"\\boxed{{{v + 1}}}", f"{v:,}", False
     return f"\\boxed{{x+{a}}}", f"x-{a}", False  # wrong expression

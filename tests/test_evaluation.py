@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dultra_jax import evaluation as ev
+from dultra_jax.models.build import load_model_source
 from dultra_jax.config import ConfigError, ModelConfig, PlannerConfig
 from dultra_jax.decoding import rollout as rollout_lib
 from dultra_jax.decoding.rollout import Trajectory
@@ -203,7 +204,7 @@ def test_evaluate_compiles_once_per_setting_and_writes_outputs(model_dir, tmp_pa
     reuse one compiled rollout; samples and summary agree."""
     from dultra_jax.data.tasks import get_task
 
-    params, model, source_dir = ev.load_model_source(str(model_dir))
+    params, model, source_dir = load_model_source(str(model_dir))
     assert source_dir == str(model_dir) and model.has_planner
     records = [{"prompt_ids": [13, 14, 15], "answer": "13 14 15"}, {"prompt_ids": [10, 11], "answer": "12"},
                {"prompt_ids": [20, 21, 22, 23], "answer": "24 25"}]
