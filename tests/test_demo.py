@@ -10,24 +10,16 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
-from dultra_jax.data import arithmetic
-from dultra_jax.interop.hf_llada import export_hf
-from dultra_jax.models import policy
-from tests.helpers import tiny_config
+from tests.helpers import arithmetic_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = {"low_confidence", "threshold", "factor", "planner_init", "planner_rl"}
 
 
 def test_shortened_demo_writes_every_row(tmp_path):
-    config = tiny_config(vocab_size=arithmetic.vocab_size(), mask_token_id=arithmetic.MASK_ID,
-                         eos_token_id=arithmetic.EOS_ID, pad_token_id=arithmetic.PAD_ID, eot_token_id=None)
-    asset = str(tmp_path / "asset")
-    export_hf(policy.init_params(config, jax.random.key(0)), config, asset, dtype="float32")
-    arithmetic.build_tokenizer(asset)
+    asset = arithmetic_model_dir(str(tmp_path / "asset"))
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     workdir = tmp_path / "demo"

@@ -5,12 +5,8 @@ import os
 import subprocess
 import sys
 
-import jax
 
-from dultra_jax.data import arithmetic
-from dultra_jax.interop.hf_llada import export_hf
-from dultra_jax.models import policy
-from tests.helpers import tiny_config
+from tests.helpers import arithmetic_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,12 +21,7 @@ def _run(*args, check=True):
 
 
 def test_prompt_ids_to_json_and_text_prompt(tmp_path):
-    # A random model over the arithmetic tokenizer's 17 ids, saved like a real model directory.
-    config = tiny_config(vocab_size=arithmetic.vocab_size(), mask_token_id=arithmetic.MASK_ID,
-                         eos_token_id=arithmetic.EOS_ID, pad_token_id=arithmetic.PAD_ID, eot_token_id=None)
-    model_dir = str(tmp_path / "model")
-    export_hf(policy.init_params(config, jax.random.key(0)), config, model_dir, dtype="float32")
-    arithmetic.build_tokenizer(model_dir)
+    model_dir = arithmetic_model_dir(str(tmp_path / "model"))
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([[3, 4, 5], [6, 7]]))
