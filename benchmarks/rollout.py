@@ -2,7 +2,7 @@ r"""Rollout throughput: the jitted `lax.while_loop` rollout against the same dec
 
     python benchmarks/rollout.py [--models=tiny] [--rules=planner_bernoulli,...] [--batch=4]
                                  [--prompt_length=32] [--gen_length=64] [--block_length=16]
-                                 [--temperature=0.0] [--iters=3] [--seed=0]
+                                 [--temperature=0.0] [--iters=3] [--seed=0] [--caches=none,prefix,dual]
 
 For every model in `--models` (`tiny`: the tests' shape; `small`: the shape of benchmarks/forward.py,
 ~35M params; both random-init with a planner) and every decoding rule, `--batch` random prompts of
@@ -29,7 +29,15 @@ Per way, from the trajectory of the timed calls (same key every call, so the sam
                       runs until the slowest row is done, so iterations = max row NFE
   mean_nfe            mean row NFE; tokens_per_forward = gen_length / mean_nfe
 
-and `speedup` = python_loop best seconds / while_loop best seconds. The last line printed is one
+and `speedup` = python_loop best seconds / while_loop best seconds; `s_per_loop_iter` is the time
+per NFE (one batched forward).
+
+Every rule runs once per `--caches` mode (`decode.cache`: `none` recomputes the canvas every step;
+`prefix` / `dual` use the block KV cache, `dultra_jax/decoding/cache.py`). When `none` ran first,
+each cached run also reports `token_agreement_vs_none` (share of generated tokens equal to the
+exact rollout's on the same prompts and key), `rows_identical_vs_none`, and
+`per_nfe_speedup_vs_none` (exact time per NFE / cached time per NFE). The issue's shape is
+`--models=small --gen_length=256 --block_length=32 --caches=none,prefix,dual`. The last line printed is one
 JSON object (`{"benchmark": "rollout", ...}`) with every figure.
 
 `--models` defaults to `tiny` alone, which finishes in 1 to 2 minutes on 2 CPU cores (mostly
@@ -47,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dultra_jax.config import RULES, ConfigError, DecodeConfig, ModelConfig
+from dultra_jax.config import CACHE_MODES, RULES, ConfigError, DecodeConfig, ModelConfig
 from dultra_jax.decoding import rollout as rollout_lib
 from dultra_jax.models import policy
 
@@ -58,6 +66,8 @@ else:  # run as `python benchmarks/rollout.py`: the script's folder is on sys.pa
 
 _MODELS = flags.DEFINE_list("models", ["tiny"], "Model shapes to run: tiny, small (see the module docstring).")
 _RULES = flags.DEFINE_list("rules", list(RULES), "Decoding rules to run.")
+_CACHES = flags.DEFINE_list("caches", ["none"], "Block KV cache modes to run (none, prefix, dual); "
+                            "`none` first gives the others a token-agreement reference.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows B.")
 _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 32, "Prompt tokens per row Lp.")
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 64, "Generated tokens per row Lg.")
@@ -122,13 +132,16 @@ def trajectory_figures(trajectory: rollout_lib.Trajectory, model: ModelConfig, c
     sum_nfe, loop_iters, mean_nfe = int(nfe.sum()), int(nfe.max()), float(nfe.mean())
     return {"generated_tokens": generated, "sum_nfe": sum_nfe, "loop_iters": loop_iters, "mean_nfe": mean_nfe,
             "tokens_per_forward": config.gen_length / mean_nfe, "tokens_per_s": generated / seconds,
-            "nfe_per_s": sum_nfe / seconds, "loop_iters_per_s": loop_iters / seconds}
+            "nfe_per_s": sum_nfe / seconds, "loop_iters_per_s": loop_iters / seconds,
+            "s_per_loop_iter": seconds / loop_iters}
 
 
-def bench_rule(name: str, model: ModelConfig, params, rule: str, iters: int, seed: int) -> dict:
+def bench_rule(name: str, model: ModelConfig, params, rule: str, cache: str, iters: int,
+               seed: int) -> tuple[dict, np.ndarray]:
+    """Times one (model, rule, cache); returns the figures and the generated tokens `[B, Lg]`."""
     config = DecodeConfig(rule=rule, prompt_length=_PROMPT_LENGTH.value, gen_length=_GEN_LENGTH.value,
                           block_length=_BLOCK_LENGTH.value, temperature=_TEMPERATURE.value,
-                          eos_token_id=model.eos_token_id)
+                          eos_token_id=model.eos_token_id, cache=cache)
     prompts, valid = random_prompts(model, _BATCH.value, config.prompt_length, seed)
     rng = jax.random.key(seed + 1)
     runs = {"while_loop": (rollout_lib.rollout, warm_while_loop),
@@ -150,7 +163,7 @@ def bench_rule(name: str, model: ModelConfig, params, rule: str, iters: int, see
                 times[mode].append(time.perf_counter() - start)
                 trajectories[mode] = trajectory
 
-    result = {"model": name, "rule": rule, "batch": _BATCH.value, "prompt_length": config.prompt_length,
+    result = {"model": name, "rule": rule, "cache": cache, "batch": _BATCH.value, "prompt_length": config.prompt_length,
               "gen_length": config.gen_length, "block_length": config.block_length,
               "temperature": config.temperature, "compiles_during_timing": compiles.count}
     for mode in MODES:
@@ -160,12 +173,24 @@ def bench_rule(name: str, model: ModelConfig, params, rule: str, iters: int, see
     result["speedup_mean"] = result["python_loop"]["mean_s"] / result["while_loop"]["mean_s"]
     result["same_nfe"] = bool(np.array_equal(np.asarray(trajectories["while_loop"].num_steps),
                                              np.asarray(trajectories["python_loop"].num_steps)))
-    return result
+    return result, np.asarray(trajectories["while_loop"].tokens)
+
+
+def compare_with_exact(result: dict, tokens: np.ndarray, exact: dict, exact_tokens: np.ndarray) -> None:
+    """Adds how a cached rollout differs from the exact (`none`) one of the same rule and inputs:
+    the share of generated tokens that agree, and the time per loop iteration relative to it."""
+    result["token_agreement_vs_none"] = float(np.mean(tokens == exact_tokens))
+    result["rows_identical_vs_none"] = int(np.sum(np.all(tokens == exact_tokens, axis=-1)))
+    result["per_nfe_speedup_vs_none"] = (exact["while_loop"]["s_per_loop_iter"]
+                                         / result["while_loop"]["s_per_loop_iter"])
 
 
 def table_row(r: dict) -> dict:
     jit, py = r["while_loop"], r["python_loop"]
-    return {"model": r["model"], "rule": r["rule"], "NFE/row": f"{jit['mean_nfe']:.2f}",
+    agreement = r.get("token_agreement_vs_none")
+    return {"model": r["model"], "rule": r["rule"], "cache": r["cache"], "NFE/row": f"{jit['mean_nfe']:.2f}",
+            "ms/NFE": f"{1e3 * jit['s_per_loop_iter']:.2f}",
+            "vs none": "" if agreement is None else f"{r['per_nfe_speedup_vs_none']:.2f}x, {100 * agreement:.1f}% same",
             "tok/fwd": f"{jit['tokens_per_forward']:.2f}", "loop ms": f"{1e3 * jit['best_s']:.1f}",
             "py ms": f"{1e3 * py['best_s']:.1f}", "speedup": f"{r['speedup']:.2f}x",
             "loop tok/s": f"{jit['tokens_per_s']:,.0f}", "py tok/s": f"{py['tokens_per_s']:,.0f}",
@@ -183,6 +208,9 @@ def main(argv):
     unknown = [r for r in _RULES.value if r not in RULES]
     if unknown:
         raise app.UsageError(f"--rules: unknown rule(s) {unknown}; known: {', '.join(RULES)}")
+    unknown = [c for c in _CACHES.value if c not in CACHE_MODES]
+    if unknown:
+        raise app.UsageError(f"--caches: unknown mode(s) {unknown}; known: {', '.join(CACHE_MODES)}")
     if _ITERS.value < 1:
         raise app.UsageError(f"--iters={_ITERS.value} must be at least 1")
     try:  # flag values the decoding rejects (gen_length not a multiple of block_length, ...)
@@ -198,7 +226,14 @@ def main(argv):
         params = jax.jit(policy.init_params, static_argnums=0)(model, jax.random.key(_SEED.value))
         params_count[name] = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
         for rule in _RULES.value:
-            results.append(bench_rule(name, model, params, rule, _ITERS.value, _SEED.value))
+            exact = None
+            for cache in _CACHES.value:
+                result, tokens = bench_rule(name, model, params, rule, cache, _ITERS.value, _SEED.value)
+                if cache == "none":
+                    exact = (result, tokens)
+                elif exact is not None:
+                    compare_with_exact(result, tokens, *exact)
+                results.append(result)
 
     info = common.device_info()
     print(f"rollout benchmark on {info['device_count']} x {info['device_kind']} ({info['backend']}), "
@@ -211,10 +246,11 @@ def main(argv):
           "(best call); it = loop iteration (one batched forward)")
     rows = [table_row(r) for r in results]
     print(common.format_table(rows, list(rows[0])))
-    recompiled = [f"{r['model']}/{r['rule']}" for r in results if r["compiles_during_timing"]]
+    recompiled = [f"{r['model']}/{r['rule']}/{r['cache']}" for r in results if r["compiles_during_timing"]]
     if recompiled:
         print(f"warning: XLA compiled during the timed calls of {', '.join(recompiled)}")
-    settings = {"models": list(_MODELS.value), "rules": list(_RULES.value), "batch": _BATCH.value,
+    settings = {"models": list(_MODELS.value), "rules": list(_RULES.value), "caches": list(_CACHES.value),
+                "batch": _BATCH.value,
                 "prompt_length": _PROMPT_LENGTH.value, "gen_length": _GEN_LENGTH.value,
                 "block_length": _BLOCK_LENGTH.value, "temperature": _TEMPERATURE.value, "iters": _ITERS.value,
                 "seed": _SEED.value}

@@ -58,7 +58,7 @@ def decode(**overrides) -> ml_collections.ConfigDict:
         factor=ml_collections.FieldReference(None, field_type=float),
         steps=ml_collections.FieldReference(None, field_type=int),
         entropy_bound=ml_collections.FieldReference(None, field_type=float),
-        eoser=False, eoser_gamma_min=0.4, eos_token_id=126081))
+        eoser=False, eoser_gamma_min=0.4, eos_token_id=126081, cache="none"))
     section.update(overrides)
     return section
 

@@ -3,7 +3,7 @@
     python launch/train.py --config=configs/demo.py --workdir=runs/demo
 
 `assets/demo` holds a tiny LLaDA pretrained on the arithmetic task (`dultra_jax.data.arithmetic`:
-worked solutions such as `56+66=122;122+33=155;####155`, whose copied numbers and punctuation are
+worked solutions such as `7+5=12;12-8=4;4+9=13;####13`, whose copied numbers and punctuation are
 easy to decode in parallel and whose result digits are not) with a planner head initialised to
 imitate the factor rule (assets/demo/README.md says how both were made). GRPO then trains the
 backbone and the planner jointly with the full reward: correctness plus a step penalty. At the
@@ -18,6 +18,7 @@ within a 15-minute CPU run.
 import ml_collections
 
 from configs import common
+from dultra_jax.data import arithmetic as A
 
 
 def get_config(arg=None):
@@ -26,7 +27,8 @@ def get_config(arg=None):
     model.update(dict(path="assets/demo", dtype="float32", param_dtype="float32", remat=False))
     return ml_collections.ConfigDict(dict(
         model=model,
-        decode=common.decode(prompt_length=16, gen_length=32, block_length=8, temperature=0.1, eos_token_id=0),
+        decode=common.decode(prompt_length=A.PROMPT_LENGTH, gen_length=A.GEN_LENGTH, block_length=A.BLOCK_LENGTH,
+                             temperature=0.1, eos_token_id=A.EOS_ID),
         rl=common.rl(group_size=8),
         optim=common.optim(learning_rate=1e-4),
         data=dict(task="arithmetic", generator=dict(name="arithmetic", split="train", n=20000), prompts_per_step=4,

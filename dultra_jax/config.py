@@ -153,6 +153,7 @@ RULES = ("planner_bernoulli", "planner_topk", "threshold", "factor", "low_confid
 PLANNER_RULES = ("planner_bernoulli", "planner_topk")
 SCHEDULED_RULES = ("low_confidence", "random")
 CONFIDENCE_RULES = ("threshold", "factor", "low_confidence", "ass")
+CACHE_MODES = ("none", "prefix", "dual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +179,11 @@ class DecodeConfig:
       entropy_bound: cumulative entropy budget (nats) of `entropy_bound` (default 1.0).
       eoser: EOS early rejection on confidence rules; `eoser_gamma_min` its starting factor.
       eos_token_id: the EOS id EOSER looks for.
+      cache: block KV cache (Fast-dLLM): `none` recomputes the whole canvas every step (exact);
+        `prefix` refreshes a cache of every position's keys/values with one full forward when a
+        row enters a new block, and later steps of the block run only the block and everything
+        after it against the cached prefix; `dual` also reuses the cached suffix, so steps run
+        only the block. Cached keys/values are stale by the tokens revealed since the refresh.
     """
 
     rule: str = "planner_bernoulli"
@@ -194,10 +200,13 @@ class DecodeConfig:
     eoser: bool = False
     eoser_gamma_min: float = 0.4
     eos_token_id: int = 126081
+    cache: str = "none"
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ConfigError(f"decode.rule={self.rule!r} is unknown; use one of {', '.join(RULES)}")
+        if self.cache not in CACHE_MODES:
+            raise ConfigError(f"decode.cache={self.cache!r} is unknown; use one of {', '.join(CACHE_MODES)}")
         for key in ("prompt_length", "gen_length", "block_length"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:

@@ -22,7 +22,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dultra_jax.config import ConfigError
+from dultra_jax.config import CACHE_MODES, ConfigError
 from dultra_jax.data.sources import DataError
 from dultra_jax.interop.safetensors_io import CheckpointError
 from dultra_jax.sharding import ShardingError
@@ -51,6 +51,8 @@ _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 512, "Prompt width (longe
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows per rollout.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Token temperature (0 = argmax).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Step budget (default gen_length).")
+_CACHE = flags.DEFINE_enum("cache", "none", list(CACHE_MODES),
+                           "Block KV cache (none is exact; prefix / dual reuse keys/values within a block).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute and parameter dtype (default: bfloat16 for --model, the config's for --config).")
 _INIT_SEED = flags.DEFINE_integer("init_seed", 0, "Initialisation seed of random weights (--config).")
@@ -148,7 +150,8 @@ def main(argv):
                            gen_length=_GEN_LENGTH.value, block_length=_BLOCK_LENGTH.value,
                            prompt_length=_PROMPT_LENGTH.value, batch_size=_BATCH_SIZE.value,
                            temperature=_TEMPERATURE.value, max_steps=_MAX_STEPS.value, out_dir=_OUT.value,
-                           progress=_PROGRESS.value, mode=_MODE.value, mesh=mesh)
+                           progress=_PROGRESS.value, mode=_MODE.value, mesh=mesh,
+                           decode_overrides={"cache": _CACHE.value})
     except (ConfigError, CheckpointError, ShardingError, DataError) as e:
         raise SystemExit(f"evaluate.py: error: {e}") from None
 

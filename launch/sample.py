@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dultra_jax.config import RULES, ConfigError, DecodeConfig
+from dultra_jax.config import CACHE_MODES, RULES, ConfigError, DecodeConfig
 from dultra_jax.data.tokenizer import encode_prompt, load_tokenizer
 from dultra_jax.decoding.generate import generate
 from dultra_jax.interop.logit_check import TokensError, check_token_lists, check_token_range, read_token_lists
@@ -40,6 +40,8 @@ _THRESHOLD = flags.DEFINE_float("threshold", None, "Confidence threshold (rule t
 _FACTOR = flags.DEFINE_float("factor", None, "Factor rule's f, or the planner probability multiplier.")
 _STEPS = flags.DEFINE_integer("steps", None, "Total steps (rules low_confidence, random).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and init seed of random weights).")
+_CACHE = flags.DEFINE_enum("cache", "none", list(CACHE_MODES), "Block KV cache (none is exact; prefix / dual "
+                           "reuse keys/values within a block, Fast-dLLM).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the config's).")
 
 
@@ -83,7 +85,7 @@ def main(argv):
         decode = DecodeConfig(
             rule=_RULE.value, prompt_length=max(map(len, prompts)), gen_length=_GEN_LENGTH.value,
             block_length=_BLOCK_LENGTH.value, temperature=_TEMPERATURE.value, threshold=_THRESHOLD.value,
-            factor=_FACTOR.value, steps=_STEPS.value, eos_token_id=model.eos_token_id)
+            factor=_FACTOR.value, steps=_STEPS.value, eos_token_id=model.eos_token_id, cache=_CACHE.value)
         result = generate(params, model, decode, prompts, seed=_SEED.value)
     except (ConfigError, CheckpointError, ShardingError, TokensError) as e:
         raise SystemExit(f"sample.py: error: {e}") from None

@@ -55,26 +55,26 @@ def test_problems_verify_and_answer_is_eval(train, heldout):
 
 
 def test_worked_solution_format():
-    p = {"prompt": "17+25-8=", "solution": "17+25=42;42-8=34;####34", "answer": "34"}
+    p = {"prompt": "7+5-8+9=", "solution": "7+5=12;12-8=4;4+9=13;####13", "answer": "13"}
     assert A.verify(p)
-    assert A._render([17, 25, 8], ["+", "-"]) == (p["prompt"], p["solution"], p["answer"])
+    assert A._render([7, 5, 8, 9], ["+", "-", "+"]) == (p["prompt"], p["solution"], p["answer"])
 
 
 @pytest.mark.parametrize("field, value", [
-    ("solution", "17+25=43;43-8=35;####35"),      # wrong result digit
-    ("solution", "17+25=42;43-8=35;####35"),      # wrong copy of the previous result
-    ("solution", "17+26=43;43-8=35;####35"),      # wrong copy of an operand
-    ("solution", "17+25=42;42+8=50;####50"),      # wrong operation
-    ("solution", "17+25=42;42-8=34;####35"),      # final answer differs from the last step
-    ("solution", "17+25=42;####42"),              # missing step
-    ("solution", "17+25=42;42-8=34;34"),          # no answer marker
-    ("solution", "17+25=42;42-8=034;####34"),     # non-canonical number
-    ("answer", "35"),
-    ("prompt", "17+25-8"),
-    ("prompt", "017+25-8="),
+    ("solution", "7+5=13;13-8=5;5+9=14;####14"),   # wrong result digit
+    ("solution", "7+5=12;13-8=5;5+9=14;####14"),   # wrong copy of the previous result
+    ("solution", "7+6=13;13-8=5;5+9=14;####14"),   # wrong copy of an operand
+    ("solution", "7+5=12;12+8=20;20+9=29;####29"),  # wrong operation
+    ("solution", "7+5=12;12-8=4;4+9=13;####14"),   # final answer differs from the last step
+    ("solution", "7+5=12;12-8=4;####4"),          # missing step
+    ("solution", "7+5=12;12-8=4;4+9=13;13"),       # no answer marker
+    ("solution", "7+5=12;12-8=04;04+9=13;####13"), # non-canonical number
+    ("answer", "14"),
+    ("prompt", "7+5-8+9"),
+    ("prompt", "07+5-8+9="),
 ])
 def test_verify_rejects_tampering(field, value):
-    p = {"prompt": "17+25-8=", "solution": "17+25=42;42-8=34;####34", "answer": "34"}
+    p = {"prompt": "7+5-8+9=", "solution": "7+5=12;12-8=4;4+9=13;####13", "answer": "13"}
     assert A.verify(p)
     assert not A.verify({**p, field: value})
 
@@ -84,7 +84,7 @@ def test_partial_results_never_negative(train):
         operands, ops = A.parse_prompt(p["prompt"])
         assert min(A._partials(operands, ops)) >= 0
     assert any("-" in p["prompt"] for p in train)                  # both operations occur
-    assert any(int(p["answer"]) >= 100 for p in train)             # and 3-digit results
+    assert any(int(p["answer"]) >= 10 for p in train)              # and 2-digit results (carries)
 
 
 def test_deterministic_by_seed():
@@ -92,10 +92,9 @@ def test_deterministic_by_seed():
     assert A.make_problems("heldout", 3) == [A.make_problem(s) for s in range(1_000_000, 1_000_003)]
     assert A.make_problem(123) == A.make_problem(123)
     # Pinned: the problem of a seed must not change across Python versions or refactors.
-    assert A.make_problem(0) == {"prompt": "56+66+33=", "solution": "56+66=122;122+33=155;####155",
-                                 "answer": "155"}
-    assert A.make_problem(1_000_000) == {"prompt": "32+37+34=", "solution": "32+37=69;69+34=103;####103",
-                                         "answer": "103"}
+    assert A.make_problem(0) == {"prompt": "7+5-9+3=", "solution": "7+5=12;12-9=3;3+3=6;####6", "answer": "6"}
+    assert A.make_problem(1_000_000) == {"prompt": "4-0+1-1=", "solution": "4-0=4;4+1=5;5-1=4;####4",
+                                         "answer": "4"}
     assert A.records("train", 3) == A.make_problems("train", 3)
 
 
@@ -116,19 +115,18 @@ def test_heldout_never_overlaps_train(train, heldout):
     train_prompts = {p["prompt"] for p in train}
     heldout_prompts = {p["prompt"] for p in heldout}
     assert train_prompts.isdisjoint(heldout_prompts)
-    assert len(train_prompts) > 0.99 * N and len(heldout_prompts) > 0.99 * N   # a large problem space
+    assert len(train_prompts) > 0.9 * N and len(heldout_prompts) > 0.9 * N     # 22,892 and 22,893 prompts
     # By construction: every prompt belongs to the split of its seed's range ...
     assert all(A.split_of(p["prompt"]) == "train" for p in train)
     assert all(A.split_of(p["prompt"]) == "heldout" for p in heldout)
     # ... and `split_of` is a pure function of the prompt text, splitting the space about in half.
     rng = np.random.default_rng(0)
-    prompts = [f"{a}{o1}{b}{o2}{c}=" for a, b, c, o1, o2 in zip(
-        rng.integers(0, 100, 4000), rng.integers(0, 100, 4000), rng.integers(0, 100, 4000),
-        rng.choice(["+", "-"], 4000), rng.choice(["+", "-"], 4000))]
+    prompts = [f"{a}{o1}{b}{o2}{c}{o3}{d}=" for a, b, c, d, o1, o2, o3 in zip(
+        *rng.integers(0, 10, (4, 4000)), *rng.choice(["+", "-"], (3, 4000)))]
     assert [A.split_of(p) for p in prompts] == [A.split_of(p) for p in prompts]
     share = np.mean([A.split_of(p) == "heldout" for p in prompts])
     assert 0.45 < share < 0.55
-    assert A.split_of("17+25-8=") == "heldout"   # pinned (BLAKE2b is stable)
+    assert A.split_of("7+5-8+9=") == "heldout"   # pinned (BLAKE2b is stable)
 
 
 def test_lengths_fit(train, heldout):

@@ -10,7 +10,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ARGS = ("--models=tiny", "--rules=planner_bernoulli,threshold", "--iters=1", "--batch=2", "--prompt_length=4",
-        "--gen_length=8", "--block_length=4")
+        "--gen_length=8", "--block_length=4", "--caches=none,dual")
 TIMING_KEYS = ("compile_s", "best_s", "mean_s", "median_s")
 RATE_KEYS = ("tokens_per_s", "nfe_per_s", "loop_iters_per_s", "mean_nfe", "tokens_per_forward", "sum_nfe",
              "loop_iters", "generated_tokens")
@@ -32,12 +32,14 @@ def record():
 def test_json_line_has_every_figure(record):
     assert record["benchmark"] == "rollout"
     assert record["backend"] == "cpu" and record["device_count"] == 1
-    assert record["settings"] == {"models": ["tiny"], "rules": ["planner_bernoulli", "threshold"], "batch": 2,
+    assert record["settings"] == {"models": ["tiny"], "rules": ["planner_bernoulli", "threshold"],
+                                  "caches": ["none", "dual"], "batch": 2,
                                   "prompt_length": 4, "gen_length": 8, "block_length": 4, "temperature": 0.0,
                                   "iters": 1, "seed": 0}
     assert record["params"]["tiny"] > 0
-    assert [(r["model"], r["rule"]) for r in record["results"]] == [("tiny", "planner_bernoulli"),
-                                                                     ("tiny", "threshold")]
+    assert [(r["model"], r["rule"], r["cache"]) for r in record["results"]] == [
+        ("tiny", "planner_bernoulli", "none"), ("tiny", "planner_bernoulli", "dual"),
+        ("tiny", "threshold", "none"), ("tiny", "threshold", "dual")]
     for result in record["results"]:
         assert (result["batch"], result["prompt_length"], result["gen_length"], result["block_length"]) == (2, 4, 8, 4)
         assert result["compiles_during_timing"] == 0  # the warm-up compiled everything the timed calls run
@@ -49,6 +51,11 @@ def test_json_line_has_every_figure(record):
             for key in TIMING_KEYS + RATE_KEYS:
                 assert figures[key] > 0, (result["rule"], mode, key)
         assert result["speedup"] == pytest.approx(result["python_loop"]["best_s"] / result["while_loop"]["best_s"])
+        if result["cache"] == "none":
+            assert "token_agreement_vs_none" not in result
+        else:
+            assert 0 <= result["token_agreement_vs_none"] <= 1 and result["per_nfe_speedup_vs_none"] > 0
+            assert 0 <= result["rows_identical_vs_none"] <= result["batch"]
 
 
 def test_nfe_figures_are_consistent(record):
@@ -65,6 +72,7 @@ def test_nfe_figures_are_consistent(record):
             assert f["tokens_per_s"] == pytest.approx(f["generated_tokens"] / f["best_s"])
             assert f["nfe_per_s"] == pytest.approx(f["sum_nfe"] / f["best_s"])
             assert f["loop_iters_per_s"] == pytest.approx(f["loop_iters"] / f["best_s"])
+            assert f["s_per_loop_iter"] == pytest.approx(f["best_s"] / f["loop_iters"])
     # With random-init weights no token clears the 0.9 threshold, so `threshold` reveals one per step.
-    threshold = next(r for r in record["results"] if r["rule"] == "threshold")
+    threshold = next(r for r in record["results"] if r["rule"] == "threshold" and r["cache"] == "none")
     assert threshold["while_loop"]["mean_nfe"] == 8 and threshold["while_loop"]["tokens_per_forward"] == 1

@@ -63,7 +63,7 @@ def test_step_logps_replay_from_the_trajectory():
     valid = jnp.concatenate([traj.prompt_valid, jnp.ones(traj.tokens.shape, bool)], axis=1)
     for k in range(int(traj.num_steps.max())):
         canvas = R.canvas_before_step(traj, k, MASK_ID)
-        positions, active, cand, logits, unmask = R.evaluate_block(PARAMS, canvas, valid, MODEL, config)
+        positions, active, cand, logits, unmask, _ = R.evaluate_block(PARAMS, canvas, valid, MODEL, config)
         reveal = R.policy.gather_positions(traj.unmask_step, positions - config.prompt_length) == k
         x0 = R.policy.gather_positions(traj.tokens, positions - config.prompt_length)
         logp = R.action_log_prob(logits, unmask, x0, cand, reveal & cand, config)

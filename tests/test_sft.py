@@ -144,6 +144,23 @@ def test_pretrain_lowers_the_loss_and_exports_a_loadable_hf_dir(pretrained):
     assert 0.0 <= ev["accuracy"] <= 1.0 and ev["samples"]
 
 
+def test_left_padding_does_not_change_the_outputs(pretrained):
+    # Why training and decoding may use different prompt widths: RoPE is relative and padding
+    # keys are masked, so a row's logits do not depend on how much left padding it has.
+    _, result = pretrained
+    params, model, _ = load_hf(result["export_dir"])
+    tokenizer = A.build_tokenizer()
+    examples = [A.encode_example(tokenizer, p) for p in A.make_problems("heldout", 4)]
+    outs = []
+    for extra in (0, 5):
+        prompt_length = A.PROMPT_LENGTH + extra
+        rows = mdlm_sft.encode_rows(examples, prompt_length, A.GEN_LENGTH, A.PAD_ID, A.EOS_ID)
+        tokens = np.where(rows["response"], A.MASK_ID, rows["tokens"])
+        logits, _ = policy.forward(params, jnp.asarray(tokens), model, valid=jnp.asarray(rows["valid"]))
+        outs.append(np.asarray(logits)[:, extra:])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
 def test_pretrain_resume_equals_uninterrupted(pretrained, tmp_path):
     workdir, result = pretrained
     # The same run, stopped after its step-10 checkpoint, then started again.

@@ -1,31 +1,33 @@
 """The embedded demo task: short, verifiable arithmetic chains with worked solutions.
 
-A problem adds and subtracts three numbers from left to right; the completion works it out one
-step per operation, then states the answer after GSM8K's `####` marker:
+A problem adds and subtracts four one-digit numbers from left to right; the completion works it
+out one step per operation, then states the answer after GSM8K's `####` marker:
 
-    prompt    "17+25-8="
-    solution  "17+25=42;42-8=34;####34"
-    answer    "34"
+    prompt    "7+5-8+9="
+    solution  "7+5=12;12-8=4;4+9=13;####13"
+    answer    "13"
 
-Operands are 0..99 (no leading zeros), every partial result is non-negative (a draw that would
-go negative is redrawn), so every number is < 300 and Python's `eval` of the prompt (without the
-`=`) is the answer. The completion mixes the two kinds of tokens dUltra's planner exploits:
-*easy* ones - the fixed punctuation (`=`, `;`, `####`) and copies (the operands copied from the
-prompt, each step's result copied as the next step's left operand, the final result copied after
-`####`), which can be decoded in parallel - and *hard* ones - the digits of each result, which
-depend on the earlier results.
+Operands are 0..9, every partial result is non-negative (a draw that would go negative is
+redrawn), so every number is at most 36 and Python's `eval` of the prompt (without the `=`) is
+the answer. The completion mixes the two kinds of tokens dUltra's planner exploits: *easy* ones -
+the fixed punctuation (`=`, `;`, `####`) and copies (the operands copied from the prompt, each
+step's result copied as the next step's left operand, the final result copied after `####`),
+which can be decoded in parallel - and *hard* ones - the digits of each result, which depend on
+the earlier results. (An earlier version drew two-digit operands; a 4-layer, D=128 model learned
+the format but not the carries in 1,500 steps, so the demo now keeps the numbers small and the
+chain longer.)
 
 Splits. `TRAIN_SEEDS` and `HELDOUT_SEEDS` are disjoint seed ranges, and in addition each prompt
 string belongs to exactly one split by construction: `split_of(prompt)` is the low bit of the
 BLAKE2b hash of the prompt text, and `make_problem` redraws (from the same seeded stream) until the
 prompt belongs to the split of its seed's range. So no held-out prompt can ever equal a training
-prompt, however many problems either side draws. Of the 2,510,050 valid prompts, each split
-holds about 1.25M.
+prompt, however many problems either side draws. Of the 45,785 valid prompts, 22,892 are
+training prompts and 22,893 held-out ones.
 
-Lengths. Prompts have at most 9 characters (`PROMPT_LENGTH` = 16), solutions at most 28
-(`"99+99=198;198+99=297;####297"`), so every solution plus at least one EOS fits in `GEN_LENGTH`
-= 32 = 4 blocks of `BLOCK_LENGTH` = 8 tokens; the rest of the generation is EOS padding (LLaDA's
-SFT convention: the model learns to fill the tail with EOS).
+Lengths. Prompts have at most 8 characters (`PROMPT_LENGTH` = 8), solutions at most 29
+(`"9+9=18;18+9=27;27+9=36;####36"`), so every solution plus at least one EOS fits in
+`GEN_LENGTH` = 32 = 4 blocks of `BLOCK_LENGTH` = 8 tokens; the rest of the generation is EOS
+padding (LLaDA's SFT convention: the model learns to fill the tail with EOS).
 
 Tokenizer. One token per character (a `tokenizers` WordLevel model over single characters, with a
 pre-tokenizer that isolates every character and a `Fuse` decoder), vocabulary = the special tokens
@@ -78,10 +80,10 @@ ANSWER_MARKER = "####"
 CHARS = DIGITS + OPS + "=" + STEP_SEP + "#"   # every character of prompts and solutions
 CHAR_IDS = {c: len(SPECIAL_TOKENS) + i for i, c in enumerate(CHARS)}
 
-NUM_OPERANDS = 3          # two operations per problem
-MAX_OPERAND = 99          # operands are drawn uniformly from 0..MAX_OPERAND
+NUM_OPERANDS = 4          # three operations per problem
+MAX_OPERAND = 9           # operands are drawn uniformly from 0..MAX_OPERAND
 
-PROMPT_LENGTH = 16        # prompt tokens (characters): at most 9 are used
+PROMPT_LENGTH = 8         # prompt tokens (characters): "9+9+9+9=" is the longest
 BLOCK_LENGTH = 8
 GEN_LENGTH = 32           # generation tokens: solution (<= 28) + EOS padding, 4 blocks
 
@@ -141,7 +143,7 @@ def _partials(operands: list[int], ops: list[str]) -> list[int]:
 def make_problem(seed: int) -> dict[str, str]:
     """The problem of `seed` (a seed of `TRAIN_SEEDS` or `HELDOUT_SEEDS`), deterministic.
 
-    Returns `{"prompt": "17+25-8=", "solution": "17+25=42;42-8=34;####34", "answer": "34"}`; its
+    Returns `{"prompt": "7+5-9+3=", "solution": "7+5=12;12-9=3;3+3=6;####6", "answer": "6"}`; its
     prompt belongs to the split of the seed's range (`split_of(prompt) == split_of_seed(seed)`).
     """
     split = split_of_seed(int(seed))

@@ -20,6 +20,7 @@ import numpy as np
 from flax import struct
 
 from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig
+from dultra_jax.decoding import cache as block_cache
 from dultra_jax.decoding import rules
 from dultra_jax.models import policy
 
@@ -41,6 +42,7 @@ class RolloutState:
       step_logps: `[B, T]` float32 log-probability of each of the row's actions.
       rng: PRNG key, split once per loop iteration.
       step: scalar int32 loop iteration.
+      cache: the block KV cache (`decoding.cache.BlockCache`), None with `decode.cache="none"`.
     """
 
     canvas: jax.Array
@@ -52,6 +54,7 @@ class RolloutState:
     step_logps: jax.Array
     rng: jax.Array
     step: jax.Array
+    cache: block_cache.BlockCache | None = None
 
 
 @struct.dataclass
@@ -143,21 +146,25 @@ def action_log_prob(token_logits: jax.Array, unmask_logits: jax.Array | None, x0
 
 
 def evaluate_block(params: Params, canvas: jax.Array, valid: jax.Array, model: ModelConfig,
-                   config: DecodeConfig):
-    """One NFE on each row's current block.
+                   config: DecodeConfig, cache: block_cache.BlockCache | None = None):
+    """One NFE on each row's current block (through the block KV cache when one is given).
 
     Returns:
       `(positions [B, Lb]`, `active [B]`, `candidates [B, Lb]`, `token_logits [B, Lb, V]` float32
-      with the mask logit at -inf, `unmask_logits [B, Lb]` float32 or None).
+      with the mask logit at -inf, `unmask_logits [B, Lb]` float32 or None, the updated cache).
     """
     positions, active = block_positions(canvas, model.mask_token_id, config)
     is_masked = canvas == model.mask_token_id
     in_block = jnp.zeros(canvas.shape, jnp.bool_)
     in_block = scatter_positions(in_block, positions, jnp.ones(positions.shape, jnp.bool_))
-    token_logits, unmask_logits = policy.policy_apply(
-        params, canvas, model, valid=valid, candidates=is_masked & in_block, logit_positions=positions)
+    if cache is None:
+        token_logits, unmask_logits = policy.policy_apply(
+            params, canvas, model, valid=valid, candidates=is_masked & in_block, logit_positions=positions)
+    else:
+        token_logits, unmask_logits, cache = block_cache.evaluate_block_cached(
+            params, canvas, valid, cache, positions, active, is_masked & in_block, model, config)
     candidates = policy.gather_positions(is_masked, positions) & active[:, None]
-    return positions, active, candidates, token_logits.astype(jnp.float32), unmask_logits
+    return positions, active, candidates, token_logits.astype(jnp.float32), unmask_logits, cache
 
 
 # ---------------------------------------------------------------------------------- the step
@@ -176,13 +183,13 @@ def init_state(prompt_tokens: jax.Array, prompt_valid: jax.Array, rng: jax.Array
         unmask_step=jnp.full(gen.shape, config.step_budget, jnp.int32),
         block_step=zeros, nfe=zeros, done=jnp.zeros((batch,), jnp.bool_),
         step_logps=jnp.zeros((batch, config.step_budget), jnp.float32), rng=rng,
-        step=jnp.zeros((), jnp.int32))
+        step=jnp.zeros((), jnp.int32), cache=block_cache.init_cache(batch, model, config))
 
 
 def denoise_step(params: Params, state: RolloutState, model: ModelConfig, config: DecodeConfig) -> RolloutState:
     """One loop iteration: one NFE for every active row, nothing for done rows."""
-    positions, active, candidates, token_logits, unmask_logits = evaluate_block(
-        params, state.canvas, state.valid, model, config)
+    positions, active, candidates, token_logits, unmask_logits, cache = evaluate_block(
+        params, state.canvas, state.valid, model, config, state.cache)
     rng, token_key, rule_key = jax.random.split(state.rng, 3)
     x0 = sample_tokens(token_logits, config.temperature, token_key)
     confidence = jnp.take_along_axis(jax.nn.softmax(token_logits, axis=-1), x0[..., None], axis=-1)[..., 0]
@@ -211,7 +218,7 @@ def denoise_step(params: Params, state: RolloutState, model: ModelConfig, config
     gen_masked = canvas[:, config.prompt_length:] == model.mask_token_id
     return RolloutState(canvas=canvas, valid=state.valid, unmask_step=unmask_step, block_step=block_step,
                         nfe=state.nfe + active.astype(jnp.int32), done=~jnp.any(gen_masked, axis=-1),
-                        step_logps=step_logps, rng=rng, step=state.step + 1)
+                        step_logps=step_logps, rng=rng, step=state.step + 1, cache=cache)
 
 
 def keep_going(state: RolloutState, config: DecodeConfig) -> jax.Array:

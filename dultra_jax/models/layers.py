@@ -120,16 +120,41 @@ def swiglu(gate: Linear, up: Linear, down: Linear, x: jax.Array) -> jax.Array:
     return down(jax.nn.silu(gate(x)) * up(x))
 
 
+KV = tuple  # (keys, values), each `[B, S, Hkv, Dh]` (one layer) or `[n_layers, B, S, Hkv, Dh]`
+
+
 def self_attention(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Linear, out_proj: Linear, *,
                    n_heads: int, n_kv_heads: int, head_dim: int, rope, valid: jax.Array | None,
                    causal: bool = False) -> jax.Array:
     """Grouped-query self-attention with RoPE on the normed input `h` `[B, L, D]` -> `[B, L, D]`."""
+    return self_attention_kv(h, q_proj, k_proj, v_proj, out_proj, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                             head_dim=head_dim, rope=rope, valid=valid, causal=causal)[0]
+
+
+def self_attention_kv(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Linear, out_proj: Linear, *,
+                      n_heads: int, n_kv_heads: int, head_dim: int, rope, valid: jax.Array | None,
+                      causal: bool = False, cache: KV | None = None, positions: jax.Array | None = None):
+    """Self-attention that also returns the keys/values it attended to (the block KV cache).
+
+    Without `cache`, `h` is the whole sequence `[B, S, D]` and the returned keys/values are its
+    own. With `cache` (keys/values of all `S` positions, `[B, S, Hkv, Dh]` each), `h` is a window
+    `[B, W, D]` at absolute `positions` `[B, W]`: the window's fresh keys/values overwrite the
+    cache there and its queries attend to all `S` keys (`valid` is then the `[B, S]` key mask).
+
+    Returns:
+      `(out [B, W|S, D], (keys, values) [B, S, Hkv, Dh])`, RoPE applied to the keys.
+    """
     batch, length, _ = h.shape
     q = q_proj(h).reshape(batch, length, n_heads, head_dim)
     k = k_proj(h).reshape(batch, length, n_kv_heads, head_dim)
     v = v_proj(h).reshape(batch, length, n_kv_heads, head_dim)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return out_proj(attention(q, k, v, key_valid=valid, causal=causal).reshape(batch, length, n_heads * head_dim))
+    if cache is not None:
+        rows = jnp.arange(batch)[:, None]
+        k = cache[0].at[rows, positions].set(k.astype(cache[0].dtype))
+        v = cache[1].at[rows, positions].set(v.astype(cache[1].dtype))
+    out = attention(q, k, v, key_valid=valid, causal=causal)
+    return out_proj(out.reshape(batch, length, n_heads * head_dim)), (k, v)
 
 
 def make_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, stacked: bool):
@@ -165,3 +190,35 @@ def run_layers(layers, x: jax.Array, rope, valid, *, stacked: bool, remat: bool)
         graphdef, state = nnx.split(layer)
         x = apply(graphdef, state, x)
     return x
+
+
+def run_layers_kv(layers, x: jax.Array, rope, valid, *, stacked: bool, cache: KV | None = None,
+                  positions: jax.Array | None = None):
+    """`run_layers` for decoding with a block KV cache: each layer is `layer.with_kv(h, rope, valid,
+    cache, positions) -> (h, (k, v))`.
+
+    Args:
+      x: `[B, S, D]` (no cache: a full forward) or a window `[B, W, D]` at `positions` `[B, W]`.
+      cache: per-layer `(k, v)` `[n_layers, B, S, Hkv, Dh]` or None.
+    Returns:
+      `(x, (k, v) [n_layers, B, S, Hkv, Dh])`: after a full forward the cache to keep; after a
+      window forward the cache with the window's keys/values written in (callers may drop it).
+    """
+    def apply(graphdef, state, h, layer_cache):
+        return nnx.merge(graphdef, state).with_kv(h, rope, valid, layer_cache, positions)
+
+    if stacked:
+        graphdef, state = nnx.split(layers)
+
+        def body(h, xs):
+            layer_state, layer_cache = xs
+            return apply(graphdef, layer_state, h, layer_cache)
+
+        return jax.lax.scan(body, x, (state, cache))
+    kvs = []
+    for i, layer in enumerate(layers):
+        graphdef, state = nnx.split(layer)
+        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        x, kv = apply(graphdef, state, x, layer_cache)
+        kvs.append(kv)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *kvs)

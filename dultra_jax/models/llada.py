@@ -12,8 +12,8 @@ import jax
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
-from dultra_jax.models.layers import (Embed, Linear, RMSNorm, make_layers, rope_tables, run_layers, self_attention,
-                                      swiglu, truncated_normal_init)
+from dultra_jax.models.layers import (KV, Embed, Linear, RMSNorm, make_layers, rope_tables, run_layers, run_layers_kv,
+                                      self_attention_kv, swiglu, truncated_normal_init)
 
 
 class LLaDABlock(nnx.Module):
@@ -37,10 +37,17 @@ class LLaDABlock(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None) -> jax.Array:
         """`x` `[B, L, D]`, `rope` tables `[B|1, L, Dh]`, `valid` `[B, L]` key mask or None."""
-        x = x + self_attention(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
-                               n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
-                               rope=rope, valid=valid)
-        return x + swiglu(self.ff_proj, self.up_proj, self.ff_out, self.ff_norm(x))
+        return self.with_kv(x, rope, valid)[0]
+
+    def with_kv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None,
+                cache: KV | None = None, positions: jax.Array | None = None):
+        """The block, also returning its attention keys/values (`layers.self_attention_kv`):
+        `x` `[B, W, D]` is the whole sequence, or with `cache` a window at `positions` `[B, W]`."""
+        attn, kv = self_attention_kv(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
+                                     n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                                     rope=rope, valid=valid, cache=cache, positions=positions)
+        x = x + attn
+        return x + swiglu(self.ff_proj, self.up_proj, self.ff_out, self.ff_norm(x)), kv
 
 
 def make_blocks(config: ModelConfig, n: int, rngs: nnx.Rngs, stacked: bool):
@@ -71,6 +78,18 @@ class LLaDAModel(nnx.Module):
         x = run_layers(self.blocks, x, self.rope(positions), valid, stacked=self.config.scan_layers,
                        remat=self.config.remat)
         return self.ln_f(x)
+
+    def hidden_kv(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None, cache: KV | None = None):
+        """`hidden` that also returns every layer's keys/values (`layers.run_layers_kv`).
+
+        Without `cache`: the whole canvas, `tokens`/`valid` `[B, L]`, `positions` `[B|1, L]`.
+        With `cache` (`[n_layers, B, L, Hkv, Dh]` each): `tokens` and `positions` `[B, W]` are a
+        window of the canvas, `valid` the canvas key mask `[B, L]`.
+        Returns `(h_last [B, W|L, D], (k, v) [n_layers, B, L, Hkv, Dh])`.
+        """
+        x, kv = run_layers_kv(self.blocks, self.wte(tokens), self.rope(positions), valid,
+                              stacked=self.config.scan_layers, cache=cache, positions=positions)
+        return self.ln_f(x), kv
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None):
         """Backbone forward.

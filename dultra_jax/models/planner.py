@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
-from dultra_jax.models.layers import Embed, Linear, layer_norm_no_affine, run_layers
+from dultra_jax.models.layers import KV, Embed, Linear, layer_norm_no_affine, run_layers, run_layers_kv
 from dultra_jax.models.llada import make_blocks
 
 _xavier = jax.nn.initializers.xavier_uniform()
@@ -81,8 +81,25 @@ class PlannerHead(nnx.Module):
         Returns:
           `[B, L]` float32 logits (apply a sigmoid for the unmask probability).
         """
-        temb = self.time_embedding(t)[:, None, :] + self.mask_embedding(candidates.astype(jnp.int32))
-        h = self.norm_out_1(h_last, temb)
+        temb, h = self._modulated_input(h_last, t, candidates)
         f = run_layers(self.mask_head, h, rope, valid, stacked=False, remat=self.remat)
-        f = self.norm_out_2(f, temb)
-        return self.mask_linear(f)[..., 0].astype(jnp.float32)
+        return self._logits(f, temb)
+
+    def with_kv(self, h_last: jax.Array, t: jax.Array, candidates: jax.Array, rope, valid,
+                cache: KV | None = None, positions: jax.Array | None = None):
+        """The head, also returning its block's keys/values (the decoder's KV cache).
+
+        Without `cache` as `__call__`; with `cache` (`[n_head_layers, B, L, Hkv, Dh]` each),
+        `h_last`, `candidates` and `rope` cover a window at `positions` `[B, W]` and `valid` is
+        the canvas key mask `[B, L]`. Returns `(logits [B, W|L], (k, v))`.
+        """
+        temb, h = self._modulated_input(h_last, t, candidates)
+        f, kv = run_layers_kv(self.mask_head, h, rope, valid, stacked=False, cache=cache, positions=positions)
+        return self._logits(f, temb), kv
+
+    def _modulated_input(self, h_last, t, candidates):
+        temb = self.time_embedding(t)[:, None, :] + self.mask_embedding(candidates.astype(jnp.int32))
+        return temb, self.norm_out_1(h_last, temb)
+
+    def _logits(self, f, temb):
+        return self.mask_linear(self.norm_out_2(f, temb))[..., 0].astype(jnp.float32)

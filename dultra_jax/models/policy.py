@@ -126,3 +126,45 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
     if logit_positions is not None:
         unmask_logits = gather_positions(unmask_logits, logit_positions)
     return token_logits, unmask_logits
+
+
+def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, valid: jax.Array,
+                    candidates: jax.Array, logit_positions: jax.Array, cache=None, window: jax.Array | None = None):
+    """`policy_apply` for decoding with a block KV cache (Fast-dLLM); the mask logit is -inf.
+
+    Full forward (`cache` None): the whole canvas runs, outputs are read at `logit_positions`
+    `[B, K]`, and every attention layer's keys/values come back: the cache to keep.
+    Window forward (`cache` given): only the canvas positions `window` `[B, W]` run, against the
+    cached keys/values of all others; outputs are read at the first `K` window positions (callers
+    put the current block first). Cached keys/values are as stale as the canvas they were made on.
+
+    Args:
+      canvas, valid, candidates: `[B, L]` (candidates: masked positions of the current block).
+      cache: `(backbone_kv, planner_kv)`, `(k, v)` pairs `[n_layers, B, L, Hkv, Dh]` (planner_kv
+        None without a planner head).
+    Returns:
+      `(token_logits [B, K, V]`, `unmask_logits [B, K]` float32 or None, `cache`); after a window
+      forward the returned cache holds the window's fresh keys/values (callers may drop it).
+    """
+    model = bind(config, params)
+    key_mask = _key_mask(config, valid)
+    num_out = logit_positions.shape[1]
+    if cache is None:
+        positions = default_positions(canvas.shape[1])
+        h_last, backbone_kv = model.hidden_kv(canvas, positions, key_mask)
+        planner_positions, h_out = positions, gather_positions(h_last, logit_positions)
+        planner_candidates, planner_cache = candidates, None
+    else:
+        tokens = gather_positions(canvas, window)
+        h_last, backbone_kv = model.hidden_kv(tokens, window, key_mask, cache=cache[0])
+        planner_positions, h_out = window, h_last[:, :num_out]
+        planner_candidates, planner_cache = gather_positions(candidates, window), cache[1]
+    token_logits = suppress_mask_logit(model.ff_out(h_out), config.mask_token_id)
+    if not config.has_planner:
+        return token_logits, None, (backbone_kv, None)
+    unmask_logits, planner_kv = model.planner.with_kv(
+        h_last, planner_timestep(canvas, config.mask_token_id), planner_candidates, model.rope(planner_positions),
+        key_mask, cache=planner_cache, positions=None if cache is None else window)
+    unmask_logits = (gather_positions(unmask_logits, logit_positions) if cache is None
+                     else unmask_logits[:, :num_out])
+    return token_logits, unmask_logits, (backbone_kv, planner_kv)

@@ -25,7 +25,7 @@ def replay_step_logp(params: policy.Params, trajectory: Trajectory, k: jax.Array
                      config: DecodeConfig) -> jax.Array:
     """Log-probability `[B]` of each row's step `k` (a scalar); 0 for rows with fewer steps."""
     canvas = canvas_before_step(trajectory, k, model.mask_token_id)
-    positions, active, candidates, token_logits, unmask_logits = evaluate_block(
+    positions, active, candidates, token_logits, unmask_logits, _ = evaluate_block(
         params, canvas, trajectory_valid(trajectory), model, config)
     gen_positions = positions - config.prompt_length
     reveal = candidates & (policy.gather_positions(trajectory.unmask_step, gen_positions) == k)

@@ -513,9 +513,11 @@ def decode_accuracy(params: Params, model: ModelConfig, task: SFTTask, problems:
 
 
 def eval_decode_config(rule: str, run: SFTRun, task: SFTTask, model: ModelConfig) -> DecodeConfig:
-    """The held-out decoding of `rule`: greedy tokens, the task's canvas and blocks."""
+    """The held-out decoding of `rule`: greedy tokens on the task's own canvas (its prompt
+    length, whatever `data.prompt_length` trained with: RoPE is relative and padding keys are
+    masked, so left padding does not change the model's outputs) and blocks."""
     steps = run.eval.get("steps") if rule in SCHEDULED_RULES else None
-    decode = DecodeConfig(rule=rule, prompt_length=int(run.data["prompt_length"]),
+    decode = DecodeConfig(rule=rule, prompt_length=max(task.prompt_length, int(run.data["prompt_length"])),
                           gen_length=int(run.data["response_length"]),
                           block_length=int(run.eval.get("block_length") or task.block_length), temperature=0.0,
                           steps=steps, eos_token_id=model.eos_token_id)
@@ -605,6 +607,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if length > model.max_sequence_length:
         raise ConfigError(f"data.prompt_length + data.response_length = {length} exceeds "
                           f"model.max_sequence_length={model.max_sequence_length}")
+    if int(run.data["prompt_length"]) != task.prompt_length and not model.mask_padding:
+        raise ConfigError(f"data.prompt_length={run.data['prompt_length']} differs from the {task.name} task's "
+                          f"{task.prompt_length}, which is only exact with model.mask_padding=True")
     _, rows = task_rows(task, run.data, model)
     data = SFTData(rows, int(run.data["batch_size"]), run.seed)
     log.info("pretrain: %d %s examples, batch %d, %d steps (%.1f epochs)", data.size, task.name, data.batch_size,

@@ -1,0 +1,122 @@
+"""Block KV cache for the rollout (Fast-dLLM's prefix and dual cache, `DecodeConfig.cache`).
+
+A masked diffusion LM attends bidirectionally, so every position's keys/values change whenever a
+token is revealed anywhere: an exact decoder recomputes the whole canvas every step (`none`).
+Fast-dLLM observes that the keys/values outside the block being decoded change little within a
+block, and reuses them:
+
+    prefix  when a row enters a new block, one full forward refreshes its cache (every layer's
+            keys/values of every canvas position, backbone and planner head); later steps of the
+            block run only the window `[block start, L)` against the cached prefix.
+    dual    the same refresh; later steps run only the block, against the cached prefix *and*
+            suffix (the suffix is still all masks, so its cached keys/values are nearly current).
+
+Everything stays fixed-shape inside the rollout's `lax.while_loop`. The cache holds all `L`
+positions (`[n_layers, B, L, Hkv, Dh]`, keys and values); a window forward writes the window's
+fresh keys/values over it and attends to all `L` keys, so one code path serves both modes. Rows
+move through blocks at their own pace, so each row remembers the block its cache was made for
+(`block`) and is refreshed when it moves on: an iteration where every active row needs a
+refresh runs only the full forward (its outputs are exact), one where none does runs only the
+window forward, a mixed one runs both. The prefix window's width depends on the block, so it
+is a `lax.switch` over the slowest active row's block (rows further on read a window clipped at
+the canvas end; the clipped duplicates of the last position compute the same values).
+
+Exactness. A refresh step is exact (it is the full forward). Later steps differ from `none` by
+the staleness of the cached keys/values, so tokens can differ; `benchmarks/rollout.py` reports
+how often. In particular, even a single block covering the whole generation is not exact under
+`prefix`: the prompt's keys/values at layers > 0 depend on the revealed generation tokens
+through bidirectional attention. When every block is decoded in one step, every step is a
+refresh and all modes agree exactly (tested).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dultra_jax.config import DecodeConfig, ModelConfig
+from dultra_jax.models import policy
+
+Params = policy.Params
+
+
+@struct.dataclass
+class BlockCache:
+    """The rollout's KV cache (part of the loop carry).
+
+    Attributes:
+      kv: `(backbone_kv, planner_kv)`; each a `(keys, values)` pair of `[n_layers, B, L, Hkv, Dh]`
+        arrays in the compute dtype (planner_kv None without a planner head).
+      block: `[B]` int32 block index each row's cache was refreshed for (-1: never).
+    """
+
+    kv: tuple
+    block: jax.Array
+
+
+def init_cache(batch: int, model: ModelConfig, config: DecodeConfig) -> BlockCache | None:
+    """An empty cache for `config.cache` (None for `none`); every row refreshes on its first step."""
+    if config.cache == "none":
+        return None
+
+    def zeros(n_layers: int):
+        shape = (n_layers, batch, config.canvas_length, model.n_kv_heads, model.head_dim)
+        return jnp.zeros(shape, model.compute_dtype), jnp.zeros(shape, model.compute_dtype)
+
+    planner_kv = zeros(model.planner.num_head_layers) if model.has_planner else None
+    return BlockCache(kv=(zeros(model.n_layers), planner_kv), block=jnp.full((batch,), -1, jnp.int32))
+
+
+def _prefix_window(block_start: jax.Array, width: int, length: int) -> jax.Array:
+    """`[B, width]` positions `start, start + 1, ...`, clipped at the canvas end `length - 1`."""
+    return jnp.minimum(block_start[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :], length - 1)
+
+
+def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, cache: BlockCache,
+                          positions: jax.Array, active: jax.Array, candidates: jax.Array,
+                          model: ModelConfig, config: DecodeConfig):
+    """One NFE on each row's current block, through the cache.
+
+    Args:
+      canvas, valid: `[B, L]`; positions: `[B, Lb]` each row's current block; active: `[B]`;
+      candidates: `[B, L]` bool, the masked positions of the current blocks.
+    Returns:
+      `(token_logits [B, Lb, V]`, `unmask_logits [B, Lb]` or None, the updated `BlockCache`).
+    """
+    block_index = (positions[:, 0] - config.prompt_length) // config.block_length
+    refresh = active & (block_index != cache.block)
+    row_refresh = refresh[None, :, None, None, None]
+
+    def full_forward(kv):
+        token_logits, unmask_logits, fresh = policy.policy_apply_kv(
+            params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions)
+        kv = jax.tree.map(lambda new, old: jnp.where(row_refresh, new, old), fresh, kv)
+        return kv, (token_logits, unmask_logits)
+
+    def skip_full_forward(kv):
+        outputs = jax.eval_shape(full_forward, kv)[1]
+        return kv, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), outputs)
+
+    def window_forward(window, kv):
+        token_logits, unmask_logits, _ = policy.policy_apply_kv(
+            params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
+            cache=kv, window=window)
+        return token_logits, unmask_logits
+
+    def cached_outputs(kv):
+        if config.cache == "dual":
+            return window_forward(positions, kv)
+        # prefix: the window runs from the block start to the canvas end; its width is static per
+        # block, so branch on the slowest active row's block (the others' windows are clipped).
+        slowest = jnp.min(jnp.where(active, block_index, config.num_blocks - 1))
+        start = positions[:, 0]
+        branches = [lambda kv, k=k: window_forward(
+            _prefix_window(start, config.gen_length - k * config.block_length, config.canvas_length), kv)
+            for k in range(config.num_blocks)]
+        return jax.lax.switch(slowest, branches, kv)
+
+    kv, full_outputs = jax.lax.cond(jnp.any(refresh), full_forward, skip_full_forward, cache.kv)
+    token_logits, unmask_logits = jax.lax.cond(jnp.all(refresh | ~active), lambda kv: full_outputs,
+                                               cached_outputs, kv)
+    return token_logits, unmask_logits, BlockCache(kv=kv, block=jnp.where(refresh, block_index, cache.block))

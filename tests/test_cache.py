@@ -1,0 +1,123 @@
+"""The block KV cache (`decode.cache` prefix / dual): window forwards, exact cases, rollout invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dultra_jax.config import ConfigError, DecodeConfig
+from dultra_jax.decoding import cache as C
+from dultra_jax.decoding import rollout as R
+from dultra_jax.models import policy
+from tests.helpers import MASK_ID, random_params, tiny_config
+from tests.test_rollout import _assert_same, _check_invariants
+
+MODEL = tiny_config()
+PARAMS = random_params(MODEL)
+PROMPTS = np.random.default_rng(0).integers(3, MASK_ID, size=(4, 6))
+LP, LG, LB = 8, 12, 4
+apply_kv = jax.jit(policy.policy_apply_kv, static_argnums=2)
+apply = jax.jit(policy.policy_apply, static_argnums=2)
+
+
+def decode(rule, cache, **kw):
+    fields = dict(rule=rule, prompt_length=LP, gen_length=LG, block_length=LB, temperature=0.0, eos_token_id=1,
+                  cache=cache)
+    fields.update(kw)
+    return DecodeConfig(**fields)
+
+
+def _canvas():
+    """A half-decoded canvas: prompt, first block revealed, second block partly, the rest masked."""
+    rng = np.random.default_rng(1)
+    gen = np.full((4, LG), MASK_ID)
+    gen[:, :LB] = rng.integers(3, MASK_ID, size=(4, LB))
+    gen[:, LB] = rng.integers(3, MASK_ID, size=4)
+    canvas = np.concatenate([PROMPTS, np.zeros((4, LP - PROMPTS.shape[1]), int), gen], axis=1)
+    valid = np.ones(canvas.shape, bool)
+    valid[:, PROMPTS.shape[1]:LP] = False     # padding in the middle would be odd; only the mask matters
+    return jnp.asarray(canvas, jnp.int32), jnp.asarray(valid)
+
+
+def test_window_forward_on_a_fresh_cache_equals_the_full_forward():
+    canvas, valid = _canvas()
+    block = jnp.tile(jnp.arange(LP + LB, LP + 2 * LB, dtype=jnp.int32)[None], (4, 1))
+    candidates = (canvas == MASK_ID) & (jnp.arange(LP + LG)[None] >= LP + LB) & (jnp.arange(LP + LG)[None] < LP + 2 * LB)
+    full_logits, full_unmask, kv = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
+                                                          logit_positions=block)
+    ref_logits, ref_unmask = apply(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
+                                                 logit_positions=block)
+    np.testing.assert_allclose(full_logits, ref_logits, atol=1e-5)
+    np.testing.assert_allclose(full_unmask, ref_unmask, atol=1e-5)
+    assert kv[0][0].shape == (MODEL.n_layers, 4, LP + LG, MODEL.n_kv_heads, MODEL.head_dim)
+    # dual: the block alone; prefix: block start to the canvas end, here clipped (duplicates of
+    # the last position) as for a row ahead of the slowest one.
+    prefix = C._prefix_window(block[:, 0], LG, LP + LG)
+    assert int(prefix[0, -1]) == LP + LG - 1 and int(prefix[0, 0]) == LP + LB
+    for window in (block, prefix):
+        logits, unmask, _ = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
+                                                   logit_positions=block, cache=kv, window=window)
+        np.testing.assert_allclose(logits, full_logits, atol=1e-5)
+        np.testing.assert_allclose(unmask, full_unmask, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_one_step_per_block_is_exact(cache):
+    """Every step is then a refresh (a full forward), so the cache changes nothing."""
+    config = decode("low_confidence", cache, steps=LG // LB)
+    exact = R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), config.replace(cache="none"), MODEL)
+    cached = R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), config, MODEL)
+    _assert_same(cached, exact)
+    assert np.all(np.asarray(cached.num_steps) == LG // LB)
+
+
+def test_first_step_of_each_block_is_exact():
+    """A refresh step is the full forward: a rule revealing one token per step picks the same first
+    token of every block's first step as long as the blocks before agree."""
+    none = R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), decode("low_confidence", "none"), MODEL)
+    dual = R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), decode("low_confidence", "dual"), MODEL)
+    first = np.asarray(none.unmask_step) == 0
+    np.testing.assert_array_equal(np.asarray(dual.unmask_step) == 0, first)
+    np.testing.assert_array_equal(np.asarray(dual.tokens)[first], np.asarray(none.tokens)[first])
+    np.testing.assert_allclose(np.asarray(dual.step_logps)[:, 0], np.asarray(none.step_logps)[:, 0], atol=1e-5)
+
+
+CASES = [("low_confidence", "prefix", {}), ("threshold", "dual", dict(threshold=0.3)), ("factor", "prefix", {}),
+         ("planner_bernoulli", "dual", dict(temperature=0.7)), ("planner_topk", "prefix", {})]
+
+
+@pytest.mark.parametrize("rule, cache, kw", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_cached_rollouts_keep_the_rollout_invariants(rule, cache, kw):
+    config = decode(rule, cache, **kw)
+    _check_invariants(R.rollout(PARAMS, PROMPTS, None, jax.random.key(3), config, MODEL), config)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_while_loop_equals_python_loop(cache):
+    config = decode("planner_bernoulli", cache, temperature=0.7)
+    jitted = R.rollout(PARAMS, PROMPTS, None, jax.random.key(3), config, MODEL)
+    looped = R.rollout_python_loop(PARAMS, PROMPTS, None, jax.random.key(3), config, MODEL)
+    _assert_same(jitted, looped)
+
+
+def test_rows_refresh_at_their_own_block_boundaries():
+    """Rows move through blocks at different speeds; each row's cache follows its own block."""
+    config = decode("threshold", "dual", threshold=0.3)
+    state = R.init_state_jit(jnp.asarray(PROMPTS, jnp.int32)[:, :LP], jnp.ones(PROMPTS.shape, bool), jax.random.key(0),
+                             model=MODEL, config=config.replace(prompt_length=PROMPTS.shape[1]))
+    config = config.replace(prompt_length=PROMPTS.shape[1])
+    seen = []
+    while bool(R.keep_going(state, config)):
+        state = R.denoise_step_jit(PARAMS, state, model=MODEL, config=config)
+        positions, active = R.block_positions(state.canvas, MASK_ID, config)
+        seen.append(np.asarray(state.cache.block))
+        # After a step, a row's cache block is the block it just worked on: the current block,
+        # or the previous one when the step finished it.
+        current = (np.asarray(positions[:, 0]) - config.prompt_length) // LB
+        assert np.all((seen[-1] == current) | (seen[-1] == current - 1) | ~np.asarray(active))
+    assert seen[0].tolist() == [0] * 4 and seen[-1].tolist() == [LG // LB - 1] * 4
+
+
+def test_unknown_cache_mode_names_the_key():
+    with pytest.raises(ConfigError, match="decode.cache='full'"):
+        decode("low_confidence", "full")
