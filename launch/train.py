@@ -4,11 +4,21 @@ r"""GRPO training of a LLaDA backbone and its dUltra planner head.
 
 Resumes automatically from the latest checkpoint in `DIR/checkpoints`. Metrics go to
 `DIR/metrics.jsonl` and `DIR/tensorboard`.
+
+Multi-host: run one process per host with the same `--workdir` (a shared file system: Orbax
+writes each checkpoint from all processes, metrics come from process 0) and either
+
+    --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+
+or nothing at all on a multi-host TPU VM / Slurm / Open MPI job, whose environment JAX reads
+(`--distributed=on` forces JAX's detection, e.g. a GCE TPU pod; `--distributed=off` never
+initialises). `--config.data.prompts_per_step` is the GLOBAL number of prompts per step.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from dultra_jax import distributed
 from dultra_jax.checkpoint import quiet_orbax_logs
 from dultra_jax.config import ConfigError
 from dultra_jax.interop.safetensors_io import CheckpointError
@@ -17,14 +27,29 @@ from dultra_jax.training.grpo_trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).", required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-process: host:port of process 0's coordinator (same on every process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index in [0, num_processes).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None,
+                                      "Multi-process: the local devices this process uses (default all).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                                 "auto: initialise jax.distributed from the flags above or a detected multi-host "
+                                 "TPU/Slurm/Open MPI environment; on: always (JAX detects the cluster); off: never.")
 
 
 def main(argv):
     del argv
     quiet_orbax_logs()
     try:
+        # Before anything touches a JAX backend: the devices of all processes form the mesh.
+        local_ids = _LOCAL_DEVICE_IDS.value
+        if local_ids is not None and not all(i.strip().isdigit() for i in local_ids):
+            raise distributed.DistributedError(f"--local_device_ids={','.join(local_ids)} must be integers")
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               None if local_ids is None else [int(i) for i in local_ids], mode=_DISTRIBUTED.value)
         train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, CheckpointError, ShardingError) as e:
+    except (ConfigError, CheckpointError, ShardingError, distributed.DistributedError) as e:
         raise SystemExit(f"train.py: error: {e}") from None
 
 

@@ -136,8 +136,10 @@ def test_sharded_update_equals_unsharded(trajectory):
         got_state, got = jax.jit(step, out_shardings=(shardings, None))(
             sharded_state, sharded_traj, jax.device_put(advantages, batch_sharding(mesh, 1)))
     assert got_state.trainable["blocks"]["q_proj"]["kernel"].sharding.spec == jax.P(None, "fsdp", "tensor")
-    for key in ("loss", "grad_norm", "logp_gap"):
+    for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6)
+    # The rollout-vs-replay gap is itself float32 rounding noise (~1e-6), so only its size is compared.
+    np.testing.assert_allclose(got["logp_gap"], want["logp_gap"], atol=1e-5)
     for a, b in zip(jax.tree.leaves(merge_params(got_state.trainable, got_state.frozen)),
                     jax.tree.leaves(merge_params(want_state.trainable, want_state.frozen))):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)  # Adam steps are <= lr = 1e-2

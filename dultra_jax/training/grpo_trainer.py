@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -21,9 +22,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dultra_jax import checkpoint as ckpt_lib
+from dultra_jax import distributed
 from dultra_jax.config import (ConfigError, DecodeConfig, OptimConfig, RLConfig, dataclass_from_dict,
                                decode_config_from_dict, model_config_from_dict, model_config_to_dict)
-from dultra_jax.decoding.rollout import Trajectory, rollout
+from dultra_jax.decoding.rollout import rollout
 from dultra_jax.models import policy
 from dultra_jax.models.build import build_model
 from dultra_jax.rl.grpo import compute_advantages
@@ -151,10 +153,54 @@ def rollout_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
-def step_metrics(trajectory: Trajectory, total: np.ndarray, parts: dict[str, np.ndarray], update: dict,
-                 accuracy_part: str | None) -> dict[str, Any]:
-    nfe = np.asarray(trajectory.num_steps)
-    gen_length = trajectory.tokens.shape[1]
+def all_rows(tree, mesh):
+    """Every process's host rows in global row order: leaves `[B_local, ...] -> [B, ...]`.
+
+    Metrics that average over rows (rewards, accuracy, NFE) must see the whole batch, not only
+    process 0's rows. The rows travel as raw bytes (`uint8 [B_local, row bytes]`) through a
+    row-sharded global array that is then replicated, so float64 rewards, NaN and bools arrive
+    bit for bit and in the rollout's row order: the means equal a single process's exactly.
+    With one process the tree is returned unchanged.
+    """
+    if jax.process_count() == 1:
+        return tree
+
+    def one(x):
+        x = np.ascontiguousarray(x)
+        raw = x.reshape(x.shape[0], -1).view(np.uint8)
+        full = multihost_utils.process_allgather(global_rows(raw, mesh), tiled=True)
+        return np.ascontiguousarray(full).view(x.dtype).reshape((-1,) + x.shape[1:])
+
+    return jax.tree.map(one, tree)
+
+
+def check_same_on_all_processes(value: Any, what: str) -> None:
+    """Raises if a JSON-able host value differs between processes (a no-op for one process).
+
+    Orbax's `JsonSave` writes only process 0's copy and every process restores that copy, which is
+    right only when all processes hold the same value (the grain iterator's state is a batch
+    index, advanced in lockstep).
+    """
+    if jax.process_count() == 1:
+        return
+    digest = np.uint32(zlib.crc32(json.dumps(value, sort_keys=True).encode()))
+    digests = multihost_utils.process_allgather(digest)
+    if len(set(digests.tolist())) != 1:
+        raise RuntimeError(f"{what} differs between processes ({value!r} on process {jax.process_index()}); "
+                           f"a checkpoint holds one copy")
+
+
+def step_metrics(num_steps: np.ndarray, gen_length: int, total: np.ndarray, parts: dict[str, np.ndarray],
+                 update: dict, accuracy_part: str | None) -> dict[str, Any]:
+    """One metrics row from the whole batch (all processes' rows).
+
+    Args:
+      num_steps: `[B]` NFE of every row; gen_length: `Lg`; total: `[B]` rewards;
+      parts: `{name: [B]}` reward components (NaN where a part does not apply);
+      update: the (replicated) scalars of `grpo_update`; accuracy_part: the part whose positive
+        value means correct, if any.
+    """
+    nfe = np.asarray(num_steps)
     row = {"loss": float(update["loss"]), "reward_mean": float(np.mean(total)),
            **{f"reward_{name}": float(np.nanmean(value)) for name, value in parts.items()},
            "nfe_mean": float(nfe.mean()), "tokens_per_forward": float(gen_length * len(nfe) / max(nfe.sum(), 1)),
@@ -171,8 +217,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     from dultra_jax.training.data_setup import TrainData
 
     run = run_config(config)
+    if config.get("final_eval") and jax.process_count() > 1:
+        # Fail at start-up rather than after training: evaluation runs on one host.
+        raise ConfigError(f"final_eval runs on a single host, but this run has {jax.process_count()} processes; "
+                          "unset final_eval and evaluate the checkpoint with launch/evaluate.py")
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(**run.mesh)
+    distributed.connect_cpu_collectives(mesh)  # multi-process CPU only: before the processes drift apart
     prompts_per_step = int(run.data.get("prompts_per_step", 1))
     rows = prompts_per_step * run.rl.group_size
     check_batch(f"batch rows = data.prompts_per_step ({prompts_per_step}) * rl.group_size "
@@ -214,20 +265,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             advantages = compute_advantages(global_rows(total.astype(np.float32), mesh), run.rl)
             for _ in range(run.rl.num_iterations):
                 state, update_metrics = update(state, trajectory, advantages)
-            row = {"step": step + 1, **step_metrics(local, total, parts, update_metrics, data.accuracy_part),
+            # Rewards stay per process (host work on its own rows); their means are over all rows.
+            num_steps, total, parts = all_rows((local.num_steps, total, parts), mesh)
+            row = {"step": step + 1, **step_metrics(num_steps, local.tokens.shape[1], total, parts, update_metrics,
+                                                    data.accuracy_part),
                    "learning_rate": float(schedule(step)), "step_time_s": time.perf_counter() - began}
             if row["skipped"]:
                 log.warning("step %d: non-finite loss or gradient; the update was skipped", step + 1)
             writer.write(row)
             history.append(row)
-            log.info("step %d/%d loss %.4g reward %.3f nfe %.1f tpf %.2f gap %.2g %.2fs", step + 1, run.total_steps,
-                     row["loss"], row["reward_mean"], row["nfe_mean"], row["tokens_per_forward"], row["logp_gap"],
-                     row["step_time_s"])
+            log.log(logging.INFO if writer.enabled else logging.DEBUG,  # results: process 0 only
+                    "step %d/%d loss %.4g reward %.3f nfe %.1f tpf %.2f gap %.2g %.2fs", step + 1, run.total_steps,
+                    row["loss"], row["reward_mean"], row["nfe_mean"], row["tokens_per_forward"], row["logp_gap"],
+                    row["step_time_s"])
             due = (step + 1) % run.checkpoint_every == 0 or step + 1 == run.total_steps
             if due and row["skipped"]:
                 log.warning("step %d: not checkpointed after a skipped update", step + 1)
             elif due:
-                checkpointer.save(step + 1, state, data.get_state(),
+                data_state = data.get_state()
+                check_same_on_all_processes(data_state, "the data iterator state")
+                checkpointer.save(step + 1, state, data_state,
                                   {"config": config.to_dict(), "model": model_config_to_dict(model)})
     finally:
         checkpointer.close()

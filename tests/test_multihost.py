@@ -1,0 +1,174 @@
+"""Multi-host GRPO: two processes x 4 CPU devices (gloo over loopback) equal one process x 8 devices.
+
+`launch/train.py` runs as real separate processes joined by `jax.distributed` (coordinator on
+127.0.0.1). The two-process run trains 1 step, stops, and a second pair of processes resumes it
+to step 2 from the Orbax checkpoint both wrote; a single process with 8 devices trains 2 steps
+straight. Metrics (process 0's `metrics.jsonl`) and the final parameters must agree.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dultra_jax import distributed
+from dultra_jax.training.grpo_trainer import restore_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 480  # per launch; a cold compile of both programs on 2 busy cores takes minutes
+# Metrics that count discrete outcomes of the decoding (same tokens, same steps): equal exactly.
+EXACT = ("step", "reward_mean", "reward_exact_match", "reward_step_penalty", "accuracy", "nfe_mean",
+         "tokens_per_forward", "skipped", "learning_rate", "clip_fraction")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, bind_address: str | None = None) -> dict:
+    """The subprocess environment: conftest's XLA flags (LLVM -O0: compiling dominates, and process 1
+    cannot use the persistent cache on CPU, whose key holds the process's topology) and cache dir,
+    with `devices` fake CPU devices. All three runs compile with the same flags."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
+    if bind_address:
+        env["JAX_COORDINATOR_BIND_ADDRESS"] = bind_address  # loopback only (JAX's default is [::])
+    return env
+
+
+def _tail(path: str, chars: int = 3000) -> str:
+    with open(path, errors="replace") as f:
+        text = "".join(line for line in f if "[Gloo]" not in line)  # gloo prints one line per peer
+    return text[-chars:]
+
+
+def _run_all(commands: list[tuple[list[str], dict]], logdir, name: str) -> list[str]:
+    """Starts every command at once, waits for all (killing all of them on a timeout or when one
+    fails, since its peers would wait for it), and returns the log paths."""
+    logs, procs = [], []
+    for i, (args, env) in enumerate(commands):
+        log_path = str(logdir / f"{name}.{i}.log")
+        with open(log_path, "w") as log:
+            procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+        logs.append(log_path)
+    deadline = time.monotonic() + TIMEOUT_S
+    failed = None
+    while failed is None and any(p.poll() is None for p in procs):
+        failed = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        if time.monotonic() > deadline:
+            failed = "timeout"
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    failed = failed if failed is not None else next((i for i, p in enumerate(procs) if p.returncode), None)
+    if failed is not None:
+        report = "\n".join(f"--- {name} process {i} (rc {p.returncode}) ---\n{_tail(logs[i])}"
+                           for i, p in enumerate(procs))
+        pytest.fail(f"{name}: {'timed out after %d s' % TIMEOUT_S if failed == 'timeout' else 'failed'}\n{report}")
+    return logs
+
+
+def _train_args(workdir, steps: int) -> list[str]:
+    return ["launch/train.py", "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.total_steps={steps}"]
+
+
+def _multihost(workdir, steps: int, logdir, name: str) -> list[str]:
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    return _run_all([(_train_args(workdir, steps) + [f"--coordinator_address={address}", "--num_processes=2",
+                                                    f"--process_id={i}"], _env(4, address)) for i in range(2)],
+                    logdir, name)
+
+
+def _metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("multihost")
+    single, multi = base / "single", base / "multi"
+    began = time.monotonic()
+    _run_all([(_train_args(single, 2), _env(8))], base, "single")
+    first = _multihost(multi, 1, base, "multi_first")
+    resumed = _multihost(multi, 2, base, "multi_resumed")
+    print(f"multihost runs took {time.monotonic() - began:.0f} s")
+    return str(single), str(multi), first, resumed
+
+
+def test_two_processes_equal_one_process(runs):
+    single, multi, first, resumed = runs
+    one, two = _metrics(single), _metrics(multi)
+    # Process 0 alone writes the metrics: one row per step, and rows are over all 8 rows of the batch.
+    assert [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        for key in EXACT:
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+        # Float reductions across devices: gloo's cross-process all-reduce adds in another order
+        # than XLA's in-process one, so these agree to float32 rounding, not bit for bit.
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-5)
+        assert b["logp_gap"] < 1e-4 and a["logp_gap"] < 1e-4
+    # The resumed pair restored step 1 from the checkpoint both processes wrote.
+    assert "resumed from step 1" in _tail(resumed[0], 100_000)
+    assert "step 2/2" in _tail(resumed[0], 100_000) and "step 2/2" not in _tail(resumed[1], 100_000)
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(os.path.join(multi, "checkpoints", "2", "state")))
+
+    params_one, _, _ = restore_params(single)
+    params_two, _, _ = restore_params(multi)
+    leaves_one = jax.tree_util.tree_leaves_with_path(params_one)
+    for (path, a), b in zip(leaves_one, jax.tree.leaves(params_two), strict=True):
+        # Adam divides by sqrt(v): the float32-rounding differences of the summed gradients grow
+        # to a few 1e-6 where gradients are tiny. 2e-5 is 1% of one Adam step (lr 1e-3) and
+        # far below what a wrong batch or a wrong update would move (every parameter moves ~1e-3).
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_flag_errors_name_the_flag():
+    with pytest.raises(distributed.DistributedError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
+        distributed.check_flags("127.0.0.1:1234", 2, 2, None)
+    with pytest.raises(distributed.DistributedError, match=r"missing --num_processes, --process_id"):
+        distributed.check_flags("127.0.0.1:1234", None, None, None)
+    with pytest.raises(distributed.DistributedError, match=r"--coordinator_address='localhost' must be host:port"):
+        distributed.check_flags("localhost", 2, 0, None)
+    with pytest.raises(distributed.DistributedError, match=r"--num_processes=0 must be >= 1"):
+        distributed.check_flags("h:1", 0, 0, None)
+    with pytest.raises(distributed.DistributedError, match=r"--local_device_ids=0,0"):
+        distributed.check_flags("h:1", 2, 0, [0, 0])
+    with pytest.raises(distributed.DistributedError, match=r"--num_processes given with --distributed=off"):
+        distributed.check_flags(None, 2, None, None, mode="off")
+    assert not distributed.check_flags("h:1", 1, 0, None)  # one process: nothing to initialise
+    assert distributed.check_flags("h:1", 2, 1, [0, 1])
+    # No flags and no cluster: a single process, jax.distributed untouched.
+    assert not distributed.initialize(environ={})
+
+
+def test_cluster_detection_from_env():
+    assert distributed.cluster_from_env({}) is None
+    assert distributed.cluster_from_env({"TPU_WORKER_HOSTNAMES": "localhost"}) is None  # one host
+    assert distributed.cluster_from_env({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == "tpu"
+    assert distributed.cluster_from_env({"MEGASCALE_COORDINATOR_ADDRESS": "t0:8080"}) == "tpu"
+    assert distributed.cluster_from_env({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    assert distributed.cluster_from_env({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == "slurm"
+    assert distributed.cluster_from_env({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1"}) == "openmpi"
+
+
+def test_launcher_rejects_inconsistent_flags(tmp_path):
+    proc = subprocess.run([sys.executable, *_train_args(tmp_path / "w", 1), "--coordinator_address=127.0.0.1:1",
+                           "--num_processes=2", "--process_id=2"], cwd=ROOT, env=_env(8), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "train.py: error: --process_id=2 must be in [0, --num_processes=2)" in proc.stderr
