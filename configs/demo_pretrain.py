@@ -1,6 +1,12 @@
 r"""Pre-training of the demo's tiny LLaDA on the embedded arithmetic task (masked diffusion SFT).
 
-    python launch/pretrain.py --config=configs/demo_pretrain.py --workdir=/tmp/demo_pretrain
+    python launch/pretrain.py --config=configs/demo_pretrain.py --workdir=runs/demo_pretrain
+    python launch/pretrain.py --config=configs/demo_pretrain.py:continue --workdir=runs/demo_pretrain2
+
+The first run trains from scratch for 1,500 steps; `:continue` trains its export
+(`runs/demo_pretrain/hf`) for 700 more steps on the next 100,000 training problems with a fresh,
+lower cosine schedule (the first run was still improving when its schedule ended: held-out
+accuracy 41% at step 1,250, 56% at 1,500).
 
 A 4-layer, D=128 bidirectional transformer over the task's 17-token character vocabulary, trained
 from scratch with LLaDA's SFT loss on `[prompt (16) | solution + EOS (32)]` rows; at the end the
@@ -29,8 +35,9 @@ def demo_model() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    del arg
-    return ml_collections.ConfigDict(dict(
+    if arg not in (None, "", "continue"):
+        raise ValueError(f"configs/demo_pretrain.py: unknown variant {arg!r} (use no argument or ':continue')")
+    config = ml_collections.ConfigDict(dict(
         model=demo_model(),
         optim=common.optim(learning_rate=2e-3, schedule="cosine", warmup_steps=100, min_learning_rate=1e-4,
                            b2=0.98, weight_decay=0.01, grad_clip=1.0, train="all"),
@@ -49,3 +56,11 @@ def get_config(arg=None):
         export_dir=ml_collections.FieldReference(None, field_type=str),
         export_dtype="float32",
     ))
+    if arg == "continue":
+        config.model.path = "runs/demo_pretrain/hf"
+        config.total_steps = 700
+        config.optim.learning_rate = 1e-3
+        config.optim.warmup_steps = 20
+        config.data.start = 100_000
+        config.eval.every = 350
+    return config

@@ -1,9 +1,10 @@
 r"""Planner initialisation (spec section 7) of the demo base model on the arithmetic task.
 
-    python launch/init_planner.py --config=configs/planner_init.py --workdir=/tmp/demo_planner \
-        [--config.model.path=/tmp/demo_pretrain/hf]
+    python launch/init_planner.py --config=configs/planner_init.py --workdir=runs/demo_planner \
+        [--config.model.path=runs/demo_pretrain2/hf]
 
-Loads the base HF directory (`model.path`, default `assets/demo/base`), adds a fresh planner
+Loads the base HF directory (`model.path`, default `runs/demo_pretrain2/hf`, the export of
+`configs/demo_pretrain.py:continue`), adds a fresh planner
 head, trains only the planner to imitate the factor rule (f = 1) on the frozen backbone's
 predictions, and exports an HF directory with the planner (`export_dir`, default `WORKDIR/hf`).
 The reference uses AdamW lr 1e-5 for ~100k steps; the demo uses a larger learning rate to get
@@ -20,7 +21,7 @@ from dultra_jax.data import arithmetic as A
 def get_config(arg=None):
     del arg
     model = demo_model()
-    model.path = "assets/demo/base"   # the architecture comes from its config.json
+    model.path = "runs/demo_pretrain2/hf"   # configs/demo_pretrain.py:continue; its config.json sets the shape
     model.planner = common.planner()
     return ml_collections.ConfigDict(dict(
         model=model,
