@@ -6,13 +6,18 @@
 worked solutions such as `7+5=12;12-8=4;4+9=13;####13`, whose copied numbers and punctuation are
 easy to decode in parallel and whose result digits are not) with a planner head initialised to
 imitate the factor rule (assets/demo/README.md says how both were made). GRPO then trains the
-backbone and the planner jointly with the full reward: correctness plus a step penalty. At the
+planner with the full reward: correctness plus a step penalty. At the
 end, 500 held-out problems are decoded with each baseline rule and with the planner before and
 after RL: `results.json`, `pareto.png` and a table in the log.
 
 The step-penalty weight is 1.0 here, not the reference's 0.1: with 32-token generations the
 NFE range is 4..32, and at 0.1 the speed signal (at most 0.06) would drown in sampling noise
 within a 15-minute CPU run.
+
+Only the planner trains (`optim.train="planner"`); the reference trains the backbone too, at a
+learning rate (~1e-6) far below what 200 CPU steps need. With `optim.train="all"` at 1e-4, the
+same run cut NFE to 4.36 but held-out accuracy fell from 78.2% to 21.7%: this 0.86M-parameter
+backbone's arithmetic does not survive Adam steps of that size.
 """
 
 import ml_collections
@@ -30,7 +35,7 @@ def get_config(arg=None):
         decode=common.decode(prompt_length=A.PROMPT_LENGTH, gen_length=A.GEN_LENGTH, block_length=A.BLOCK_LENGTH,
                              temperature=0.1, eos_token_id=A.EOS_ID),
         rl=common.rl(group_size=8),
-        optim=common.optim(learning_rate=1e-4),
+        optim=common.optim(learning_rate=1e-4, train="planner"),
         data=dict(task="arithmetic", generator=dict(name="arithmetic", split="train", n=20000), prompts_per_step=4,
                   shuffle_seed=0),
         rewards=dict(weights={"arithmetic_correct": 1.0, "step_penalty": 1.0}),
