@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dultra_jax.config import ModelConfig, PlannerConfig
 
@@ -119,3 +120,29 @@ def model_configs(length: int) -> dict[str, ModelConfig]:
                              mask_token_id=4095, eos_token_id=1, pad_token_id=1, eot_token_id=2,
                              planner=PlannerConfig()),
     }
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (JAX's compile-duration monitoring event) while open."""
+
+    def __init__(self):
+        self.count = 0
+
+    def _listener(self, event: str, duration_s: float, **kwargs) -> None:
+        del duration_s, kwargs
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def __enter__(self) -> "CompileCounter":
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def random_prompts(model: ModelConfig, batch: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`[B, Lp]` int32 random tokens (never the mask id), all valid."""
+    tokens = np.random.default_rng(seed).integers(0, model.vocab_size - 1, size=(batch, length))
+    tokens[tokens >= model.mask_token_id] += 1
+    return tokens.astype(np.int32), np.ones((batch, length), bool)

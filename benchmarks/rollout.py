@@ -79,32 +79,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters, the prompts and
 MODES = ("while_loop", "python_loop")
 
 
-class CompileCounter:
-    """Counts XLA backend compilations (JAX's compile-duration monitoring event) while open."""
-
-    def __init__(self):
-        self.count = 0
-
-    def _listener(self, event: str, duration_s: float, **kwargs) -> None:
-        del duration_s, kwargs
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-    def __enter__(self) -> "CompileCounter":
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._listener)
-
-
-def random_prompts(model: ModelConfig, batch: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`[B, Lp]` int32 random tokens (never the mask id), all valid."""
-    tokens = np.random.default_rng(seed).integers(0, model.vocab_size - 1, size=(batch, length))
-    tokens[tokens >= model.mask_token_id] += 1
-    return tokens.astype(np.int32), np.ones((batch, length), bool)
-
-
 def warm_while_loop(params, prompts, valid, rng, config: DecodeConfig, model: ModelConfig) -> None:
     """Compiles everything `rollout` runs, on the same shapes: the loop starts on a finished carry."""
     tokens, valid = rollout_lib.check_prompts(prompts, valid, model, config)
@@ -142,7 +116,7 @@ def bench_rule(name: str, model: ModelConfig, params, rule: str, cache: str, ite
     config = DecodeConfig(rule=rule, prompt_length=_PROMPT_LENGTH.value, gen_length=_GEN_LENGTH.value,
                           block_length=_BLOCK_LENGTH.value, temperature=_TEMPERATURE.value,
                           eos_token_id=model.eos_token_id, cache=cache)
-    prompts, valid = random_prompts(model, _BATCH.value, config.prompt_length, seed)
+    prompts, valid = common.random_prompts(model, _BATCH.value, config.prompt_length, seed)
     rng = jax.random.key(seed + 1)
     runs = {"while_loop": (rollout_lib.rollout, warm_while_loop),
             "python_loop": (rollout_lib.rollout_python_loop, warm_python_loop)}
@@ -155,7 +129,7 @@ def bench_rule(name: str, model: ModelConfig, params, rule: str, cache: str, ite
 
     times = {mode: [] for mode in MODES}
     trajectories = {}
-    with CompileCounter() as compiles:
+    with common.CompileCounter() as compiles:
         for _ in range(iters):  # alternate the two ways, so a busy second on a shared host hits both alike
             for mode, (fn, _) in runs.items():
                 start = time.perf_counter()

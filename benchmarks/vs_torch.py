@@ -255,32 +255,6 @@ def torch_rollout(model: torch_reference.RefLLaDA, prompt_tokens: np.ndarray, co
 # ------------------------------------------------------------------------------- measurement
 
 
-class CompileCounter:
-    """Counts XLA backend compilations (JAX's compile-duration monitoring event) while open."""
-
-    def __init__(self):
-        self.count = 0
-
-    def _listener(self, event: str, duration_s: float, **kwargs) -> None:
-        del duration_s, kwargs
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-    def __enter__(self) -> "CompileCounter":
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._listener)
-
-
-def random_prompts(model: ModelConfig, batch: int, length: int, seed: int) -> np.ndarray:
-    """`[B, Lp]` int32 random tokens, never the mask id."""
-    tokens = np.random.default_rng(seed).integers(0, model.vocab_size - 1, size=(batch, length))
-    tokens[tokens >= model.mask_token_id] += 1
-    return tokens.astype(np.int32)
-
-
 def warm_rollout(params, prompts, valid, rng, config: DecodeConfig, model: ModelConfig) -> None:
     """Compiles everything `rollout` runs, on the same shapes and configs, without decoding: the
     loop starts on a finished carry (the timed calls count any compilation they still trigger)."""
@@ -327,7 +301,7 @@ def bench_rule(rule: str, caches: list[str], model: ModelConfig, params, torch_m
         compile_s[cache] = time.perf_counter() - start
 
     torch_times, our_times, ours = [], {cache: [] for cache in caches}, {}
-    with CompileCounter() as compiles:
+    with common.CompileCounter() as compiles:
         for _ in range(iters):
             start = time.perf_counter()
             theirs = torch_rollout(torch_model, prompts, configs[caches[0]], mask_id)
@@ -423,7 +397,7 @@ def main(argv):
     with tempfile.TemporaryDirectory(prefix="vs_torch-") as tmp:
         export_hf(params, model, os.path.join(tmp, "model"), dtype="float32")
         torch_model = torch_reference.ref_from_hf_dir(os.path.join(tmp, "model"))
-    prompts = random_prompts(model, _BATCH.value, _PROMPT_LENGTH.value, _SEED.value)
+    prompts = common.random_prompts(model, _BATCH.value, _PROMPT_LENGTH.value, _SEED.value)[0]
     with torch.no_grad():  # PyTorch's warm-up: one forward (+ planner) on the canvas shape
         canvas = torch.full((_BATCH.value, _PROMPT_LENGTH.value + _GEN_LENGTH.value), model.mask_token_id)
         _, h_last = torch_model(canvas)

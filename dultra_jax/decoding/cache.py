@@ -47,7 +47,8 @@ class BlockCache:
 
     Attributes:
       kv: `(backbone_kv, planner_kv)`; each a `(keys, values)` pair of `[n_layers, B, L, Hkv, Dh]`
-        arrays in the compute dtype (planner_kv None without a planner head).
+        arrays in the compute dtype (planner_kv None without a planner head or when the rule
+        does not use it).
       block: `[B]` int32 block index each row's cache was refreshed for (-1: never).
     """
 
@@ -64,7 +65,8 @@ def init_cache(batch: int, model: ModelConfig, config: DecodeConfig) -> BlockCac
         shape = (n_layers, batch, config.canvas_length, model.n_kv_heads, model.head_dim)
         return jnp.zeros(shape, model.compute_dtype), jnp.zeros(shape, model.compute_dtype)
 
-    planner_kv = zeros(model.planner.num_head_layers) if model.has_planner else None
+    # Rules that never read the planner neither run nor cache it.
+    planner_kv = zeros(model.planner.num_head_layers) if model.has_planner and config.uses_planner else None
     return BlockCache(kv=(zeros(model.n_layers), planner_kv), block=jnp.full((batch,), -1, jnp.int32))
 
 
@@ -90,7 +92,8 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
 
     def full_forward(kv):
         token_logits, unmask_logits, fresh = policy.policy_apply_kv(
-            params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions)
+            params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
+            with_planner=config.uses_planner)
         kv = jax.tree.map(lambda new, old: jnp.where(row_refresh, new, old), fresh, kv)
         return kv, (token_logits, unmask_logits)
 
@@ -101,7 +104,7 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
     def window_forward(window, kv):
         token_logits, unmask_logits, _ = policy.policy_apply_kv(
             params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
-            cache=kv, window=window)
+            cache=kv, window=window, with_planner=config.uses_planner)
         return token_logits, unmask_logits
 
     def cached_outputs(kv):

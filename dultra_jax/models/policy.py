@@ -129,7 +129,8 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
 
 
 def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, valid: jax.Array,
-                    candidates: jax.Array, logit_positions: jax.Array, cache=None, window: jax.Array | None = None):
+                    candidates: jax.Array, logit_positions: jax.Array, cache=None, window: jax.Array | None = None,
+                    with_planner: bool = True):
     """`policy_apply` for decoding with a block KV cache (Fast-dLLM); the mask logit is -inf.
 
     Full forward (`cache` None): the whole canvas runs, outputs are read at `logit_positions`
@@ -142,6 +143,8 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
       canvas, valid, candidates: `[B, L]` (candidates: masked positions of the current block).
       cache: `(backbone_kv, planner_kv)`, `(k, v)` pairs `[n_layers, B, L, Hkv, Dh]` (planner_kv
         None without a planner head).
+      with_planner: run the planner head (if any); False for rules that never read it, so its
+        keys/values are neither computed nor cached.
     Returns:
       `(token_logits [B, K, V]`, `unmask_logits [B, K]` float32 or None, `cache`); after a window
       forward the returned cache holds the window's fresh keys/values (callers may drop it).
@@ -160,7 +163,7 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
         planner_positions, h_out = window, h_last[:, :num_out]
         planner_candidates, planner_cache = gather_positions(candidates, window), cache[1]
     token_logits = suppress_mask_logit(model.ff_out(h_out), config.mask_token_id)
-    if not config.has_planner:
+    if not (config.has_planner and with_planner):
         return token_logits, None, (backbone_kv, None)
     unmask_logits, planner_kv = model.planner.with_kv(
         h_last, planner_timestep(canvas, config.mask_token_id), planner_candidates, model.rope(planner_positions),
