@@ -20,8 +20,7 @@ same machine, by:
           over every position, then the rule on the current block. The batch moves from block to
           block in lockstep (a row that finished its block idles until the others have).
   ours    `dultra_jax.decoding.rollout.rollout`: one jitted `lax.while_loop`, once per
-          `--caches` mode (`DecodeConfig.cache`: "none", "prefix", "dual"; when `DecodeConfig`
-          has no `cache` field only "none" runs, and the skipped modes are logged and listed).
+          `--caches` mode (`DecodeConfig.cache`: "none", "prefix", "dual").
 
 Deterministic rules only, at temperature 0 and their default knobs: `low_confidence` (LLaDA, one
 token per step: the most confident candidate of the block), `threshold` (Fast-dLLM, tau 0.9),
@@ -103,7 +102,6 @@ ours does 65.1 GFLOP to PyTorch's 69.4 (6% less).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 import time
@@ -112,9 +110,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from absl import app, flags, logging
+from absl import app, flags
 
-from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig
+from dultra_jax.config import CACHE_MODES, ConfigError, DecodeConfig, ModelConfig
 from dultra_jax.decoding import rollout as rollout_lib
 from dultra_jax.interop import torch_reference
 from dultra_jax.interop.hf_llada import export_hf
@@ -126,7 +124,6 @@ else:  # run as `python benchmarks/vs_torch.py`: the script's folder is on sys.p
     import common
 
 TORCH_RULES = ("low_confidence", "threshold", "factor", "planner_topk")
-CACHES = ("none", "prefix", "dual")
 # The issue's goals: (cache mode, minimum end-to-end speedup over PyTorch, identical tokens required).
 TARGETS = {"none": (1.5, True), "dual": (3.0, False)}
 
@@ -134,7 +131,7 @@ _MODEL = flags.DEFINE_enum("model", "small", ["tiny", "small"], "Model shape (be
 _RULES = flags.DEFINE_list("rules", ["low_confidence"],
                            f"Deterministic rules to run: any of {', '.join(TORCH_RULES)}.")
 _CACHES = flags.DEFINE_list("caches", ["none", "dual"],
-                            f"Our KV-cache modes (DecodeConfig.cache): any of {', '.join(CACHES)}.")
+                            f"Our KV-cache modes (DecodeConfig.cache): any of {', '.join(CACHE_MODES)}.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows B.")
 _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 32, "Prompt tokens per row Lp (all valid, no padding).")
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 64, "Generated tokens per row Lg (the issue's shape: 256).")
@@ -148,17 +145,9 @@ _PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["default", "high"
                                "jax_default_matmul_precision (f32 on both sides for exact agreement).")
 
 
-def has_cache_field() -> bool:
-    """Whether this version of `DecodeConfig` has the `cache` (block KV cache) field."""
-    return "cache" in {f.name for f in dataclasses.fields(DecodeConfig)}
-
-
 def decode_config(rule: str, cache: str, eos_token_id: int) -> DecodeConfig:
-    kwargs = dict(rule=rule, prompt_length=_PROMPT_LENGTH.value, gen_length=_GEN_LENGTH.value,
-                  block_length=_BLOCK_LENGTH.value, temperature=0.0, eos_token_id=eos_token_id)
-    if has_cache_field():
-        kwargs["cache"] = cache
-    return DecodeConfig(**kwargs)
+    return DecodeConfig(rule=rule, prompt_length=_PROMPT_LENGTH.value, gen_length=_GEN_LENGTH.value,
+                        block_length=_BLOCK_LENGTH.value, temperature=0.0, eos_token_id=eos_token_id, cache=cache)
 
 
 # ------------------------------------------------------------------------- the PyTorch rollout
@@ -361,19 +350,12 @@ def main(argv):
     unknown = [r for r in _RULES.value if r not in TORCH_RULES]
     if unknown or not _RULES.value:
         raise app.UsageError(f"--rules: unknown rule(s) {unknown}; the PyTorch rollout has {', '.join(TORCH_RULES)}")
-    unknown = [c for c in _CACHES.value if c not in CACHES]
+    unknown = [c for c in _CACHES.value if c not in CACHE_MODES]
     if unknown or not _CACHES.value:
-        raise app.UsageError(f"--caches: unknown mode(s) {unknown}; known: {', '.join(CACHES)}")
+        raise app.UsageError(f"--caches: unknown mode(s) {unknown}; known: {', '.join(CACHE_MODES)}")
     if _ITERS.value < 1:
         raise app.UsageError(f"--iters={_ITERS.value} must be at least 1")
     caches = list(dict.fromkeys(_CACHES.value))
-    skipped = []
-    if not has_cache_field():
-        skipped = [c for c in caches if c != "none"]
-        caches = ["none"]
-        if skipped:
-            logging.warning("DecodeConfig has no `cache` field in this version: running cache 'none' only "
-                            "(skipped: %s)", ", ".join(skipped))
     if "none" in caches:  # the cache-free rollout first: it is the one whose tokens must match
         caches.remove("none")
         caches.insert(0, "none")
@@ -423,8 +405,6 @@ def main(argv):
           "agreement = generated tokens equal to torch's")
     rows = [table_row(r) for r in results]
     print(common.format_table(rows, list(rows[0])))
-    if skipped:
-        print(f"skipped cache mode(s) {', '.join(skipped)}: DecodeConfig has no `cache` field")
     recompiled = sorted({r["rule"] for r in results if r["compiles_during_timing"]})
     if recompiled:
         print(f"warning: XLA compiled during the timed calls of {', '.join(recompiled)}")
@@ -433,7 +413,7 @@ def main(argv):
               + (" with identical tokens" if target["identical_tokens"] else "")
               + f": {'met' if target['met'] else 'NOT met'} ({target['speedup']:.2f}x)")
     settings = {"model": _MODEL.value, "rules": list(_RULES.value), "caches": list(_CACHES.value),
-                "caches_run": caches, "caches_skipped": skipped, "batch": _BATCH.value,
+                "caches_run": caches, "batch": _BATCH.value,
                 "prompt_length": _PROMPT_LENGTH.value, "gen_length": _GEN_LENGTH.value,
                 "block_length": _BLOCK_LENGTH.value, "iters": _ITERS.value, "seed": _SEED.value,
                 "matmul_precision": _PRECISION.value, "torch_threads": _TORCH_THREADS.value, "temperature": 0.0,
