@@ -51,7 +51,6 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -77,15 +76,6 @@ _ITERS = flags.DEFINE_integer("iters", 3, "Timed calls of each way (after the co
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters, the prompts and the rollout key.")
 
 MODES = ("while_loop", "python_loop")
-
-
-def warm_while_loop(params, prompts, valid, rng, config: DecodeConfig, model: ModelConfig) -> None:
-    """Compiles everything `rollout` runs, on the same shapes: the loop starts on a finished carry."""
-    tokens, valid = rollout_lib.check_prompts(prompts, valid, model, config)
-    state = rollout_lib.init_state_jit(tokens, valid, rng, model=model, config=config)
-    state = state.replace(done=jnp.ones_like(state.done))
-    final = rollout_lib.rollout_loop(params, state, model=model, config=config)
-    jax.block_until_ready(rollout_lib.to_trajectory(final, config))
 
 
 def warm_python_loop(params, prompts, valid, rng, config: DecodeConfig, model: ModelConfig) -> None:
@@ -118,7 +108,7 @@ def bench_rule(name: str, model: ModelConfig, params, rule: str, cache: str, ite
                           eos_token_id=model.eos_token_id, cache=cache)
     prompts, valid = common.random_prompts(model, _BATCH.value, config.prompt_length, seed)
     rng = jax.random.key(seed + 1)
-    runs = {"while_loop": (rollout_lib.rollout, warm_while_loop),
+    runs = {"while_loop": (rollout_lib.rollout, common.warm_rollout),
             "python_loop": (rollout_lib.rollout_python_loop, warm_python_loop)}
 
     compile_s = {}

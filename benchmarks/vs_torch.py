@@ -107,7 +107,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from absl import app, flags
@@ -244,16 +243,6 @@ def torch_rollout(model: torch_reference.RefLLaDA, prompt_tokens: np.ndarray, co
 # ------------------------------------------------------------------------------- measurement
 
 
-def warm_rollout(params, prompts, valid, rng, config: DecodeConfig, model: ModelConfig) -> None:
-    """Compiles everything `rollout` runs, on the same shapes and configs, without decoding: the
-    loop starts on a finished carry (the timed calls count any compilation they still trigger)."""
-    tokens, valid = rollout_lib.check_prompts(prompts, valid, model, config)
-    state = rollout_lib.init_state_jit(tokens, valid, rng, model=model, config=config)
-    state = state.replace(done=jnp.ones_like(state.done))
-    final = rollout_lib.rollout_loop(params, state, model=model, config=config)
-    jax.block_until_ready(rollout_lib.to_trajectory(final, config))
-
-
 def torch_matmul_flops_per_s(n: int = 1024, iters: int = 10) -> dict[str, float]:
     """Best-of-`iters` FLOP/s of `torch.mm` on `[n, n] f32` (the yardstick of the PyTorch side)."""
     gen = torch.Generator().manual_seed(0)
@@ -286,7 +275,7 @@ def bench_rule(rule: str, caches: list[str], model: ModelConfig, params, torch_m
     compile_s = {}
     for cache, config in configs.items():
         start = time.perf_counter()
-        warm_rollout(params, prompts, valid, rng, config, model)
+        common.warm_rollout(params, prompts, valid, rng, config, model)
         compile_s[cache] = time.perf_counter() - start
 
     torch_times, our_times, ours = [], {cache: [] for cache in caches}, {}

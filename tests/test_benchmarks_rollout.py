@@ -1,13 +1,10 @@
 """benchmarks/rollout.py, run as the user runs it: its JSON line and the consistency of its figures."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_benchmark
+
 
 ARGS = ("--models=tiny", "--rules=planner_bernoulli,threshold", "--iters=1", "--batch=2", "--prompt_length=4",
         "--gen_length=8", "--block_length=4", "--caches=none,dual")
@@ -18,15 +15,7 @@ RATE_KEYS = ("tokens_per_s", "nfe_per_s", "loop_iters_per_s", "mean_nfe", "token
 
 @pytest.fixture(scope="module")
 def record():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, not the tests' eight
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "rollout.py"), *ARGS], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise AssertionError(f"benchmarks/rollout.py exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    lines = proc.stdout.strip().splitlines()
-    assert any("speedup" in line for line in lines[:-1]), proc.stdout  # the table came first
-    return json.loads(lines[-1])
+    return run_benchmark("rollout.py", *ARGS, table_marker="speedup")[1]
 
 
 def test_json_line_has_every_figure(record):

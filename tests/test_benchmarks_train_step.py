@@ -1,14 +1,12 @@
 """benchmarks/train_step.py, run as the user runs it: its JSON line, and flat peak memory in T."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_benchmark
+
 
 ARGS = ("--model=tiny", "--steps=4,2", "--batch=2", "--iters=1", "--prompt_length=4", "--gen_length=8",
         "--block_length=4")
@@ -18,13 +16,7 @@ MEMORY_KEYS = ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes")
 
 @pytest.fixture(scope="module")
 def run():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, not the tests' eight
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), *ARGS], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise AssertionError(f"benchmarks/train_step.py exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return proc.stdout
+    return run_benchmark("train_step.py", *ARGS)[0]
 
 
 @pytest.fixture(scope="module")

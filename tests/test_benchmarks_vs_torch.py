@@ -1,16 +1,12 @@
 """benchmarks/vs_torch.py, run as the user runs it: the PyTorch reference rollout decodes exactly our
 tokens without a cache, and the JSON line carries every figure."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+
+from tests.helpers import run_benchmark
 
 pytest.importorskip("torch")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RULES = ("low_confidence", "threshold", "factor", "planner_topk")
 # One PyTorch thread: on a busy 2-core host, OpenMP barriers make a 2-thread tiny model crawl.
@@ -23,15 +19,7 @@ FIGURES = ("best_s", "mean_s", "s_per_nfe", "tokens_per_s", "forwards", "sum_nfe
 
 @pytest.fixture(scope="module")
 def record():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, not the tests' eight
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "vs_torch.py"), *ARGS], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise AssertionError(f"benchmarks/vs_torch.py exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    lines = proc.stdout.strip().splitlines()
-    assert any("agreement" in line for line in lines[:-1]), proc.stdout  # the table came first
-    return json.loads(lines[-1])
+    return run_benchmark("vs_torch.py", *ARGS, table_marker="agreement")[1]
 
 
 def test_settings_and_cache_modes(record):
