@@ -108,10 +108,13 @@ def model_configs(length: int) -> dict[str, ModelConfig]:
     """The benchmarks' model shapes, both with a planner, holding canvases of `length` tokens.
 
     `tiny`: the tests' shape (V 64, D 32, 2 layers, 4/2 heads, F 48); `small`: ~35M params
-    (V 4096, D 512, 8 layers, 8 heads, F 1408).
+    (V 4096, D 512, 8 layers, 8 heads, F 1408); `small_llada_vocab`: `small`'s body with LLaDA's
+    tokenizer (V 126,464 and its special ids; ~164M params, 129.5M of them in `wte` and the LM
+    head), where the LM head is the larger part of a full-canvas forward, as in small MDMs that
+    keep a large tokenizer.
     """
     max_len = max(4096, length)
-    return {
+    configs = {
         "tiny": ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
                             rope_theta=10000.0, max_sequence_length=max_len, mask_token_id=63, eos_token_id=1,
                             pad_token_id=1, eot_token_id=2, planner=PlannerConfig()),
@@ -120,6 +123,10 @@ def model_configs(length: int) -> dict[str, ModelConfig]:
                              mask_token_id=4095, eos_token_id=1, pad_token_id=1, eot_token_id=2,
                              planner=PlannerConfig()),
     }
+    configs["small_llada_vocab"] = configs["small"].replace(  # ModelConfig's defaults are LLaDA's ids
+        vocab_size=126464, mask_token_id=ModelConfig.mask_token_id, eos_token_id=ModelConfig.eos_token_id,
+        pad_token_id=ModelConfig.pad_token_id, eot_token_id=ModelConfig.eot_token_id)
+    return configs
 
 
 class CompileCounter:

@@ -63,7 +63,8 @@ if __package__:
 else:  # run as `python benchmarks/rollout.py`: the script's folder is on sys.path
     import common
 
-_MODELS = flags.DEFINE_list("models", ["tiny"], "Model shapes to run: tiny, small (see the module docstring).")
+_MODELS = flags.DEFINE_list("models", ["tiny"], "Model shapes to run: tiny, small, small_llada_vocab "
+                            "(see the module docstring).")
 _RULES = flags.DEFINE_list("rules", list(RULES), "Decoding rules to run.")
 _CACHES = flags.DEFINE_list("caches", ["none"], "Block KV cache modes to run (none, prefix, dual); "
                             "`none` first gives the others a token-agreement reference.")

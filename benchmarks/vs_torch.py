@@ -126,7 +126,8 @@ TORCH_RULES = ("low_confidence", "threshold", "factor", "planner_topk")
 # The goals: (cache mode, minimum end-to-end speedup over PyTorch, identical tokens required).
 TARGETS = {"none": (1.5, True), "dual": (3.0, False)}
 
-_MODEL = flags.DEFINE_enum("model", "small", ["tiny", "small"], "Model shape (benchmarks/common.py).")
+_MODEL = flags.DEFINE_enum("model", "small", ["tiny", "small", "small_llada_vocab"],
+                           "Model shape (benchmarks/common.py `model_configs`).")
 _RULES = flags.DEFINE_list("rules", ["low_confidence"],
                            f"Deterministic rules to run: any of {', '.join(TORCH_RULES)}.")
 _CACHES = flags.DEFINE_list("caches", ["none", "dual"],

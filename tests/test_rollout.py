@@ -112,8 +112,9 @@ def test_done_rows_spend_no_nfe():
     assert np.all(np.asarray(slow.num_steps) == 12)
 
 
-def test_sharded_rollout_equals_unsharded():
-    config = decode(temperature=0.5)
+@pytest.mark.parametrize("rule", ["planner_bernoulli", "low_confidence"])  # planner / pruned last layer
+def test_sharded_rollout_equals_unsharded(rule):
+    config = decode(rule, temperature=0.5)
     prompts = np.random.default_rng(1).integers(3, MASK_ID, size=(8, 8)).astype(np.int32)
     want = R.rollout(PARAMS, prompts, None, jax.random.key(2), config, MODEL)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)

@@ -159,7 +159,8 @@ def evaluate_block(params: Params, canvas: jax.Array, valid: jax.Array, model: M
     in_block = scatter_positions(in_block, positions, jnp.ones(positions.shape, jnp.bool_))
     if cache is None:
         token_logits, unmask_logits = policy.policy_apply(
-            params, canvas, model, valid=valid, candidates=is_masked & in_block, logit_positions=positions)
+            params, canvas, model, valid=valid, candidates=is_masked & in_block, logit_positions=positions,
+            with_planner=config.uses_planner)
     else:
         token_logits, unmask_logits, cache = block_cache.evaluate_block_cached(
             params, canvas, valid, cache, positions, active, is_masked & in_block, model, config)

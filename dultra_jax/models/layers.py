@@ -133,28 +133,43 @@ def self_attention(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Linear,
 
 def self_attention_kv(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Linear, out_proj: Linear, *,
                       n_heads: int, n_kv_heads: int, head_dim: int, rope, valid: jax.Array | None,
-                      causal: bool = False, cache: KV | None = None, positions: jax.Array | None = None):
+                      causal: bool = False, cache: KV | None = None, positions: jax.Array | None = None,
+                      query_positions: jax.Array | None = None):
     """Self-attention that also returns the keys/values it attended to (the block KV cache).
 
     Without `cache`, `h` is the whole sequence `[B, S, D]` and the returned keys/values are its
     own. With `cache` (keys/values of all `S` positions, `[B, S, Hkv, Dh]` each), `h` is a window
     `[B, W, D]` at absolute `positions` `[B, W]`: the window's fresh keys/values overwrite the
     cache there and its queries attend to all `S` keys (`valid` is then the `[B, S]` key mask).
+    With `query_positions` `[B, K]` (no cache), every position of `h` gives keys/values but only
+    those `K` positions' queries run, so the output is `[B, K, D]`.
 
     Returns:
-      `(out [B, W|S, D], (keys, values) [B, S, Hkv, Dh])`, RoPE applied to the keys.
+      `(out [B, W|S|K, D], (keys, values) [B, S, Hkv, Dh])`, RoPE applied to the keys.
     """
     batch, length, _ = h.shape
-    q = q_proj(h).reshape(batch, length, n_heads, head_dim)
+    h_query, query_rope = h, rope
+    if query_positions is not None:
+        h_query = gather_positions(h, query_positions)
+        query_rope = tuple(gather_positions(jnp.broadcast_to(table, (batch,) + table.shape[1:]), query_positions)
+                           for table in rope)
+    num_queries = h_query.shape[1]
+    q = q_proj(h_query).reshape(batch, num_queries, n_heads, head_dim)
     k = k_proj(h).reshape(batch, length, n_kv_heads, head_dim)
     v = v_proj(h).reshape(batch, length, n_kv_heads, head_dim)
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    q, k = apply_rope(q, *query_rope), apply_rope(k, *rope)
     if cache is not None:
         rows = jnp.arange(batch)[:, None]
         k = cache[0].at[rows, positions].set(k.astype(cache[0].dtype))
         v = cache[1].at[rows, positions].set(v.astype(cache[1].dtype))
     out = attention(q, k, v, key_valid=valid, causal=causal)
-    return out_proj(out.reshape(batch, length, n_heads * head_dim)), (k, v)
+    return out_proj(out.reshape(batch, num_queries, n_heads * head_dim)), (k, v)
+
+
+def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """`x[b, positions[b, k]]`: `[B, L, ...]`, `[B, K]` -> `[B, K, ...]`."""
+    index = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
 
 
 def make_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, stacked: bool):
@@ -171,24 +186,38 @@ def make_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, 
     return create(rngs)
 
 
-def run_layers(layers, x: jax.Array, rope, valid, *, stacked: bool, remat: bool) -> jax.Array:
+def run_layers(layers, x: jax.Array, rope, valid, *, stacked: bool, remat: bool,
+               query_positions: jax.Array | None = None) -> jax.Array:
     """Applies `layer(x, rope, valid)` in order: `lax.scan` over stacked parameters, or a loop.
 
     With `remat`, each layer's activations are recomputed in the backward pass, so training
     memory holds one layer's activations plus the `[B, L, D]` residual per layer.
+    With `query_positions` `[B, K]`, the last layer runs its queries, attention output and MLP only
+    at those positions (its keys/values still come from all `L`) and the result is `[B, K, D]`:
+    the same values as the full stack gathered there, without the `L - K` rows nobody reads.
     """
-    def apply(graphdef, state, h):
-        return nnx.merge(graphdef, state)(h, rope, valid)
+    def apply(graphdef, state, h, query_positions=None):
+        layer = nnx.merge(graphdef, state)
+        if query_positions is None:  # layers without query selection (the teacher's) take 3 arguments
+            return layer(h, rope, valid)
+        return layer(h, rope, valid, query_positions)
 
     if remat:
         apply = jax.checkpoint(apply, static_argnums=(0,), prevent_cse=not stacked)
     if stacked:
         graphdef, state = nnx.split(layers)
-        x, _ = jax.lax.scan(lambda h, layer_state: (apply(graphdef, layer_state, h), None), x, state)
-        return x
-    for layer in layers:
-        graphdef, state = nnx.split(layer)
-        x = apply(graphdef, state, x)
+        if query_positions is None:
+            x, _ = jax.lax.scan(lambda h, layer_state: (apply(graphdef, layer_state, h), None), x, state)
+            return x
+        # Scan over layer indices into the whole stack (not over a `[:-1]` slice of it, which XLA
+        # would copy: most of the weights, every call), then the last layer on its own.
+        num_layers = jax.tree.leaves(state)[0].shape[0]
+        layer = lambda i: jax.tree.map(lambda a: a[i], state)  # noqa: E731
+        x, _ = jax.lax.scan(lambda h, i: (apply(graphdef, layer(i), h), None), x, jnp.arange(num_layers - 1))
+        return apply(graphdef, layer(num_layers - 1), x, query_positions)
+    for i, module in enumerate(layers):
+        graphdef, state = nnx.split(module)
+        x = apply(graphdef, state, x, query_positions if i == len(layers) - 1 else None)
     return x
 
 

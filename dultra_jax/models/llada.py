@@ -12,8 +12,8 @@ import jax
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
-from dultra_jax.models.layers import (KV, Embed, Linear, RMSNorm, make_layers, rope_tables, run_layers, run_layers_kv,
-                                      self_attention_kv, swiglu, truncated_normal_init)
+from dultra_jax.models.layers import (KV, Embed, Linear, RMSNorm, gather_positions, make_layers, rope_tables, run_layers,
+                                      run_layers_kv, self_attention_kv, swiglu, truncated_normal_init)
 
 
 class LLaDABlock(nnx.Module):
@@ -35,17 +35,25 @@ class LLaDABlock(nnx.Module):
         self.ff_out = Linear(f, d, kernel_init=truncated_normal_init(1 / math.sqrt(f) / math.sqrt(2)), **kw)
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None) -> jax.Array:
-        """`x` `[B, L, D]`, `rope` tables `[B|1, L, Dh]`, `valid` `[B, L]` key mask or None."""
-        return self.with_kv(x, rope, valid)[0]
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None,
+                 query_positions: jax.Array | None = None) -> jax.Array:
+        """`x` `[B, L, D]`, `rope` tables `[B|1, L, Dh]`, `valid` `[B, L]` key mask or None.
+
+        Returns `[B, L, D]`, or `[B, K, D]` at `query_positions` `[B, K]` (only those rows run
+        after the keys/values)."""
+        return self.with_kv(x, rope, valid, query_positions=query_positions)[0]
 
     def with_kv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None,
-                cache: KV | None = None, positions: jax.Array | None = None):
+                cache: KV | None = None, positions: jax.Array | None = None,
+                query_positions: jax.Array | None = None):
         """The block, also returning its attention keys/values (`layers.self_attention_kv`):
         `x` `[B, W, D]` is the whole sequence, or with `cache` a window at `positions` `[B, W]`."""
         attn, kv = self_attention_kv(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
                                      n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
-                                     rope=rope, valid=valid, cache=cache, positions=positions)
+                                     rope=rope, valid=valid, cache=cache, positions=positions,
+                                     query_positions=query_positions)
+        if query_positions is not None:
+            x = gather_positions(x, query_positions)
         x = x + attn
         return x + swiglu(self.ff_proj, self.up_proj, self.ff_out, self.ff_norm(x)), kv
 
@@ -72,11 +80,13 @@ class LLaDAModel(nnx.Module):
     def rope(self, positions: jax.Array):
         return rope_tables(positions, self.config.head_dim, self.config.rope_theta)
 
-    def hidden(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None) -> jax.Array:
-        """`h_last [B, L, D]` after `ln_f` for `tokens [B, L]`, `positions [B|1, L]`, `valid [B, L]`."""
+    def hidden(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None,
+               query_positions: jax.Array | None = None) -> jax.Array:
+        """`h_last [B, L, D]` after `ln_f` for `tokens [B, L]`, `positions [B|1, L]`, `valid [B, L]`;
+        only at `query_positions` `[B, K]` (`[B, K, D]`, the last layer's other rows skipped) if given."""
         x = self.wte(tokens)
         x = run_layers(self.blocks, x, self.rope(positions), valid, stacked=self.config.scan_layers,
-                       remat=self.config.remat)
+                       remat=self.config.remat, query_positions=query_positions)
         return self.ln_f(x)
 
     def hidden_kv(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None, cache: KV | None = None):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from dultra_jax.config import ModelConfig
 from dultra_jax.models import pure
+from dultra_jax.models.layers import gather_positions
 from dultra_jax.models.llada import LLaDAModel
 
 Params = pure.Params
@@ -58,12 +59,6 @@ def forward(params: Params, tokens: jax.Array, config: ModelConfig, *, valid: ja
     return model.ff_out(h_out), h_last
 
 
-def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """`x[b, positions[b, k]]`: `[B, L, ...]`, `[B, K]` -> `[B, K, ...]`."""
-    index = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, index, axis=1)
-
-
 def planner_timestep(canvas: jax.Array, mask_id: int) -> jax.Array:
     """`t = 1 - #mask / L` over the whole canvas, prompt included: `[B]` float32."""
     return 1.0 - jnp.mean((canvas == mask_id).astype(jnp.float32), axis=-1)
@@ -101,7 +96,7 @@ def suppress_mask_logit(token_logits: jax.Array, mask_id: int) -> jax.Array:
 
 def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, valid: jax.Array | None = None,
                  candidates: jax.Array | None = None, logit_positions: jax.Array | None = None,
-                 suppress_mask: bool = True):
+                 suppress_mask: bool = True, with_planner: bool = True):
     """One policy evaluation (one NFE): backbone + planner on the canvas.
 
     Args:
@@ -110,19 +105,35 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
       candidates: `[B, L]` bool planner candidates; None means every masked position (use
         `current_block_candidates` for semi-autoregressive decoding).
       logit_positions: optional `[B, K]` positions at which to return both outputs (the current
-        block); None returns every position.
+        block); None returns every position. The LM head runs only there, and so, when the
+        planner does not run, do the backbone's last layer's queries, attention output and MLP.
       suppress_mask: set the mask token's logit to -inf (False gives raw logits, for parity checks).
+      with_planner: run the planner head (if any); False for rules that never read it.
     Returns:
-      `(token_logits [B, L|K, V]`, `unmask_logits [B, L|K]` float32, or None without a planner).
+      `(token_logits [B, L|K, V]`, `unmask_logits [B, L|K]` float32, or None without a planner
+      or with `with_planner=False`).
     """
-    token_logits, h_last = forward(params, canvas, config, valid=valid, logit_positions=logit_positions)
+    model = bind(config, params)
+    key_mask = _key_mask(config, valid)
+    positions = default_positions(canvas.shape[1])
+    run_planner = config.has_planner and with_planner
+    if logit_positions is not None and not run_planner:  # nobody reads the other rows of h_last
+        h_out = model.hidden(canvas, positions, key_mask, query_positions=logit_positions)
+    else:  # the planner attends over every position of h_last
+        h_last = model.hidden(canvas, positions, key_mask)
+        h_out = h_last if logit_positions is None else gather_positions(h_last, logit_positions)
+    token_logits = model.ff_out(h_out)
     if suppress_mask:
         token_logits = suppress_mask_logit(token_logits, config.mask_token_id)
-    if not config.has_planner:
+    if not run_planner:
         return token_logits, None
     if candidates is None:
         candidates = canvas == config.mask_token_id
-    unmask_logits = planner_apply(params, h_last, canvas, candidates, config, valid=valid)
+    # The planner's one layer could run its queries at `logit_positions` only, like the backbone's
+    # last layer, but XLA:CPU's SPMD partitioner miscompiles that under a data x fsdp x tensor
+    # mesh (0.03 off in the unmask logits, jax 0.10.2): the head runs in full.
+    unmask_logits = model.planner(h_last, planner_timestep(canvas, config.mask_token_id), candidates,
+                                  model.rope(positions), key_mask)
     if logit_positions is not None:
         unmask_logits = gather_positions(unmask_logits, logit_positions)
     return token_logits, unmask_logits
