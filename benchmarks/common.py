@@ -109,7 +109,7 @@ def model_configs(length: int) -> dict[str, ModelConfig]:
 
     `tiny`: the tests' shape (V 64, D 32, 2 layers, 4/2 heads, F 48); `small`: ~35M params
     (V 4096, D 512, 8 layers, 8 heads, F 1408); `small_llada_vocab`: `small`'s body with LLaDA's
-    tokenizer (V 126,464 and its special ids; ~164M params, 129.5M of them in `wte` and the LM
+    tokenizer (V 126,464 and its special ids; 159.9M params, 129.5M of them in `wte` and the LM
     head), where the LM head is the larger part of a full-canvas forward, as in small MDMs that
     keep a large tokenizer.
     """

@@ -16,8 +16,8 @@ MODEL = tiny_config()
 PARAMS = random_params(MODEL)
 PROMPTS = np.random.default_rng(0).integers(3, MASK_ID, size=(4, 6))
 LP, LG, LB = 8, 12, 4
-apply_kv = jax.jit(policy.policy_apply_kv, static_argnums=2)
-apply = jax.jit(policy.policy_apply, static_argnums=2)
+apply_kv = jax.jit(policy.policy_apply_kv, static_argnums=2, static_argnames="with_planner")
+apply = jax.jit(policy.policy_apply, static_argnums=2, static_argnames="with_planner")
 
 
 def decode(rule, cache, **kw):
@@ -59,6 +59,18 @@ def test_window_forward_on_a_fresh_cache_equals_the_full_forward():
                                                    logit_positions=block, cache=kv, window=window)
         np.testing.assert_allclose(logits, full_logits, atol=1e-5)
         np.testing.assert_allclose(unmask, full_unmask, atol=1e-5)
+    # Without the planner, the backbone's last layer runs only at the block's rows, in the full
+    # forward (which still returns every layer's keys/values) and in the window forwards alike.
+    logits, unmask, kv_backbone_only = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
+                                                logit_positions=block, with_planner=False)
+    assert unmask is None and kv_backbone_only[1] is None
+    np.testing.assert_allclose(logits, full_logits, atol=1e-5)
+    for a, b in zip(kv_backbone_only[0], kv[0]):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    for window in (block, prefix):
+        logits, _, _ = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates, logit_positions=block,
+                                cache=kv, window=window, with_planner=False)
+        np.testing.assert_allclose(logits, full_logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
