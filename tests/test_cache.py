@@ -59,8 +59,7 @@ def test_window_forward_on_a_fresh_cache_equals_the_full_forward():
                                                    logit_positions=block, cache=kv, window=window)
         np.testing.assert_allclose(logits, full_logits, atol=1e-5)
         np.testing.assert_allclose(unmask, full_unmask, atol=1e-5)
-    # Without the planner, the backbone's last layer runs only at the block's rows, in the full
-    # forward (which still returns every layer's keys/values) and in the window forwards alike.
+    # Without the planner: no planner keys/values, the same logits and backbone keys/values.
     logits, unmask, kv_backbone_only = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
                                                 logit_positions=block, with_planner=False)
     assert unmask is None and kv_backbone_only[1] is None

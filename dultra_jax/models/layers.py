@@ -222,42 +222,32 @@ def run_layers(layers, x: jax.Array, rope, valid, *, stacked: bool, remat: bool,
 
 
 def run_layers_kv(layers, x: jax.Array, rope, valid, *, stacked: bool, cache: KV | None = None,
-                  positions: jax.Array | None = None, query_positions: jax.Array | None = None):
+                  positions: jax.Array | None = None):
     """`run_layers` for decoding with a block KV cache: each layer is `layer.with_kv(h, rope, valid,
     cache, positions) -> (h, (k, v))`.
 
     Args:
       x: `[B, S, D]` (no cache: a full forward) or a window `[B, W, D]` at `positions` `[B, W]`.
       cache: per-layer `(k, v)` `[n_layers, B, S, Hkv, Dh]` or None.
-      query_positions: optional `[B, K]` indices into `x`'s rows: as in `run_layers`, the last
-        layer's queries, attention output and MLP run only there (its keys/values for all rows).
     Returns:
-      `(x [B, S|W|K, D], (k, v) [n_layers, B, S, Hkv, Dh])`: after a full forward the cache to
-      keep; after a window forward the cache with the window's keys/values written in (callers
-      may drop it).
+      `(x, (k, v) [n_layers, B, S, Hkv, Dh])`: after a full forward the cache to keep; after a
+      window forward the cache with the window's keys/values written in (callers may drop it).
     """
-    def apply(graphdef, state, h, layer_cache, query_positions=None):
-        return nnx.merge(graphdef, state).with_kv(h, rope, valid, layer_cache, positions, query_positions)
+    def apply(graphdef, state, h, layer_cache):
+        return nnx.merge(graphdef, state).with_kv(h, rope, valid, layer_cache, positions)
 
     if stacked:
         graphdef, state = nnx.split(layers)
-        if query_positions is None:
-            def body(h, xs):
-                layer_state, layer_cache = xs
-                return apply(graphdef, layer_state, h, layer_cache)
 
-            return jax.lax.scan(body, x, (state, cache))
-        # As in `run_layers`: index into the whole stack, then the last layer on its own.
-        num_layers = jax.tree.leaves(state)[0].shape[0]
-        layer = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
-        x, kvs = jax.lax.scan(lambda h, i: apply(graphdef, layer(state, i), h, layer(cache, i)), x,
-                              jnp.arange(num_layers - 1))
-        x, kv = apply(graphdef, layer(state, num_layers - 1), x, layer(cache, num_layers - 1), query_positions)
-        return x, jax.tree.map(lambda first, last: jnp.concatenate([first, last[None]]), kvs, kv)
+        def body(h, xs):
+            layer_state, layer_cache = xs
+            return apply(graphdef, layer_state, h, layer_cache)
+
+        return jax.lax.scan(body, x, (state, cache))
     kvs = []
-    for i, module in enumerate(layers):
-        graphdef, state = nnx.split(module)
+    for i, layer in enumerate(layers):
+        graphdef, state = nnx.split(layer)
         layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-        x, kv = apply(graphdef, state, x, layer_cache, query_positions if i == len(layers) - 1 else None)
+        x, kv = apply(graphdef, state, x, layer_cache)
         kvs.append(kv)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *kvs)

@@ -89,19 +89,16 @@ class LLaDAModel(nnx.Module):
                        remat=self.config.remat, query_positions=query_positions)
         return self.ln_f(x)
 
-    def hidden_kv(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None, cache: KV | None = None,
-                  query_positions: jax.Array | None = None):
+    def hidden_kv(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None, cache: KV | None = None):
         """`hidden` that also returns every layer's keys/values (`layers.run_layers_kv`).
 
         Without `cache`: the whole canvas, `tokens`/`valid` `[B, L]`, `positions` `[B|1, L]`.
         With `cache` (`[n_layers, B, L, Hkv, Dh]` each): `tokens` and `positions` `[B, W]` are a
         window of the canvas, `valid` the canvas key mask `[B, L]`.
-        `query_positions` `[B, K]` (indices into `tokens`' rows) keeps only those rows of h_last.
-        Returns `(h_last [B, W|L|K, D], (k, v) [n_layers, B, L, Hkv, Dh])`.
+        Returns `(h_last [B, W|L, D], (k, v) [n_layers, B, L, Hkv, Dh])`.
         """
         x, kv = run_layers_kv(self.blocks, self.wte(tokens), self.rope(positions), valid,
-                              stacked=self.config.scan_layers, cache=cache, positions=positions,
-                              query_positions=query_positions)
+                              stacked=self.config.scan_layers, cache=cache, positions=positions)
         return self.ln_f(x), kv
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None):

@@ -155,32 +155,29 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
       cache: `(backbone_kv, planner_kv)`, `(k, v)` pairs `[n_layers, B, L, Hkv, Dh]` (planner_kv
         None without a planner head).
       with_planner: run the planner head (if any); False for rules that never read it, so its
-        keys/values are neither computed nor cached, and the backbone's last layer runs its
-        queries, attention output and MLP only at the output rows (as in `policy_apply`).
+        keys/values are neither computed nor cached.
     Returns:
       `(token_logits [B, K, V]`, `unmask_logits [B, K]` float32 or None, `cache`); after a window
       forward the returned cache holds the window's fresh keys/values (callers may drop it).
     """
     model = bind(config, params)
     key_mask = _key_mask(config, valid)
-    batch, num_out = logit_positions.shape
-    run_planner = config.has_planner and with_planner
+    num_out = logit_positions.shape[1]
+    # Unlike `policy_apply`, the last layer runs on every row here: restricting its queries to the
+    # output rows was measured (small model, gen 256, CPU) to gain nothing for `prefix` and to
+    # cost `dual` 10% (its window is the block already; the split-off last layer adds a copy).
     if cache is None:
         positions = default_positions(canvas.shape[1])
-        query_positions = None if run_planner else logit_positions  # as in `policy_apply`
-        h_last, backbone_kv = model.hidden_kv(canvas, positions, key_mask, query_positions=query_positions)
-        planner_positions = positions
-        h_out = h_last if query_positions is not None else gather_positions(h_last, logit_positions)
+        h_last, backbone_kv = model.hidden_kv(canvas, positions, key_mask)
+        planner_positions, h_out = positions, gather_positions(h_last, logit_positions)
         planner_candidates, planner_cache = candidates, None
     else:
         tokens = gather_positions(canvas, window)
-        query_positions = None if run_planner else jnp.broadcast_to(jnp.arange(num_out), (batch, num_out))
-        h_last, backbone_kv = model.hidden_kv(tokens, window, key_mask, cache=cache[0],
-                                              query_positions=query_positions)
+        h_last, backbone_kv = model.hidden_kv(tokens, window, key_mask, cache=cache[0])
         planner_positions, h_out = window, h_last[:, :num_out]
         planner_candidates, planner_cache = gather_positions(candidates, window), cache[1]
     token_logits = suppress_mask_logit(model.ff_out(h_out), config.mask_token_id)
-    if not run_planner:
+    if not (config.has_planner and with_planner):
         return token_logits, None, (backbone_kv, None)
     unmask_logits, planner_kv = model.planner.with_kv(
         h_last, planner_timestep(canvas, config.mask_token_id), planner_candidates, model.rope(planner_positions),
