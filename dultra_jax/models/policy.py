@@ -113,16 +113,14 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
       `(token_logits [B, L|K, V]`, `unmask_logits [B, L|K]` float32, or None without a planner
       or with `with_planner=False`).
     """
-    model = bind(config, params)
-    key_mask = _key_mask(config, valid)
-    positions = default_positions(canvas.shape[1])
     run_planner = config.has_planner and with_planner
     if logit_positions is not None and not run_planner:  # nobody reads the other rows of h_last
-        h_out = model.hidden(canvas, positions, key_mask, query_positions=logit_positions)
-    else:  # the planner attends over every position of h_last
-        h_last = model.hidden(canvas, positions, key_mask)
-        h_out = h_last if logit_positions is None else gather_positions(h_last, logit_positions)
-    token_logits = model.ff_out(h_out)
+        model = bind(config, params)
+        h_out = model.hidden(canvas, default_positions(canvas.shape[1]), _key_mask(config, valid),
+                             query_positions=logit_positions)
+        token_logits = model.ff_out(h_out)
+    else:  # every row is returned, or the planner attends over every row of h_last
+        token_logits, h_last = forward(params, canvas, config, valid=valid, logit_positions=logit_positions)
     if suppress_mask:
         token_logits = suppress_mask_logit(token_logits, config.mask_token_id)
     if not run_planner:
@@ -132,8 +130,7 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
     # The planner's one layer could run its queries at `logit_positions` only, like the backbone's
     # last layer, but XLA:CPU's SPMD partitioner miscompiles that under a data x fsdp x tensor
     # mesh (0.03 off in the unmask logits, jax 0.10.2): the head runs in full.
-    unmask_logits = model.planner(h_last, planner_timestep(canvas, config.mask_token_id), candidates,
-                                  model.rope(positions), key_mask)
+    unmask_logits = planner_apply(params, h_last, canvas, candidates, config, valid=valid)
     if logit_positions is not None:
         unmask_logits = gather_positions(unmask_logits, logit_positions)
     return token_logits, unmask_logits
