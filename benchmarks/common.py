@@ -104,6 +104,9 @@ def json_line(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=False, separators=(",", ":"))
 
 
+MODEL_NAMES = ("tiny", "small", "small_llada_vocab")  # the shapes `model_configs` builds
+
+
 def model_configs(length: int) -> dict[str, ModelConfig]:
     """The benchmarks' model shapes, both with a planner, holding canvases of `length` tokens.
 

@@ -43,7 +43,8 @@ if __package__:
 else:  # run as `python benchmarks/forward.py`: the script's folder is on sys.path
     import common
 
-_CONFIGS = flags.DEFINE_list("configs", ["tiny", "small"], "Model configs to run (tiny, small, small_llada_vocab).")
+_CONFIGS = flags.DEFINE_list("configs", ["tiny", "small"],
+                              f"Model configs to run: any of {', '.join(common.MODEL_NAMES)}.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows B.")
 _LENGTH = flags.DEFINE_integer("length", 256, "Canvas length L.")
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed iterations (after one compiling call).")

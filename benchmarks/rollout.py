@@ -64,7 +64,7 @@ if __package__:
 else:  # run as `python benchmarks/rollout.py`: the script's folder is on sys.path
     import common
 
-_MODELS = flags.DEFINE_list("models", ["tiny"], "Model shapes to run: tiny, small, small_llada_vocab "
+_MODELS = flags.DEFINE_list("models", ["tiny"], f"Model shapes to run: any of {', '.join(common.MODEL_NAMES)} "
                             "(see the module docstring).")
 _RULES = flags.DEFINE_list("rules", list(RULES), "Decoding rules to run.")
 _CACHES = flags.DEFINE_list("caches", ["none"], "Block KV cache modes to run (none, prefix, dual); "

@@ -6,8 +6,8 @@ r"""Our jitted rollout against a PyTorch rollout written the way the reference i
                                   [--matmul_precision=highest]
 
 One random-init LLaDA-shaped model with a planner (`--model`: `tiny`, `small` or
-`small_llada_vocab`, the shapes of benchmarks/common.py `model_configs`) is built in JAX, exported with `export_hf` (float32) to a temporary
-directory, and that same directory is loaded in PyTorch by the independent reference model
+`small_llada_vocab`, the shapes of benchmarks/common.py `model_configs`) is built in JAX,
+exported with `export_hf` (float32) to a temporary directory, and that same directory is loaded in PyTorch by the independent reference model
 `dultra_jax.interop.torch_reference` (`ref_from_hf_dir`). The same `--batch` random prompts of
 `--prompt_length` tokens (unpadded: every prompt position is valid, so padding masks play no
 part) are then decoded to `--gen_length` tokens in blocks of `--block_length`, in one run on the
@@ -58,7 +58,7 @@ reason the cached modes' agreement is low here: near-uniform distributions make 
 and ranking sensitive to the cache's stale keys/values; it says nothing about accuracy with
 trained weights.
 
-Defaults and run time. The issue's shape is gen 256, block 32, batch 4, prompt 32. The defaults
+Defaults and run time. The issue's shape is gen 256 and block 32 (batch and prompt: ours). The defaults
 keep the model (`small`), batch, prompt and block but generate 64 tokens (two blocks) with
 `low_confidence` only: 1.5 minutes on 2 idle CPU cores. The issue's shape takes 7 minutes with
 `small` and 17 with `small_llada_vocab` (PyTorch's rollout is most of it):
@@ -121,7 +121,7 @@ TORCH_RULES = ("low_confidence", "threshold", "factor", "planner_topk")
 # The issue's goals: (cache mode, minimum end-to-end speedup over PyTorch, identical tokens required).
 TARGETS = {"none": (1.5, True), "dual": (3.0, False)}
 
-_MODEL = flags.DEFINE_enum("model", "small", ["tiny", "small", "small_llada_vocab"],
+_MODEL = flags.DEFINE_enum("model", "small", list(common.MODEL_NAMES),
                            "Model shape (benchmarks/common.py `model_configs`).")
 _RULES = flags.DEFINE_list("rules", ["low_confidence"],
                            f"Deterministic rules to run: any of {', '.join(TORCH_RULES)}.")
