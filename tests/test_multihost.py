@@ -81,7 +81,10 @@ def _run_all(commands: list[tuple[list[str], dict]], logdir, name: str) -> list[
 
 
 def _train_args(workdir, steps: int) -> list[str]:
-    return ["launch/train.py", "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.total_steps={steps}"]
+    # 4 prompts (16 rows): 2 per process, so a process's rows must be the same contiguous part of the
+    # global batch as on the single process, or rows meet other rollout noise and the runs differ.
+    return ["launch/train.py", "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.total_steps={steps}",
+            "--config.data.prompts_per_step=4"]
 
 
 def _multihost(workdir, steps: int, logdir, name: str) -> list[str]:

@@ -8,9 +8,9 @@
 
 `batch_size` is the GLOBAL number of prompts per step (`P` over all processes, as big_vision's
 `batch_size`); each process yields `batch_size // process_count` rows: its part of one global
-batch. Every process builds the same shuffled stream (same seed) and takes rows
-`process_index::process_count` of it, so the processes' rows are disjoint and together make up the
-global stream.
+batch. Every process builds the same shuffled stream (same seed) and takes the contiguous part
+`[process_index*Pl, (process_index+1)*Pl)` of each global batch, so the processes' rows are disjoint
+and, in process order, are exactly the batches of a single process.
 
 A batch (per process, `Pl = batch_size // process_count` rows):
   prompt_tokens     int32 [Pl, Lp]  prompt ids, left-padded with `pad_id`, truncated to the LAST Lp
@@ -184,8 +184,11 @@ def make_train_dataset(records: Sequence[Mapping[str, Any]], task: Task, tokeniz
             raise DataError(f"task {task.name!r}: {len(ds)} examples x epochs is less than one batch of "
                             f"{batch_size}")
         ds = ds[:usable]
-    ds = ds[process_index::process_count]
-    return ds.map(encoder).batch(local, drop_remainder=True, batch_fn=collate)
+    # Chunks of `local` consecutive rows, chunk c going to process c % process_count: global batch j
+    # is then rows [j*batch_size, (j+1)*batch_size) of the stream in process order, exactly a single
+    # process's batch j. The map and batch are lazy, so a process encodes only its own rows.
+    ds = ds.map(encoder).batch(local, drop_remainder=True, batch_fn=collate)
+    return ds[process_index::process_count]
 
 
 def make_train_iterator(records: Sequence[Mapping[str, Any]], task: Task, tokenizer, *, prompt_length: int,
