@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import tiny
+from configs import demo, tiny
 from dultra_jax.config import ConfigError
 from dultra_jax.interop.hf_llada import load_hf
 from dultra_jax.sharding import ShardingError
@@ -91,6 +91,13 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ShardingError, match=r"batch rows = data.prompts_per_step \(2\) \* rl.group_size \(3\).*"
                                             r"size 6, which is not divisible by mesh axis \('data', 'fsdp'\) of size 8"):
         train(bad, str(tmp_path / "a"))
+    # The demo's 100 evaluation rows on 8 devices: refused before training, not after it.
+    bad = demo.get_config()
+    bad.total_steps = 1
+    with pytest.raises(ShardingError, match=r"final_eval.batch_size: dim 0 of shape \(100,\) has size 100, which is "
+                                            r"not divisible by mesh axis \('data', 'fsdp'\) of size 8"):
+        train(bad, str(tmp_path / "e"))
+    assert not os.path.exists(tmp_path / "e" / "metrics.jsonl")
     bad = ml_collections.ConfigDict(config.to_dict())
     bad.optim.lr = 0.1
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) optim.lr"):

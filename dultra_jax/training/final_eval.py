@@ -21,6 +21,7 @@ from dultra_jax.data.tasks import load_task_records
 
 log = logging.getLogger(__name__)
 
+BATCH_SIZE = 64  # rows per batch when `final_eval.batch_size` is unset
 KEYS = {"generator", "path", "split", "limit", "rows", "seeds", "batch_size"}
 ROW_KEYS = {"params", "rule", "factor", "threshold", "steps", "entropy_bound"}
 
@@ -66,7 +67,7 @@ def compare(spec: Mapping[str, Any], params_by_group: Mapping[str, Any], model, 
             params_by_group[group], model, tokenizer, records, task,
             rules_and_sweeps=[(rule, [value]) for _, rule, value in members],
             seeds=tuple(spec.get("seeds", (0,))), gen_length=decode.gen_length, block_length=decode.block_length,
-            prompt_length=decode.prompt_length, batch_size=int(spec.get("batch_size", 64)), temperature=0.0,
+            prompt_length=decode.prompt_length, batch_size=int(spec.get("batch_size", BATCH_SIZE)), temperature=0.0,
             out_dir=os.path.join(workdir, "eval", group), progress=False, mesh=mesh, stop_ids=stop_ids, plot=False)
         for (name, rule, _), row in zip(members, summary["rows"]):
             assert row["rule"] == rule, (row["rule"], rule)

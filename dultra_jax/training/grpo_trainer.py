@@ -228,6 +228,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     rows = prompts_per_step * run.rl.group_size
     check_batch(f"batch rows = data.prompts_per_step ({prompts_per_step}) * rl.group_size "
                 f"({run.rl.group_size})", rows, mesh)
+    if config.get("final_eval"):  # at start-up, not after training (e.g. 100 rows on 8 TPU cores)
+        from dultra_jax.training import final_eval
+        check_batch("final_eval.batch_size", int(config.final_eval.get("batch_size", final_eval.BATCH_SIZE)), mesh)
 
     params, model = build_model(run.model_section, mesh=mesh, seed=run.seed)
     decode = run.decode
@@ -290,7 +293,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
         checkpointer.close()
         writer.close()
     if config.get("final_eval"):
-        from dultra_jax.training import final_eval
         initial, _ = build_model(run.model_section, mesh=mesh, seed=run.seed)
         final_eval.compare(config.final_eval.to_dict(), {"initial": initial, "trained": state.params}, model,
                            data.tokenizer, data.task, decode, data.stop_ids, workdir, mesh=mesh)
