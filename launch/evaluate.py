@@ -6,8 +6,8 @@ r"""Evaluates a model on a task: accuracy, NFE, tokens per forward and tokens/s 
         --factors=0.5,0.8,1.0,1.2,1.5 --thresholds=0.9 --seeds=42,123,456,789,1000 \
         --gen_length=256 --block_length=32
 
-`--model` is an HF LLaDA (+ planner) directory or a training workdir of `launch/train.py` (its
-latest checkpoint; the tokenizer comes from the HF directory the run started from). `--config`
+`--model` is an HF LLaDA (+ planner) directory or a training workdir of `launch/train.py`,
+`pretrain.py` or `init_planner.py` (its latest checkpoint; the tokenizer comes from the HF directory the run started from). `--config`
 instead takes a config file's `model` section (random weights unless `model.path` is set; smoke
 tests), with `--tokenizer` for a text task. The sweep of each rule: `--factors` for `factor` and the
 planner rules, `--thresholds` for `threshold`, `--steps` for `low_confidence` / `random` (empty:

@@ -22,7 +22,7 @@ from dultra_jax.config import ConfigError, DecodeConfig
 from dultra_jax.data import arithmetic as A
 from dultra_jax.interop.hf_llada import load_hf
 from dultra_jax.models import policy
-from dultra_jax.models.build import build_model
+from dultra_jax.models.build import build_model, load_model_source
 from dultra_jax.training import mdlm_sft, planner_sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +131,11 @@ def test_pretrain_lowers_the_loss_and_exports_a_loadable_hf_dir(pretrained):
     loss_fn = jax.jit(lambda p: mdlm_sft.mdlm_loss(p, rows, jax.random.key(7), config)[0])
     before, after = float(loss_fn(initial)), float(loss_fn(params))
     assert after < before - 0.5, (before, after)
+
+    # The workdir itself is a model source (launch/export.py, evaluate.py): its last checkpoint.
+    restored, restored_config, source_dir = load_model_source(workdir)
+    assert restored_config == config and source_dir is None
+    jax.tree.map(np.testing.assert_array_equal, restored, params)
 
     history = result["history"]
     assert [row["step"] for row in history] == [5, 10, 15, 20]
@@ -313,5 +318,9 @@ def test_init_planner_trains_only_the_planner_and_exports_it(pretrained, tmp_pat
     moved = [not np.array_equal(a, b) for a, b in zip(_leaves(fresh["planner"]).values(),
                                                        _leaves(params["planner"]).values())]
     assert any(moved)
+    # The workdir as a model source: the checkpoint holds the planner; the backbone comes from model.path.
+    restored, restored_config, source_dir = load_model_source(str(tmp_path))
+    assert restored_config == model and source_dir == base_dir
+    jax.tree.map(np.testing.assert_array_equal, restored, params)
     with open(os.path.join(str(tmp_path), "planner_init_eval.json")) as f:
         assert json.load(f)["heldout_agreement"]["accuracy"] == pytest.approx(out["agreement"]["accuracy"])

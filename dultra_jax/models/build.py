@@ -52,7 +52,7 @@ def is_hf_dir(path: str) -> bool:
 
 
 def is_workdir(path: str) -> bool:
-    """A training workdir of `launch/train.py` (or its `checkpoints` directory)."""
+    """A workdir of `launch/train.py`, `pretrain.py` or `init_planner.py` (or its `checkpoints` directory)."""
     return os.path.isdir(path) and (os.path.isdir(os.path.join(path, "checkpoints"))
                                     or any(name.isdigit() for name in os.listdir(path)))
 
@@ -75,8 +75,9 @@ def load_model_source(path: str, *, mesh=None, dtype: str | None = None,
     """`(params, ModelConfig, source_dir)` of an HF LLaDA directory or a training workdir.
 
     Args:
-      path: an HF directory (config.json + safetensors), or a workdir of `launch/train.py` (its
-        latest Orbax checkpoint, restored with the config saved beside it).
+      path: an HF directory (config.json + safetensors), or a workdir of `launch/train.py`,
+        `pretrain.py` or `init_planner.py` (its latest Orbax checkpoint, restored with the config
+        saved beside it; `grpo_trainer.restore_params`).
       mesh: parameters are placed with their `sharding.param_shardings` on it (None: default device
         for an HF directory, all devices on 'fsdp' for a workdir).
       dtype, param_dtype: compute and storage dtypes (None: float32 for an HF directory, the

@@ -31,7 +31,7 @@ from dultra_jax.models.build import build_model
 from dultra_jax.rl.grpo import compute_advantages
 from dultra_jax.sharding import BATCH_AXES, batch_sharding, check_batch, make_mesh, param_shardings
 from dultra_jax.training.state import (TrainState, create_train_state, grpo_update, learning_rate_schedule,
-                                       make_optimizer)
+                                       make_optimizer, merge_params, partition_params)
 
 log = logging.getLogger(__name__)
 
@@ -303,26 +303,43 @@ def restore_params(workdir: str, mesh=None):
     """`(params, ModelConfig, model_path)` from the latest training checkpoint of `workdir`.
 
     The checkpoint's own config (saved with it) rebuilds the abstract train state; parameters
-    are restored with the shardings of `mesh` (default: all local devices on 'fsdp').
+    are restored with the shardings of `mesh` (default: all local devices on 'fsdp'). Workdirs of
+    `launch/train.py` hold the whole state; those of `launch/pretrain.py` and
+    `launch/init_planner.py` hold only the trained group, and the frozen rest (init_planner's
+    backbone) is loaded again from the run's `model.path`, as their resume does.
     """
     directory = os.path.join(workdir, "checkpoints") if os.path.isdir(os.path.join(workdir, "checkpoints")) else workdir
     if not os.path.isdir(directory):
         raise ConfigError(f"{workdir} is neither a training workdir nor a checkpoint directory")
+    mesh = mesh if mesh is not None else make_mesh()
     checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
     try:
         step = checkpointer.latest_step()
         if step is None:
             raise ConfigError(f"no training checkpoint in {directory}")
         saved = checkpointer.read_config(step)
-        run = run_config(ml_collections.ConfigDict(saved["config"]))
+        config = ml_collections.ConfigDict(saved["config"])
         model = model_config_from_dict(saved["model"])
-        tx = make_optimizer(run.optim, run.total_steps)
-        make_state = lambda p: create_train_state(p, tx, run.optim, run.rl, jax.random.key(0))  # noqa: E731
+        if "rl" in config:  # a GRPO run
+            run = run_config(config)
+            model_section, optim, total_steps = run.model_section, run.optim, run.total_steps
+            tx = make_optimizer(optim, total_steps)
+            make_state = lambda p: create_train_state(p, tx, optim, run.rl, jax.random.key(0))  # noqa: E731
+        else:  # an SFT run: the same keys, read the way `mdlm_sft.sft_run_config` reads them
+            from dultra_jax.training import mdlm_sft
+            model_section = config.model.to_dict()
+            optim = dataclass_from_dict(OptimConfig, config.get("optim", {}), "optim.")
+            tx = make_optimizer(optim, int(config.total_steps))
+            make_state = lambda p: mdlm_sft.create_state(p, tx, optim.train, 0).replace(frozen={})  # noqa: E731
         abstract = jax.eval_shape(make_state, policy.abstract_params(model))
-        shardings = state_shardings(abstract, tx, mesh if mesh is not None else make_mesh())
+        shardings = state_shardings(abstract, tx, mesh)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         state, _, _ = checkpointer.restore(step, target)
     finally:
         checkpointer.close()
     log.info("restored step %d from %s", step, directory)
-    return state.params, model, run.model_section.get("path")
+    params = state.params
+    if "rl" not in config and optim.train != "all":
+        source, _ = build_model(model_section, mesh=mesh, seed=int(config.get("seed", 0)))
+        params = merge_params(state.trainable, partition_params(source, optim.train)[1])
+    return params, model, model_section.get("path")
