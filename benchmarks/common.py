@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dultra_jax.config import ModelConfig, PlannerConfig
+from dultra_jax.models import policy
+from dultra_jax.sharding import path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +106,7 @@ def json_line(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=False, separators=(",", ":"))
 
 
-MODEL_NAMES = ("tiny", "small", "small_llada_vocab")  # the shapes `model_configs` builds
+MODEL_NAMES = ("tiny", "small", "small_llada_vocab", "llada_1b")  # the shapes `model_configs` builds
 
 
 def model_configs(length: int) -> dict[str, ModelConfig]:
@@ -114,7 +116,8 @@ def model_configs(length: int) -> dict[str, ModelConfig]:
     (V 4096, D 512, 8 layers, 8 heads, F 1408); `small_llada_vocab`: `small`'s body with LLaDA's
     tokenizer (V 126,464 and its special ids; 159.9M params, 129.5M of them in `wte` and the LM
     head), where the LM head is the larger part of a full-canvas forward, as in small MDMs that
-    keep a large tokenizer.
+    keep a large tokenizer; `llada_1b`: LLaDA-8B's layout at 1.2B params for one accelerator
+    (D 2048, 12 layers, 16 heads of 128, F 6144 = 3 D as LLaDA's, V 126,464, rope theta 5e5).
     """
     max_len = max(4096, length)
     configs = {
@@ -129,7 +132,61 @@ def model_configs(length: int) -> dict[str, ModelConfig]:
     configs["small_llada_vocab"] = configs["small"].replace(  # ModelConfig's defaults are LLaDA's ids
         vocab_size=126464, mask_token_id=ModelConfig.mask_token_id, eos_token_id=ModelConfig.eos_token_id,
         pad_token_id=ModelConfig.pad_token_id, eot_token_id=ModelConfig.eot_token_id)
+    configs["llada_1b"] = ModelConfig(vocab_size=126464, d_model=2048, n_layers=12, n_heads=16, n_kv_heads=16,
+                                      mlp_hidden_size=6144, max_sequence_length=max_len, planner=PlannerConfig())
     return configs
+
+
+def forward_flops(config: ModelConfig, batch: int, length: int) -> dict[str, float]:
+    """Analytic FLOPs of one full `policy_apply` on `[batch, length]` (multiply-adds count 2):
+
+        2 * N_mm * B * L                  every per-token matmul: the Linear kernels of the blocks,
+                                          the LM head and the planner block (embedding lookups: 0)
+      + 2 * B * N_row                     the planner's timestep MLP, once per row
+      + 4 * B * L^2 * D_attn * n_attn     QK^T and AV; D_attn = n_heads * head_dim, n_attn the
+                                          backbone's layers (+1 with the planner block)
+
+    `N_mm` and `N_row` are read off the parameter tree (every `.../kernel` leaf; those under
+    `planner/time_embedding/` are per row). Norms, RoPE, softmax and activations are left out, so
+    the figure slightly underestimates the work.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(policy.abstract_params(config))[0]
+    per_token, per_row, total_params = 0, 0, 0
+    for path, leaf in flat:
+        name = path_str(path)
+        size = int(np.prod(leaf.shape))
+        total_params += size
+        if name.endswith("/kernel"):
+            if name.startswith("planner/time_embedding/"):
+                per_row += size
+            else:
+                per_token += size
+    n_attn = config.n_layers + (1 if config.has_planner else 0)
+    d_attn = config.n_heads * config.head_dim
+    matmul = 2.0 * per_token * batch * length + 2.0 * per_row * batch
+    attention = 4.0 * batch * length ** 2 * d_attn * n_attn
+    return {"params": total_params, "matmul_params": per_token, "matmul_flops": matmul,
+            "attention_flops": attention, "flops": matmul + attention}
+
+
+# Dense bfloat16 peak FLOP/s of one JAX device, from the vendors' data sheets (without sparsity).
+# The first key contained in `device_kind` wins, so the narrower names come first. TPU v2/v3 are
+# left out: a JAX device there is one of a chip's two cores.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("A100", 312e12), ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+                   ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12))
+
+
+def peak_flops_per_s(device_kind: str, dtype: str) -> float | None:
+    """The data-sheet peak of one `device_kind` device for `dtype` matmuls, or None when unknown.
+
+    Only bfloat16 has one: float32 matmuls run as TF32, bf16 passes or full float32 depending on
+    the backend and `jax_default_matmul_precision`, so their peak is not one number (and CPUs
+    have no entry). MFU = achieved model FLOP/s / this peak.
+    """
+    if dtype != "bfloat16":
+        return None
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in device_kind), None)
 
 
 class CompileCounter:

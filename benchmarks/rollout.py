@@ -3,9 +3,10 @@ r"""Rollout throughput: the jitted `lax.while_loop` rollout against the same dec
     python benchmarks/rollout.py [--models=tiny] [--rules=planner_bernoulli,...] [--batch=4]
                                  [--prompt_length=32] [--gen_length=64] [--block_length=16]
                                  [--temperature=0.0] [--iters=3] [--seed=0] [--caches=none,prefix,dual]
+                                 [--dtype=float32] [--param_dtype=...]
 
-For every model in `--models` (`tiny`: the tests' shape; `small`: the shape of benchmarks/forward.py,
-~35M params; both random-init with a planner) and every decoding rule, `--batch` random prompts of
+For every model in `--models` (the shapes of benchmarks/common.py: `tiny`, the tests' shape; `small`,
+~35M params; `small_llada_vocab`; `llada_1b`; all random-init with a planner) and every decoding rule, `--batch` random prompts of
 `--prompt_length` tokens are decoded to `--gen_length` tokens in blocks of `--block_length` two
 ways, in the same run and on the same inputs:
 
@@ -37,8 +38,10 @@ Every rule runs once per `--caches` mode (`decode.cache`: `none` recomputes the 
 each cached run also reports `token_agreement_vs_none` (share of generated tokens equal to the
 exact rollout's on the same prompts and key), `rows_identical_vs_none`, and
 `per_nfe_speedup_vs_none` (exact time per NFE / cached time per NFE). The issue's shape is
-`--models=small --gen_length=256 --block_length=32 --caches=none,prefix,dual`. The last line printed is one
-JSON object (`{"benchmark": "rollout", ...}`) with every figure.
+`--models=small --gen_length=256 --block_length=32 --caches=none,prefix,dual`, and on a GPU
+`--models=llada_1b --dtype=bfloat16` with the same lengths (`llada_1b`: LLaDA's layout at 1.2B params,
+benchmarks/common.py). The last line printed is one JSON object (`{"benchmark": "rollout", ...}`) with
+every figure.
 
 `--models` defaults to `tiny` alone, which finishes in 1 to 2 minutes on 2 CPU cores (mostly
 compiling: two programs per rule). `small` is for accelerators (`--models=tiny,small`): on 2 idle
@@ -76,6 +79,9 @@ _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 16, "Semi-autoregressive bl
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Token sampling temperature (0 = argmax).")
 _ITERS = flags.DEFINE_integer("iters", 3, "Timed calls of each way (after the compiling warm-up).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters, the prompts and the rollout key.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
+                                 "Storage dtype of the parameters (default: --dtype).")
 
 MODES = ("while_loop", "python_loop")
 
@@ -188,7 +194,7 @@ def main(argv):
 
     results, params_count = [], {}
     for name in _MODELS.value:
-        model = configs[name]
+        model = configs[name].replace(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value or _DTYPE.value)
         params = jax.jit(policy.init_params, static_argnums=0)(model, jax.random.key(_SEED.value))
         params_count[name] = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
         for rule in _RULES.value:
@@ -205,7 +211,7 @@ def main(argv):
     print(f"rollout benchmark on {info['device_count']} x {info['device_kind']} ({info['backend']}), "
           f"jax {info['jax_version']}")
     print(f"B={_BATCH.value} Lp={_PROMPT_LENGTH.value} Lg={_GEN_LENGTH.value} block={_BLOCK_LENGTH.value} "
-          f"T={_TEMPERATURE.value}; models: "
+          f"T={_TEMPERATURE.value} {_DTYPE.value}; models: "
           + ", ".join(f"{n} ({common.si(c)} params)" for n, c in params_count.items())
           + f"; best of {_ITERS.value} after a compiling warm-up")
     print("loop = jitted lax.while_loop rollout; py = Python loop of jitted steps; speedup = py / loop "
@@ -219,7 +225,7 @@ def main(argv):
                 "batch": _BATCH.value,
                 "prompt_length": _PROMPT_LENGTH.value, "gen_length": _GEN_LENGTH.value,
                 "block_length": _BLOCK_LENGTH.value, "temperature": _TEMPERATURE.value, "iters": _ITERS.value,
-                "seed": _SEED.value}
+                "seed": _SEED.value, "dtype": _DTYPE.value, "param_dtype": _PARAM_DTYPE.value or _DTYPE.value}
     print(common.json_line({"benchmark": "rollout", **info, "settings": settings, "params": params_count,
                             "results": results}))
 

@@ -2,7 +2,7 @@ r"""GRPO update: step time and peak memory for T denoising steps (does memory st
 
     python benchmarks/train_step.py [--model=bench] [--steps=8,32,128] [--batch=4] [--iters=2]
                                     [--remat] [--prompt_length=64] [--gen_length=128]
-                                    [--block_length=32] [--seed=0]
+                                    [--block_length=32] [--seed=0] [--dtype=float32]
 
 `grpo_update` replays every denoising step of a batch with gradients: `value_and_grad` of one
 step's loss inside a `lax.fori_loop` whose trip count is the batch's largest NFE, accumulating
@@ -39,6 +39,10 @@ Per T, the update is `jax.jit(grpo_update, donate_argnums=state)`, lowered and c
                 new state is fed to the next (the state is donated). `per_step_s` = best / T:
                 the cost of one replayed forward + backward.
 
+  FLOP/s, MFU   3 x `common.forward_flops` per replayed step (a forward and its backward) x T /
+                best seconds; MFU divides by the device's data-sheet peak where one is known
+                (bfloat16 on H100, H200, A100, TPU v4 to v6: `common.PEAK_BF16_FLOPS`).
+
 and `peak_ratio` = peak(T_max) / peak(T_min), `within_target` = peak_ratio <= 1.2. The last line
 printed is one JSON object (`{"benchmark": "train_step", ...}`) with every figure.
 
@@ -47,6 +51,9 @@ Models (random init, with a planner; `tiny` and `small` from benchmarks/common.p
   tiny    the tests' shape (V 64, D 32, 2 layers), for the test of this script.
   bench   the default: `small` with D 256, 4 layers, 4 heads, F 704 (V 4096; ~6.5M params).
   small   ~35M params (V 4096, D 512, 8 layers, 8 heads, F 1408).
+  small_llada_vocab, llada_1b   LLaDA's vocabulary on `small`'s body; LLaDA's layout at 1.2B
+          params. The issue's GPU run: `--model=llada_1b --dtype=bfloat16 --prompt_length=32
+          --gen_length=256 --block_length=32 --steps=8,32,128`.
 
 `bench` is the default because `small` is too slow for 2 CPU cores: at B=4, Lp=64, Lg=128 one
 replayed step (forward + backward) of `small` took ~2.8 s there, so one update at T=128 takes
@@ -77,7 +84,7 @@ if __package__:
 else:  # run as `python benchmarks/train_step.py`: the script's folder is on sys.path
     import common
 
-MODELS = ("tiny", "bench", "small")
+MODELS = ("tiny", "bench", *common.MODEL_NAMES[1:])
 PEAK_RATIO_TARGET = 1.2
 
 _MODEL = flags.DEFINE_enum("model", "bench", list(MODELS), "Model shape (see the module docstring).")
@@ -89,14 +96,16 @@ _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 64, "Prompt tokens per ro
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 128, "Generated tokens per row Lg.")
 _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Semi-autoregressive block length.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters, tokens and advantages.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype (parameters and optimiser state stay float32).")
 
 
-def model_config(name: str, length: int, remat: bool) -> ModelConfig:
+def model_config(name: str, length: int, remat: bool, dtype: str = "float32") -> ModelConfig:
     """The `name` shape (module docstring) holding canvases of `length` tokens."""
     configs = common.model_configs(length)
     configs["bench"] = configs["small"].replace(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
                                                 mlp_hidden_size=704)
-    return configs[name].replace(remat=remat)
+    return configs[name].replace(remat=remat, dtype=dtype)
 
 
 def unmask_schedule(num_steps: int, gen_length: int, block_length: int) -> np.ndarray:
@@ -185,8 +194,11 @@ def bench_steps(model: ModelConfig, params, num_steps: int, iters: int, seed: in
         state, _ = jax.block_until_ready(compiled(state, trajectory, advantages))
         times.append(time.perf_counter() - start)
     timing = common.Timing(compile_s, tuple(times))
+    # One replayed step: a full forward and its backward, ~3x the forward's matmul FLOPs.
+    step_flops = 3 * common.forward_flops(model, batch, decode.canvas_length)["flops"]
     return {"steps": num_steps, "revealed_per_step": decode.gen_length / num_steps, **timing.as_dict(),
-            "per_step_s": timing.best_s / num_steps, **memory, "device_peak_bytes": device_peak_bytes(),
+            "per_step_s": timing.best_s / num_steps, "flops_per_update": step_flops * num_steps,
+            "flops_per_s": step_flops * num_steps / timing.best_s, **memory, "device_peak_bytes": device_peak_bytes(),
             "metrics": {k: v.item() for k, v in jax.device_get(metrics).items()}}
 
 
@@ -197,6 +209,7 @@ def mib(n: int | None) -> str:
 def table_row(r: dict) -> dict:
     row = {"T": r["steps"], "tok/step": f"{r['revealed_per_step']:.2f}", "best s": f"{r['best_s']:.3f}",
            "mean s": f"{r['mean_s']:.3f}", "ms/step": f"{1e3 * r['per_step_s']:.1f}",
+           "FLOP/s": common.si(r["flops_per_s"]), "MFU": "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
            "compile s": f"{r['compile_s']:.1f}", "args MiB": mib(r["argument_bytes"]),
            "out MiB": mib(r["output_bytes"]), "alias MiB": mib(r["alias_bytes"]), "temp MiB": mib(r["temp_bytes"]),
            "peak MiB": mib(r["peak_bytes"]), "logp_gap": f"{r['metrics']['logp_gap']:.1e}"}
@@ -227,10 +240,14 @@ def main(argv):
         raise app.UsageError(f"--steps {bad}: every T must be between the {decode.num_blocks} blocks and "
                              f"--gen_length={decode.gen_length} (every step reveals >= 1 token)")
 
-    model = model_config(_MODEL.value, decode.canvas_length, _REMAT.value)
+    model = model_config(_MODEL.value, decode.canvas_length, _REMAT.value, _DTYPE.value)
     params = jax.jit(policy.init_params, static_argnums=0)(model, jax.random.key(_SEED.value))
     params_count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     results = [bench_steps(model, params, t, _ITERS.value, _SEED.value) for t in steps]
+    info = common.device_info()
+    peak = common.peak_flops_per_s(info["device_kind"], _DTYPE.value)
+    for result in results:
+        result["mfu"] = None if peak is None else result["flops_per_s"] / peak
 
     low, high = results[0], results[-1]
     peak_ratio = high["peak_bytes"] / low["peak_bytes"]
@@ -239,11 +256,10 @@ def main(argv):
     if low["device_peak_bytes"] and high["device_peak_bytes"] is not None:
         device_ratio = high["device_peak_bytes"] / low["device_peak_bytes"]
 
-    info = common.device_info()
     print(f"train_step benchmark on {info['device_count']} x {info['device_kind']} ({info['backend']}), "
           f"jax {info['jax_version']}")
     print(f"model {_MODEL.value} (D {model.d_model}, {model.n_layers} layers, V {model.vocab_size}, "
-          f"{common.si(params_count)} params, remat {model.remat}); B={_BATCH.value} Lp={decode.prompt_length} "
+          f"{common.si(params_count)} params, remat {model.remat}, {model.dtype}); B={_BATCH.value} Lp={decode.prompt_length} "
           f"Lg={decode.gen_length} block={decode.block_length}; planner_bernoulli; "
           f"best of {_ITERS.value} after a warm-up call")
     print("one jitted grpo_update per T (every row takes T steps); peak = args + out - alias + temp from XLA's "
@@ -261,12 +277,13 @@ def main(argv):
         print(f"device allocator peak after T={high['steps']} / after T={low['steps']}: {device_ratio:.3f}x")
     settings = {"model": _MODEL.value, "steps": steps, "batch": _BATCH.value, "iters": _ITERS.value,
                 "remat": _REMAT.value, "prompt_length": decode.prompt_length, "gen_length": decode.gen_length,
-                "block_length": decode.block_length, "seed": _SEED.value}
+                "block_length": decode.block_length, "seed": _SEED.value, "dtype": _DTYPE.value}
     shape = {"vocab_size": model.vocab_size, "d_model": model.d_model, "n_layers": model.n_layers,
              "n_heads": model.n_heads, "mlp_hidden_size": model.mlp_hidden_size}
     print(common.json_line({"benchmark": "train_step", **info, "settings": settings, "model_shape": shape,
                             "params": params_count, "results": results, "peak_ratio": peak_ratio,
                             "peak_ratio_target": PEAK_RATIO_TARGET, "within_target": within,
+                            "peak_flops_per_s": peak,
                             "device_peak_ratio": device_ratio}))
 
 

@@ -24,7 +24,7 @@ def test_json_line_has_every_figure(record):
     assert record["settings"] == {"models": ["tiny"], "rules": ["planner_bernoulli", "threshold"],
                                   "caches": ["none", "dual"], "batch": 2,
                                   "prompt_length": 4, "gen_length": 8, "block_length": 4, "temperature": 0.0,
-                                  "iters": 1, "seed": 0}
+                                  "iters": 1, "seed": 0, "dtype": "float32", "param_dtype": "float32"}
     assert record["params"]["tiny"] > 0
     assert [(r["model"], r["rule"], r["cache"]) for r in record["results"]] == [
         ("tiny", "planner_bernoulli", "none"), ("tiny", "planner_bernoulli", "dual"),

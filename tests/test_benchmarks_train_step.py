@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks import common
 from tests.helpers import run_benchmark
 
 
@@ -34,7 +35,8 @@ def test_json_line_has_every_figure(record):
     assert record["benchmark"] == "train_step"
     assert record["backend"] == "cpu" and record["device_count"] == 1
     assert record["settings"] == {"model": "tiny", "steps": [2, 4], "batch": 2, "iters": 1, "remat": False,
-                                  "prompt_length": 4, "gen_length": 8, "block_length": 4, "seed": 0}
+                                  "prompt_length": 4, "gen_length": 8, "block_length": 4, "seed": 0,
+                                  "dtype": "float32"}
     assert record["params"] > 0 and record["model_shape"]["d_model"] == 32
     assert [r["steps"] for r in record["results"]] == [2, 4]  # ascending, whatever the flag's order
     for result in record["results"]:
@@ -43,6 +45,11 @@ def test_json_line_has_every_figure(record):
             assert result[key] > 0, (result["steps"], key)
         assert result["per_step_s"] == pytest.approx(result["best_s"] / result["steps"])
         assert result["revealed_per_step"] == 8 / result["steps"]
+        # A forward and its backward per replayed step: 3 forwards of the [2, 12] canvas, T times.
+        forward = common.forward_flops(common.model_configs(12)["tiny"], 2, 12)["flops"]
+        assert result["flops_per_update"] == 3 * forward * result["steps"]
+        assert result["flops_per_s"] == pytest.approx(result["flops_per_update"] / result["best_s"])
+        assert result["mfu"] is None and record["peak_flops_per_s"] is None  # no data-sheet peak for a CPU
         assert result["peak_bytes"] == (result["argument_bytes"] + result["output_bytes"] - result["alias_bytes"]
                                         + result["temp_bytes"])
         assert result["alias_bytes"] > 0  # the state is donated: the new state reuses its buffers

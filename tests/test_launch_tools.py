@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from benchmarks import common
 from dultra_jax.interop.hf_llada import export_hf, load_hf
 from dultra_jax.interop.logit_check import TokensError, read_tokens, score_tokens
 from dultra_jax.models import policy
@@ -193,3 +194,22 @@ def test_forward_benchmark_json_line():
     per_token = 2 * 7680 + 7680 + 2 * 32 * 64 + 32 + 32 * 64
     want = 2 * per_token * 32 + 2 * 2 * (256 * 32 + 32 * 32) + 4 * 2 * 16 ** 2 * 32 * 3
     assert result["flops_per_forward"] == want
+    assert result["mfu"] is None and record["peak_flops_per_s"] is None  # no data-sheet peak for a CPU
+    assert record["matmul"]["dtype"] == "float32"
+
+
+def test_benchmark_shapes_and_data_sheet_peaks():
+    configs = common.model_configs(288)
+    assert tuple(configs) == common.MODEL_NAMES
+    llada_1b = configs["llada_1b"]  # LLaDA-8B's layout (heads of 128, F = 3 D, its vocabulary and ids)
+    assert (llada_1b.head_dim, llada_1b.mlp_hidden_size, llada_1b.vocab_size) == (128, 3 * 2048, 126464)
+    assert (llada_1b.mask_token_id, llada_1b.rope_theta) == (126336, 500000.0)
+    assert 1.2e9 < common.forward_flops(llada_1b, 4, 288)["params"] < 1.3e9
+    # bfloat16 only, matched on JAX's device_kind strings; the narrower names win.
+    assert common.peak_flops_per_s("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert common.peak_flops_per_s("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert common.peak_flops_per_s("NVIDIA H200", "bfloat16") == 989e12
+    assert common.peak_flops_per_s("TPU v5 lite", "bfloat16") == 197e12
+    assert common.peak_flops_per_s("TPU v5", "bfloat16") == 459e12
+    assert common.peak_flops_per_s("NVIDIA H100 80GB HBM3", "float32") is None
+    assert common.peak_flops_per_s("cpu", "bfloat16") is None
