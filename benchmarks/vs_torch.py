@@ -5,8 +5,8 @@ r"""Our jitted rollout against a PyTorch rollout written the way the reference i
                                   [--block_length=32] [--iters=1] [--seed=0] [--torch_threads=0]
                                   [--matmul_precision=highest]
 
-One random-init LLaDA-shaped model with a planner (`--model`: `tiny`, `small` or
-`small_llada_vocab`, the shapes of benchmarks/common.py `model_configs`) is built in JAX,
+One random-init LLaDA-shaped model with a planner (`--model`: a shape of benchmarks/common.py
+`model_configs`: `tiny`, `small`, `small_llada_vocab` or `llada_1b`) is built in JAX,
 exported with `export_hf` (float32) to a temporary directory, and that same directory is loaded in PyTorch by the independent reference model
 `dultra_jax.interop.torch_reference` (`ref_from_hf_dir`). The same `--batch` random prompts of
 `--prompt_length` tokens (unpadded: every prompt position is valid, so padding masks play no
