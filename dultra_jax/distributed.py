@@ -38,6 +38,7 @@ interconnects have no such deadline; there it does nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -47,6 +48,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import flags
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -166,6 +168,43 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     connect_cpu_collectives()
     return True
+
+
+@dataclasses.dataclass(frozen=True)
+class LauncherFlags:
+    """The multi-process flags of a launcher (`define_launcher_flags`)."""
+
+    coordinator_address: flags.FlagHolder
+    num_processes: flags.FlagHolder
+    process_id: flags.FlagHolder
+    local_device_ids: flags.FlagHolder
+    mode: flags.FlagHolder
+
+
+def define_launcher_flags() -> LauncherFlags:
+    """Defines `--coordinator_address`, `--num_processes`, `--process_id`, `--local_device_ids` and
+    `--distributed` (absl flags, once per program: the launchers call it at import)."""
+    return LauncherFlags(
+        coordinator_address=flags.DEFINE_string(
+            "coordinator_address", None, "Multi-process: host:port of process 0's coordinator (same on every process)."),
+        num_processes=flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes."),
+        process_id=flags.DEFINE_integer("process_id", None,
+                                        "Multi-process: this process's index in [0, num_processes)."),
+        local_device_ids=flags.DEFINE_list("local_device_ids", None,
+                                           "Multi-process: the local devices this process uses (default all)."),
+        mode=flags.DEFINE_enum("distributed", "auto", MODES,
+                               "auto: initialise jax.distributed from the flags above or a detected multi-host "
+                               "TPU/Slurm/Open MPI environment; on: always (JAX detects the cluster); off: never."))
+
+
+def initialize_from_flags(launcher_flags: LauncherFlags) -> bool:
+    """`initialize` with a launcher's parsed flags; call it before anything touches a JAX backend."""
+    local_ids = launcher_flags.local_device_ids.value
+    if local_ids is not None and not all(i.strip().isdigit() for i in local_ids):
+        raise DistributedError(f"--local_device_ids={','.join(local_ids)} must be integers")
+    return initialize(launcher_flags.coordinator_address.value, launcher_flags.num_processes.value,
+                      launcher_flags.process_id.value, None if local_ids is None else [int(i) for i in local_ids],
+                      mode=launcher_flags.mode.value)
 
 
 def _enable_cpu_collectives() -> None:

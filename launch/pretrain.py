@@ -4,11 +4,17 @@ r"""Masked-diffusion SFT (LLaDA's loss) of a backbone, e.g. the demo's base mode
 
 Resumes from the latest checkpoint in `DIR/checkpoints`; writes `DIR/metrics.jsonl`, the HF
 directory (`export_dir`, default `DIR/hf`, with the tokenizer) and `DIR/pretrain_eval.json`.
+
+Multi-host: one process per host with the same `--workdir` and the multi-process flags of
+`launch/train.py` (`--coordinator_address`, `--num_processes`, `--process_id`, or a detected
+TPU / Slurm / Open MPI environment). `data.batch_size` is the GLOBAL batch; process 0 writes the
+metrics, the JSON summary and the HF directory.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from dultra_jax import distributed
 from dultra_jax.checkpoint import quiet_orbax_logs
 from dultra_jax.config import ConfigError
 from dultra_jax.interop.safetensors_io import CheckpointError
@@ -17,14 +23,16 @@ from dultra_jax.training.mdlm_sft import pretrain
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pre-training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, export).", required=True)
+_DISTRIBUTED = distributed.define_launcher_flags()
 
 
 def main(argv):
     del argv
     quiet_orbax_logs()
     try:
+        distributed.initialize_from_flags(_DISTRIBUTED)  # before anything touches a JAX backend
         pretrain(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, CheckpointError, ShardingError) as e:
+    except (ConfigError, CheckpointError, ShardingError, distributed.DistributedError) as e:
         raise SystemExit(f"pretrain.py: error: {e}") from None
 
 

@@ -27,15 +27,7 @@ from dultra_jax.training.grpo_trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).", required=True)
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "Multi-process: host:port of process 0's coordinator (same on every process).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index in [0, num_processes).")
-_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None,
-                                      "Multi-process: the local devices this process uses (default all).")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
-                                 "auto: initialise jax.distributed from the flags above or a detected multi-host "
-                                 "TPU/Slurm/Open MPI environment; on: always (JAX detects the cluster); off: never.")
+_DISTRIBUTED = distributed.define_launcher_flags()
 
 
 def main(argv):
@@ -43,11 +35,7 @@ def main(argv):
     quiet_orbax_logs()
     try:
         # Before anything touches a JAX backend: the devices of all processes form the mesh.
-        local_ids = _LOCAL_DEVICE_IDS.value
-        if local_ids is not None and not all(i.strip().isdigit() for i in local_ids):
-            raise distributed.DistributedError(f"--local_device_ids={','.join(local_ids)} must be integers")
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                               None if local_ids is None else [int(i) for i in local_ids], mode=_DISTRIBUTED.value)
+        distributed.initialize_from_flags(_DISTRIBUTED)
         train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, CheckpointError, ShardingError, distributed.DistributedError) as e:
         raise SystemExit(f"train.py: error: {e}") from None

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from dultra_jax.config import ConfigError, ModelConfig, PlannerConfig, parse_dtype
@@ -228,7 +229,9 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
       source_dir: the HF directory the model came from: its `config.json` fields that we do not
         own are carried through, and its tokenizer / remote-code files are copied.
       hf_config: base `config.json` dict when there is no source directory.
-    The directory is assembled under a temporary name and renamed into place when complete.
+    The directory is assembled under a temporary name and renamed into place when complete. In a
+    multi-process run every process must call this (tensors sharded over other processes are
+    gathered collectively); process 0 writes, and all return once the directory is in place.
     """
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(parse_dtype(dtype, "dtype"))
     if source_dir is not None and hf_config is None:
@@ -249,8 +252,10 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise CheckpointError(f"export directory {out_dir} exists and is not empty (pass overwrite=True)")
     parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent) if writer else None
     try:
         sizes = [(e.hf_name, int(np.prod(hf_shape(e, shapes[e.path]))) * np_dtype.itemsize) for e in table]
         shards = plan_shards(sizes, parse_size(max_shard_size))
@@ -259,29 +264,44 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
         for k, names in enumerate(shards):
             file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {n: _fetch(flat[by_name[n].path], by_name[n], np_dtype) for n in names}
-            save_file(tensors, os.path.join(tmp, file))
+            if writer:
+                save_file(tensors, os.path.join(tmp, file))
             total += sum(t.nbytes for t in tensors.values())
             weight_map.update({n: file for n in names})
-        if len(shards) > 1:
-            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config_for(config, hf_config, dtype), f, indent=2)
-        if source_dir is not None:
-            for file in sorted(os.listdir(source_dir)):
-                if _COPIED.match(file) and os.path.isfile(os.path.join(source_dir, file)):
-                    shutil.copy2(os.path.join(source_dir, file), os.path.join(tmp, file))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        if writer:
+            _finish_export(tmp, out_dir, len(shards) > 1, weight_map, total, hf_config_for(config, hf_config, dtype),
+                           source_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if jax.process_count() > 1:  # the others return once process 0 has renamed the directory into place
+        multihost_utils.sync_global_devices(f"export_hf {os.path.abspath(out_dir)}")
     return out_dir
 
 
+def _finish_export(tmp: str, out_dir: str, sharded: bool, weight_map: dict[str, str], total: int,
+                   hf_config: dict[str, Any], source_dir: str | None) -> None:
+    """The index, config.json and the source's tokenizer files into `tmp`, then `tmp` -> `out_dir`."""
+    if sharded:
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    if source_dir is not None:
+        for file in sorted(os.listdir(source_dir)):
+            if _COPIED.match(file) and os.path.isfile(os.path.join(source_dir, file)):
+                shutil.copy2(os.path.join(source_dir, file), os.path.join(tmp, file))
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
 def _fetch(leaf: jax.Array, entry: TensorMap, dtype: np.dtype) -> np.ndarray:
-    """One HF tensor on the host: a single layer of a stacked leaf is sliced on device first."""
+    """One HF tensor on the host: a single layer of a stacked leaf is sliced on device first;
+    a tensor with shards on other processes is all-gathered (a collective: every process calls)."""
     array = leaf[entry.layer] if entry.layer is not None else leaf
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        array = multihost_utils.process_allgather(array, tiled=True)
     array = np.asarray(jax.device_get(array)).astype(dtype)
     return np.ascontiguousarray(array.T if entry.transpose else array)

@@ -48,6 +48,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from dultra_jax import checkpoint as ckpt_lib
+from dultra_jax import distributed
 from dultra_jax.config import (SCHEDULED_RULES, ConfigError, DecodeConfig, ModelConfig, OptimConfig,
                                dataclass_from_dict, model_config_to_dict)
 from dultra_jax.models import policy
@@ -599,6 +600,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           "launch/init_planner.py afterwards)")
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(**run.mesh)
+    distributed.connect_cpu_collectives(mesh)  # multi-process CPU only: before the processes drift apart
     check_batch(f"data.batch_size ({run.data['batch_size']})", int(run.data["batch_size"]), mesh)
 
     params, model = build_model(run.model_section, mesh=mesh, seed=run.seed)

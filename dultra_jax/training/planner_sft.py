@@ -51,6 +51,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from dultra_jax import distributed
 from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig, model_config_to_dict
 from dultra_jax.decoding import rules
 from dultra_jax.models import policy
@@ -270,6 +271,7 @@ def init_planner(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                           f"data.block_length={run.data['block_length']}")
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(**run.mesh)
+    distributed.connect_cpu_collectives(mesh)  # multi-process CPU only: before the processes drift apart
     check_batch(f"data.batch_size ({run.data['batch_size']})", int(run.data["batch_size"]), mesh)
 
     params, model = build_model(run.model_section, mesh=mesh, seed=run.seed)
