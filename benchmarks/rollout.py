@@ -5,10 +5,10 @@ r"""Rollout throughput: the jitted `lax.while_loop` rollout against the same dec
                                  [--temperature=0.0] [--iters=3] [--seed=0] [--caches=none,prefix,dual]
                                  [--dtype=float32] [--param_dtype=...]
 
-For every model in `--models` (the shapes of benchmarks/common.py: `tiny`, the tests' shape; `small`,
-~35M params; `small_llada_vocab`; `llada_1b`; all random-init with a planner) and every decoding rule, `--batch` random prompts of
-`--prompt_length` tokens are decoded to `--gen_length` tokens in blocks of `--block_length` two
-ways, in the same run and on the same inputs:
+For every model in `--models` (the shapes of benchmarks/common.py: `tiny`, the tests' shape;
+`small`, ~35M params; `small_llada_vocab`; `llada_1b`; all random-init with a planner) and every
+decoding rule, `--batch` random prompts of `--prompt_length` tokens are decoded to `--gen_length`
+tokens in blocks of `--block_length` two ways, in the same run and on the same inputs:
 
   while_loop    `rollout(...)`: the whole decoding is one jitted `lax.while_loop`.
   python_loop   `rollout_python_loop(...)`: a Python loop calling a jitted step once per NFE and
