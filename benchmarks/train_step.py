@@ -259,7 +259,8 @@ def main(argv):
     print(f"train_step benchmark on {info['device_count']} x {info['device_kind']} ({info['backend']}), "
           f"jax {info['jax_version']}")
     print(f"model {_MODEL.value} (D {model.d_model}, {model.n_layers} layers, V {model.vocab_size}, "
-          f"{common.si(params_count)} params, remat {model.remat}, {model.dtype}); B={_BATCH.value} Lp={decode.prompt_length} "
+          f"{common.si(params_count)} params, remat {model.remat}, {model.dtype}); "
+          f"B={_BATCH.value} Lp={decode.prompt_length} "
           f"Lg={decode.gen_length} block={decode.block_length}; planner_bernoulli; "
           f"best of {_ITERS.value} after a warm-up call")
     print("one jitted grpo_update per T (every row takes T steps); peak = args + out - alias + temp from XLA's "

@@ -6,9 +6,10 @@ r"""Our jitted rollout against a PyTorch rollout written the way the reference i
                                   [--matmul_precision=highest]
 
 One random-init LLaDA-shaped model with a planner (`--model`: a shape of benchmarks/common.py
-`model_configs`: `tiny`, `small`, `small_llada_vocab` or `llada_1b`) is built in JAX,
-exported with `export_hf` (float32) to a temporary directory, and that same directory is loaded in PyTorch by the independent reference model
-`dultra_jax.interop.torch_reference` (`ref_from_hf_dir`). The same `--batch` random prompts of
+`model_configs`: `tiny`, `small`, `small_llada_vocab` or `llada_1b`) is built in JAX, exported
+with `export_hf` (float32) to a temporary directory, and that same directory is loaded in PyTorch
+by the independent reference model `dultra_jax.interop.torch_reference` (`ref_from_hf_dir`). The
+same `--batch` random prompts of
 `--prompt_length` tokens (unpadded: every prompt position is valid, so padding masks play no
 part) are then decoded to `--gen_length` tokens in blocks of `--block_length`, in one run on the
 same machine, by:

@@ -186,7 +186,8 @@ def define_launcher_flags() -> LauncherFlags:
     `--distributed` (absl flags, once per program: the launchers call it at import)."""
     return LauncherFlags(
         coordinator_address=flags.DEFINE_string(
-            "coordinator_address", None, "Multi-process: host:port of process 0's coordinator (same on every process)."),
+            "coordinator_address", None,
+            "Multi-process: host:port of process 0's coordinator (same on every process)."),
         num_processes=flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes."),
         process_id=flags.DEFINE_integer("process_id", None,
                                         "Multi-process: this process's index in [0, num_processes)."),

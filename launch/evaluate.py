@@ -11,8 +11,9 @@ r"""Evaluates a model on a task: accuracy, NFE, tokens per forward and tokens/s 
 directory the run started from). `--config` instead takes a config file's `model` section (random
 weights unless `model.path` is set; smoke tests), with `--tokenizer` for a text task. The sweep of
 each rule: `--factors` for `factor` and the planner rules, `--thresholds` for `threshold`,
-`--steps` for `low_confidence` / `random` (empty: the rule's default, one token per step). Outputs (see `dultra_jax.evaluation`): samples.jsonl,
-summary.json, summary.csv and pareto.png in `--out`.
+`--steps` for `low_confidence` / `random` (empty: the rule's default, one token per step).
+Outputs (see `dultra_jax.evaluation`): samples.jsonl, summary.json, summary.csv and pareto.png in
+`--out`.
 """
 
 from __future__ import annotations
