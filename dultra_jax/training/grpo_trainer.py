@@ -320,16 +320,18 @@ def restore_params(workdir: str, mesh=None):
         saved = checkpointer.read_config(step)
         config = ml_collections.ConfigDict(saved["config"])
         model = model_config_from_dict(saved["model"])
-        if "rl" in config:  # a GRPO run
+        grpo = "rl" in config  # else an SFT run, whose checkpoints leave out the frozen group
+        if grpo:
             run = run_config(config)
             model_section, optim, total_steps = run.model_section, run.optim, run.total_steps
-            tx = make_optimizer(optim, total_steps)
-            make_state = lambda p: create_train_state(p, tx, optim, run.rl, jax.random.key(0))  # noqa: E731
-        else:  # an SFT run: the same keys, read the way `mdlm_sft.sft_run_config` reads them
+        else:  # the same keys, read the way `mdlm_sft.sft_run_config` reads them
             from dultra_jax.training import mdlm_sft
-            model_section = config.model.to_dict()
+            model_section, total_steps = config.model.to_dict(), int(config.total_steps)
             optim = dataclass_from_dict(OptimConfig, config.get("optim", {}), "optim.")
-            tx = make_optimizer(optim, int(config.total_steps))
+        tx = make_optimizer(optim, total_steps)
+        if grpo:
+            make_state = lambda p: create_train_state(p, tx, optim, run.rl, jax.random.key(0))  # noqa: E731
+        else:
             make_state = lambda p: mdlm_sft.create_state(p, tx, optim.train, 0).replace(frozen={})  # noqa: E731
         abstract = jax.eval_shape(make_state, policy.abstract_params(model))
         shardings = state_shardings(abstract, tx, mesh)
@@ -339,7 +341,7 @@ def restore_params(workdir: str, mesh=None):
         checkpointer.close()
     log.info("restored step %d from %s", step, directory)
     params = state.params
-    if "rl" not in config and optim.train != "all":
+    if not grpo and optim.train != "all":
         source, _ = build_model(model_section, mesh=mesh, seed=int(config.get("seed", 0)))
         params = merge_params(state.trainable, partition_params(source, optim.train)[1])
     return params, model, model_section.get("path")
