@@ -177,6 +177,57 @@ def test_pretrain_two_processes_equal_one_process(tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
+# Two processes export a tiny model sharded over both; process 0's second shard file fails to
+# write (a full disk). argv: coordinator address, process id, out_dir.
+_FAILING_EXPORT = """
+import sys
+from dultra_jax import distributed
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+import jax
+from configs import common
+from dultra_jax.interop import hf_llada
+from dultra_jax.models.build import build_model
+from dultra_jax.sharding import make_mesh
+mesh = make_mesh()
+params, model = build_model(common.tiny_model(), mesh=mesh, seed=0)
+assert not all(leaf.is_fully_addressable for leaf in jax.tree.leaves(params))
+if jax.process_index() == 0:
+    write, calls = hf_llada.save_file, []
+    def save_file(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", path)
+        write(tensors, path)
+    hf_llada.save_file = save_file
+try:
+    hf_llada.export_hf(params, model, sys.argv[3], dtype="float32", max_shard_size="16KB")
+except Exception as e:
+    print(f"export failed: {type(e).__name__}: {e}", flush=True)
+    sys.exit(3)
+"""
+
+
+def test_export_failure_on_the_writer_reaches_every_process(tmp_path):
+    # Before, process 1 waited at export_hf's closing barrier for a process 0 that had raised.
+    out_dir = tmp_path / "hf"
+    address = f"127.0.0.1:{_free_port()}"
+    env = _env(4, address)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    procs = [subprocess.Popen([sys.executable, "-c", _FAILING_EXPORT, address, str(i), str(out_dir)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [3, 3], outputs
+    assert "export failed: OSError: [Errno 28] No space left on device" in outputs[0], outputs[0][-3000:]
+    assert (f"export failed: CheckpointError: export to {out_dir} failed on process 0, the writer"
+            in outputs[1]), outputs[1][-3000:]
+    assert os.listdir(tmp_path) == []  # neither the directory nor its temporary parts
+
+
 def test_flag_errors_name_the_flag():
     with pytest.raises(distributed.DistributedError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
         distributed.check_flags("127.0.0.1:1234", 2, 2, None)

@@ -20,7 +20,7 @@ import pytest
 
 from dultra_jax.config import ConfigError, DecodeConfig
 from dultra_jax.data import arithmetic as A
-from dultra_jax.interop.hf_llada import load_hf
+from dultra_jax.interop.hf_llada import export_hf, load_hf
 from dultra_jax.models import policy
 from dultra_jax.models.build import build_model, load_model_source
 from dultra_jax.training import mdlm_sft, planner_sft
@@ -111,7 +111,7 @@ def pretrained(tmp_path_factory):
     return workdir, result
 
 
-def test_pretrain_lowers_the_loss_and_exports_a_loadable_hf_dir(pretrained):
+def test_pretrain_lowers_the_loss_and_exports_a_loadable_hf_dir(pretrained, tmp_path):
     workdir, result = pretrained
     export_dir = result["export_dir"]
     assert export_dir == os.path.join(workdir, "hf")
@@ -132,10 +132,16 @@ def test_pretrain_lowers_the_loss_and_exports_a_loadable_hf_dir(pretrained):
     before, after = float(loss_fn(initial)), float(loss_fn(params))
     assert after < before - 0.5, (before, after)
 
-    # The workdir itself is a model source (launch/export.py, evaluate.py): its last checkpoint.
+    # The workdir itself is a model source (launch/export.py, evaluate.py): its last checkpoint,
+    # with the tokenizer files written at start-up, so that a mid-run export is complete too.
     restored, restored_config, source_dir = load_model_source(workdir)
-    assert restored_config == config and source_dir is None
+    assert restored_config == config and source_dir == os.path.join(workdir, mdlm_sft.TOKENIZER_DIR)
     jax.tree.map(np.testing.assert_array_equal, restored, params)
+    again = export_hf(restored, restored_config, str(tmp_path / "again"), dtype="float32", source_dir=source_dir)
+    assert sorted(os.listdir(again)) == sorted(os.listdir(export_dir))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        with open(os.path.join(again, name)) as f, open(os.path.join(export_dir, name)) as g:
+            assert f.read() == g.read(), name
 
     history = result["history"]
     assert [row["step"] for row in history] == [5, 10, 15, 20]

@@ -227,14 +227,16 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
       max_shard_size: bytes or "5GB"; more than one shard writes `model-0000i-of-0000N` files
         plus `model.safetensors.index.json`.
       source_dir: the HF directory the model came from: its `config.json` fields that we do not
-        own are carried through, and its tokenizer / remote-code files are copied.
+        own are carried through, and its tokenizer / remote-code files are copied (a directory
+        without `config.json`, such as a pretrain workdir's `tokenizer/`, gives only its files).
       hf_config: base `config.json` dict when there is no source directory.
     The directory is assembled under a temporary name and renamed into place when complete. In a
     multi-process run every process must call this (tensors sharded over other processes are
-    gathered collectively); process 0 writes, and all return once the directory is in place.
+    gathered collectively); process 0 writes, and all return once the directory is in place, or
+    all raise if process 0 could not write it (its own error there, a CheckpointError elsewhere).
     """
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(parse_dtype(dtype, "dtype"))
-    if source_dir is not None and hf_config is None:
+    if source_dir is not None and hf_config is None and os.path.exists(os.path.join(source_dir, "config.json")):
         hf_config = read_hf_config(source_dir)
     table = tensor_map(config)
     shapes = leaf_shapes(policy.abstract_params(config))
@@ -253,10 +255,27 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
         raise CheckpointError(f"export directory {out_dir} exists and is not empty (pass overwrite=True)")
     parent = os.path.dirname(os.path.abspath(out_dir))
     writer = jax.process_index() == 0
-    if writer:
+    # The writer's first error. It is held, not raised, until the end: the other processes keep
+    # calling the gathers of `_fetch`, so the writer must too, and then they all learn of it
+    # below instead of waiting for it at the barrier.
+    failure: Exception | None = None
+    tmp = None
+
+    def write(step):
+        nonlocal failure
+        if writer and failure is None:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 (re-raised below)
+                failure = e
+
+    def start():
+        nonlocal tmp
         os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent) if writer else None
+        tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+
     try:
+        write(start)
         sizes = [(e.hf_name, int(np.prod(hf_shape(e, shapes[e.path]))) * np_dtype.itemsize) for e in table]
         shards = plan_shards(sizes, parse_size(max_shard_size))
         by_name = {e.hf_name: e for e in table}
@@ -264,19 +283,23 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
         for k, names in enumerate(shards):
             file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {n: _fetch(flat[by_name[n].path], by_name[n], np_dtype) for n in names}
-            if writer:
-                save_file(tensors, os.path.join(tmp, file))
+            write(lambda: save_file(tensors, os.path.join(tmp, file)))
             total += sum(t.nbytes for t in tensors.values())
             weight_map.update({n: file for n in names})
-        if writer:
-            _finish_export(tmp, out_dir, len(shards) > 1, weight_map, total, hf_config_for(config, hf_config, dtype),
-                           source_dir)
+        write(lambda: _finish_export(tmp, out_dir, len(shards) > 1, weight_map, total,
+                                     hf_config_for(config, hf_config, dtype), source_dir))
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if jax.process_count() > 1:  # the others return once process 0 has renamed the directory into place
-        multihost_utils.sync_global_devices(f"export_hf {os.path.abspath(out_dir)}")
+    if failure is not None and tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if jax.process_count() > 1:  # all return once process 0 has renamed the directory into place, or failed
+        written = bool(multihost_utils.broadcast_one_to_all(np.int32(failure is None)))
+        if not written and not writer:
+            raise CheckpointError(f"export to {out_dir} failed on process 0, the writer (its log has the error)")
+    if failure is not None:
+        raise failure
     return out_dir
 
 

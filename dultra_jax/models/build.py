@@ -83,8 +83,8 @@ def load_model_source(path: str, *, mesh=None, dtype: str | None = None,
       dtype, param_dtype: compute and storage dtypes (None: float32 for an HF directory, the
         checkpoint's own for a workdir).
     Returns:
-      `source_dir`: the HF directory with the tokenizer (the directory itself, or the one the
-      training run started from; None when it had none).
+      `source_dir`: the directory with the tokenizer (the directory itself, a pretrain workdir's
+      `tokenizer/`, or the HF directory the training run started from; None when it had none).
     Raises:
       CheckpointError naming `path` when it is missing or neither kind of source.
     """

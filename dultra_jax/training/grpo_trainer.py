@@ -300,13 +300,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
 
 
 def restore_params(workdir: str, mesh=None):
-    """`(params, ModelConfig, model_path)` from the latest training checkpoint of `workdir`.
+    """`(params, ModelConfig, source_dir)` from the latest training checkpoint of `workdir`.
 
     The checkpoint's own config (saved with it) rebuilds the abstract train state; parameters
     are restored with the shardings of `mesh` (default: all local devices on 'fsdp'). Workdirs of
     `launch/train.py` hold the whole state; those of `launch/pretrain.py` and
     `launch/init_planner.py` hold only the trained group, and the frozen rest (init_planner's
-    backbone) is loaded again from the run's `model.path`, as their resume does.
+    backbone) is loaded again from the run's `model.path`, as their resume does. `source_dir`
+    is where the tokenizer is: a pretrain workdir's `tokenizer/`, else the run's `model.path`
+    (None when neither exists).
     """
     directory = os.path.join(workdir, "checkpoints") if os.path.isdir(os.path.join(workdir, "checkpoints")) else workdir
     if not os.path.isdir(directory):
@@ -341,7 +343,10 @@ def restore_params(workdir: str, mesh=None):
         checkpointer.close()
     log.info("restored step %d from %s", step, directory)
     params = state.params
-    if not grpo and optim.train != "all":
+    if grpo:
+        return params, model, model_section.get("path")
+    if optim.train != "all":
         source, _ = build_model(model_section, mesh=mesh, seed=int(config.get("seed", 0)))
         params = merge_params(state.trainable, partition_params(source, optim.train)[1])
-    return params, model, model_section.get("path")
+    tokenizer_dir = os.path.join(workdir, mdlm_sft.TOKENIZER_DIR)  # a pretrain run's task tokenizer
+    return params, model, tokenizer_dir if os.path.isdir(tokenizer_dir) else model_section.get("path")

@@ -27,8 +27,9 @@ Config (`configs/demo_pretrain.py`):
   mesh, checkpoint (every, keep, async_save), total_steps, seed, log_every
   mask_eps       the `eps` of `t ~ U(eps, 1)`
   export_dir     the HF directory written at the end (None: `workdir/hf`); export_dtype
-Outputs in `workdir`: `checkpoints/`, `metrics.jsonl`, `tensorboard/`, `pretrain_eval.json`, and
-the HF directory.
+Outputs in `workdir`: `checkpoints/`, `metrics.jsonl`, `tensorboard/`, `pretrain_eval.json`,
+`tokenizer/` (the task's tokenizer files, written at start-up so that a mid-run checkpoint is a
+complete model source for export and evaluation), and the HF directory.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -70,6 +72,7 @@ CHECKPOINT_KEYS = {"every", "keep", "async_save"}
 COMMON_KEYS = {"model", "optim", "data", "eval", "mesh", "checkpoint", "total_steps", "seed", "log_every",
                "export_dir", "export_dtype"}
 PRETRAIN_KEYS = COMMON_KEYS | {"mask_eps"}
+TOKENIZER_DIR = "tokenizer"  # in a pretrain workdir: the task's tokenizer files
 
 
 # ------------------------------------------------------------------------------------ the loss
@@ -581,6 +584,20 @@ def state_shardings_for(state: TrainState, tx: optax.GradientTransformation, mes
 # ---------------------------------------------------------------------------------- pretrain
 
 
+def save_workdir_tokenizer(task: SFTTask, workdir: str) -> str:
+    """Writes the task's tokenizer files to `workdir/tokenizer` (process 0, renamed into place when
+    complete; kept when present, so a resume leaves it alone) and returns that path. Every process
+    waits until it is there."""
+    directory = os.path.join(workdir, TOKENIZER_DIR)
+    if jax.process_index() == 0 and not os.path.isdir(directory):
+        tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=workdir)
+        task.save_tokenizer(tmp)
+        os.replace(tmp, directory)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"tokenizer {os.path.abspath(directory)}")
+    return directory
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) masked-diffusion SFT of a LLaDA backbone in `workdir`, exports it as an
     HF directory with the task's tokenizer, and scores held-out decoding.
@@ -605,6 +622,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     params, model = build_model(run.model_section, mesh=mesh, seed=run.seed)
     task.check_model(model)
+    tokenizer_dir = save_workdir_tokenizer(task, workdir)
     length = int(run.data["prompt_length"]) + int(run.data["response_length"])
     if length > model.max_sequence_length:
         raise ConfigError(f"data.prompt_length + data.response_length = {length} exceeds "
@@ -634,9 +652,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     export_dir = run.export_dir or os.path.join(workdir, "hf")
     from dultra_jax.interop.hf_llada import export_hf
 
-    export_hf(params, model, export_dir, dtype=run.export_dtype, overwrite=True)
-    if jax.process_index() == 0:
-        task.save_tokenizer(export_dir)
+    export_hf(params, model, export_dir, dtype=run.export_dtype, source_dir=tokenizer_dir, overwrite=True)
     log.info("pretrain: exported the backbone and tokenizer to %s", export_dir)
 
     results = run_decode_eval(params, model, task, run, mesh, "pretrain")
