@@ -220,8 +220,7 @@ def warm_rollout(params, prompts, valid, rng, config, model: ModelConfig) -> Non
     loop starts on a finished carry (the timed calls count any compilation they still trigger)."""
     from dultra_jax.decoding import rollout as rollout_lib
 
-    tokens, valid = rollout_lib.check_prompts(prompts, valid, model, config)
-    state = rollout_lib.init_state_jit(tokens, valid, rng, model=model, config=config)
+    state, knobs, config = rollout_lib.start_rollout(prompts, valid, rng, config, model)
     state = state.replace(done=jnp.ones_like(state.done))
-    final = rollout_lib.rollout_loop(params, state, model=model, config=config)
+    final = rollout_lib.rollout_loop(params, state, model=model, config=config, knobs=knobs)
     jax.block_until_ready(rollout_lib.to_trajectory(final, config))

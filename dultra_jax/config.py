@@ -154,6 +154,9 @@ PLANNER_RULES = ("planner_bernoulli", "planner_topk")
 SCHEDULED_RULES = ("low_confidence", "random")
 CONFIDENCE_RULES = ("threshold", "factor", "low_confidence", "ass")
 CACHE_MODES = ("none", "prefix", "dual")
+# The rules' numeric knobs: traced inputs of the compiled rollout (`rules.Knobs`), not part of its
+# static config, so that one compile serves a whole sweep over them.
+KNOB_FIELDS = ("factor", "threshold", "entropy_bound")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +285,11 @@ class DecodeConfig:
 
     def replace(self, **changes) -> "DecodeConfig":
         return dataclasses.replace(self, **changes)
+
+    def without_knobs(self) -> "DecodeConfig":
+        """This config with `KNOB_FIELDS` at None: the static key of the compiled rollout, shared
+        by every value of a sweep over them (their values travel as `rules.Knobs`)."""
+        return dataclasses.replace(self, **dict.fromkeys(KNOB_FIELDS))
 
     def check_model(self, model: ModelConfig) -> None:
         """Start-up checks that need the model too."""

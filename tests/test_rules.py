@@ -24,7 +24,14 @@ B, LB, V = 5, 8, 12
 MASK = V - 1  # the mask token's column in the random token logits
 SEEDS = (0, 1, 2, 3)
 
-_select = jax.jit(rules.select, static_argnums=2)
+_select_jit = jax.jit(rules.select, static_argnums=2)
+
+
+def _select(view, rng, config):
+    """`rules.select` as the compiled rollout runs it: the knobs traced, the static config without them."""
+    return _select_jit(view.replace(knobs=rules.Knobs.of(config)), rng, config.without_knobs())
+
+
 _action_log_prob = jax.jit(rollout.action_log_prob, static_argnums=5)
 _uniform = jax.jit(jax.random.uniform, static_argnums=1)  # the stochastic rules' draw, reproduced
 
@@ -50,7 +57,8 @@ def _view(confidence, candidates, *, block_step=None, unmask_probs=None, token_l
         token_logits=jnp.asarray(token_logits, jnp.float32), x0=jnp.asarray(x0, jnp.int32),
         confidence=jnp.asarray(confidence),
         unmask_probs=None if unmask_probs is None else jnp.asarray(np.asarray(unmask_probs, np.float32)),
-        candidates=jnp.asarray(candidates), block_step=jnp.asarray(np.asarray(block_step, np.int32)))
+        candidates=jnp.asarray(candidates), block_step=jnp.asarray(np.asarray(block_step, np.int32)),
+        knobs=None)  # `_select` fills in the config's
 
 
 def _run(view, config, seed=0):
@@ -597,20 +605,25 @@ def _logprob_inputs(seed):
 
 @pytest.mark.parametrize("config", [
     _cfg("planner_bernoulli"),
+    _cfg("planner_bernoulli", factor=0.5),
     _cfg("planner_topk", logprob_temperature=0.5),
     _cfg("planner_bernoulli", temperature=0.7, logprob_temperature=None),
     _cfg("threshold"),
     _cfg("low_confidence", temperature=0.5, logprob_temperature=None),
-], ids=lambda c: f"{c.rule}-T{c.logprob_temp}")
+], ids=lambda c: f"{c.rule}-T{c.logprob_temp}-f{c.rule_factor}")
 def test_action_log_prob_matches_numpy(config):
     for seed in (0, 1):
         logits, z, x0, cand, reveal = _logprob_inputs(seed)
-        got = np.asarray(_action_log_prob(jnp.asarray(logits), jnp.asarray(z) if config.uses_planner else None,
-                                          jnp.asarray(x0), jnp.asarray(cand), jnp.asarray(reveal), config))
+        args = (jnp.asarray(logits), jnp.asarray(z) if config.uses_planner else None, jnp.asarray(x0),
+                jnp.asarray(cand), jnp.asarray(reveal))
+        got = np.asarray(_action_log_prob(*args, config))
         want = _np_action_log_prob(logits, z, x0, cand, reveal, config.logprob_temp, config.rule_factor,
                                    config.uses_planner)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
         assert got[0] == 0.0  # a done row: no candidates, no action
+        # The rollout's traced factor and the trainer's constant one give the same log-probs.
+        traced = np.asarray(_action_log_prob(*args, config.without_knobs(), rules.Knobs.of(config)))
+        np.testing.assert_array_equal(traced, got)
 
 
 def test_action_log_prob_token_only_for_non_planner_rules():

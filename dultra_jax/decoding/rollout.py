@@ -111,20 +111,26 @@ def sample_tokens(token_logits: jax.Array, temperature: float, rng: jax.Array) -
     return jnp.argmax(token_logits + temperature * gumbel, axis=-1).astype(jnp.int32)
 
 
-def planner_log_probs(unmask_logits: jax.Array, factor: float):
+def planner_log_probs(unmask_logits: jax.Array, factor: float | jax.Array):
     """`(log p, log(1 - p))` of the reveal probability `p = clip(factor * sigmoid(z), 0, 1)`.
 
     With factor 1 both come from log-sigmoids of the logit (exact, no log(0)); a factor > 1 can
-    push p to 1, where clipping keeps the logs defined (spec section 9).
+    push p to 1, where clipping keeps the logs defined (spec section 9). A traced factor (the
+    rollout's `Knobs`, never differentiated) computes both and selects.
     """
-    if factor == 1.0:
-        return jax.nn.log_sigmoid(unmask_logits), jax.nn.log_sigmoid(-unmask_logits)
+    exact = jax.nn.log_sigmoid(unmask_logits), jax.nn.log_sigmoid(-unmask_logits)
+    if isinstance(factor, (int, float)) and factor == 1.0:
+        return exact
     p = jnp.clip(factor * jax.nn.sigmoid(unmask_logits), 0.0, 1.0)
-    return jnp.log(p), jnp.log1p(-p)
+    clipped = jnp.log(p), jnp.log1p(-p)
+    if isinstance(factor, (int, float)):
+        return clipped
+    return tuple(jnp.where(factor == 1.0, e, c) for e, c in zip(exact, clipped))
 
 
 def action_log_prob(token_logits: jax.Array, unmask_logits: jax.Array | None, x0: jax.Array,
-                    candidates: jax.Array, reveal: jax.Array, config: DecodeConfig) -> jax.Array:
+                    candidates: jax.Array, reveal: jax.Array, config: DecodeConfig,
+                    knobs: rules.Knobs | None = None) -> jax.Array:
     """Log-probability of one step's action (spec section 4), `[B]` float32.
 
     `sum_{reveal} [log p + log q(x0)] + sum_{candidates \\ reveal} log(1 - p)`, with q the
@@ -135,12 +141,14 @@ def action_log_prob(token_logits: jax.Array, unmask_logits: jax.Array | None, x0
     Args:
       token_logits: `[B, Lb, V]` (mask logit -inf); unmask_logits: `[B, Lb]` or None.
       x0: `[B, Lb]` tokens (only revealed positions matter); candidates, reveal: `[B, Lb]` bool.
+      knobs: the rollout's traced knobs (None: `config`'s factor, a Python float, as the
+        trainer's replay differentiates it).
     """
     logits = token_logits.astype(jnp.float32) / config.logprob_temp
     log_q = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
     total = jnp.sum(jnp.where(reveal, log_q, 0.0), axis=-1)
     if config.uses_planner:
-        log_p, log_not_p = planner_log_probs(unmask_logits, config.rule_factor)
+        log_p, log_not_p = planner_log_probs(unmask_logits, config.rule_factor if knobs is None else knobs.factor)
         total += jnp.sum(jnp.where(reveal, log_p, 0.0) + jnp.where(candidates & ~reveal, log_not_p, 0.0), axis=-1)
     return total
 
@@ -187,8 +195,11 @@ def init_state(prompt_tokens: jax.Array, prompt_valid: jax.Array, rng: jax.Array
         step=jnp.zeros((), jnp.int32), cache=block_cache.init_cache(batch, model, config))
 
 
-def denoise_step(params: Params, state: RolloutState, model: ModelConfig, config: DecodeConfig) -> RolloutState:
-    """One loop iteration: one NFE for every active row, nothing for done rows."""
+def denoise_step(params: Params, state: RolloutState, model: ModelConfig, config: DecodeConfig,
+                 knobs: rules.Knobs | None = None) -> RolloutState:
+    """One loop iteration: one NFE for every active row, nothing for done rows. The rules' knobs
+    are `knobs` (traced) when given, else `config`'s."""
+    knobs = rules.Knobs.of(config) if knobs is None else knobs
     positions, active, candidates, token_logits, unmask_logits, cache = evaluate_block(
         params, state.canvas, state.valid, model, config, state.cache)
     rng, token_key, rule_key = jax.random.split(state.rng, 3)
@@ -199,11 +210,11 @@ def denoise_step(params: Params, state: RolloutState, model: ModelConfig, config
         confidence = jnp.where(x0 == config.eos_token_id, confidence * gamma[:, None], confidence)
     unmask_probs = None
     if config.uses_planner:
-        unmask_probs = jnp.clip(jax.nn.sigmoid(unmask_logits) * config.rule_factor, 0.0, 1.0)
+        unmask_probs = jnp.clip(jax.nn.sigmoid(unmask_logits) * knobs.factor, 0.0, 1.0)
     view = rules.StepView(token_logits=token_logits, x0=x0, confidence=confidence, unmask_probs=unmask_probs,
-                          candidates=candidates, block_step=state.block_step)
+                          candidates=candidates, block_step=state.block_step, knobs=knobs)
     reveal = rules.select(view, rule_key, config)
-    logp = action_log_prob(token_logits, unmask_logits, x0, candidates, reveal, config)
+    logp = action_log_prob(token_logits, unmask_logits, x0, candidates, reveal, config, knobs)
 
     block_tokens = policy.gather_positions(state.canvas, positions)
     canvas = scatter_positions(state.canvas, positions, jnp.where(reveal, x0, block_tokens))
@@ -239,10 +250,11 @@ def to_trajectory(state: RolloutState, config: DecodeConfig) -> Trajectory:
 TRACE_COUNT = {"rollout_loop": 0}  # incremented at trace time; tests assert no retracing
 
 
-def _rollout_loop(params: Params, state: RolloutState, model: ModelConfig, config: DecodeConfig) -> RolloutState:
+def _rollout_loop(params: Params, state: RolloutState, model: ModelConfig, config: DecodeConfig,
+                  knobs: rules.Knobs | None = None) -> RolloutState:
     TRACE_COUNT["rollout_loop"] += 1
     return jax.lax.while_loop(lambda s: keep_going(s, config),
-                              lambda s: denoise_step(params, s, model, config), state)
+                              lambda s: denoise_step(params, s, model, config, knobs), state)
 
 
 # The final carry has the initial carry's structure, so the donated buffers hold the result.
@@ -278,6 +290,20 @@ def check_prompts(prompt_tokens, prompt_valid, model: ModelConfig, config: Decod
     return prompt_tokens.astype(np.int32), prompt_valid
 
 
+def start_rollout(prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,
+                  model: ModelConfig) -> tuple[RolloutState, rules.Knobs, DecodeConfig]:
+    """`rollout`'s arguments to its loop: `(initial carry, knobs, static config)`. The knobs are
+    `config`'s, traced; the static config is `config.without_knobs()` (see `rollout`)."""
+    if isinstance(prompt_tokens, jax.Array) and prompt_tokens.shape[1] == config.prompt_length:
+        config.check_model(model)  # device prompts (the trainer's) are already checked and padded
+        if prompt_valid is None:
+            prompt_valid = jnp.ones(prompt_tokens.shape, jnp.bool_)
+    else:
+        prompt_tokens, prompt_valid = check_prompts(prompt_tokens, prompt_valid, model, config)
+    knobs, config = rules.Knobs.of(config), config.without_knobs()
+    return init_state_jit(prompt_tokens, prompt_valid, rng, model=model, config=config), knobs, config
+
+
 def rollout(params: Params, prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,
             model: ModelConfig) -> Trajectory:
     """Decodes `gen_length` tokens after each prompt with one jitted `lax.while_loop`.
@@ -288,22 +314,19 @@ def rollout(params: Params, prompt_tokens, prompt_valid, rng: jax.Array, config:
         are left-padded here); prompt_valid: `[B, Lp']` bool or None (all valid).
       rng: PRNG key (token sampling and stochastic rules).
     Returns:
-      The `Trajectory`; one compile per (shapes, configs), and the carry is donated.
+      The `Trajectory`; one compile per (shapes, model, `config.without_knobs()`): the rules'
+      numeric knobs are traced inputs, so a sweep over factor / threshold / entropy bound reuses
+      it. The carry is donated.
     """
-    if isinstance(prompt_tokens, jax.Array) and prompt_tokens.shape[1] == config.prompt_length:
-        config.check_model(model)  # device prompts (the trainer's) are already checked and padded
-        if prompt_valid is None:
-            prompt_valid = jnp.ones(prompt_tokens.shape, jnp.bool_)
-    else:
-        prompt_tokens, prompt_valid = check_prompts(prompt_tokens, prompt_valid, model, config)
-    state = init_state_jit(prompt_tokens, prompt_valid, rng, model=model, config=config)
-    return to_trajectory(rollout_loop(params, state, model=model, config=config), config)
+    state, knobs, config = start_rollout(prompt_tokens, prompt_valid, rng, config, model)
+    return to_trajectory(rollout_loop(params, state, model=model, config=config, knobs=knobs), config)
 
 
 def rollout_python_loop(params: Params, prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,
                         model: ModelConfig) -> Trajectory:
     """The same decoding driven from Python, one jitted step per NFE (how the PyTorch reference
-    implementations run); the test oracle and the benchmark baseline for `rollout`."""
+    implementations run); the test oracle and the benchmark baseline for `rollout`. Its knobs
+    are compile-time constants of `config`, where `rollout` traces them."""
     prompt_tokens, prompt_valid = check_prompts(prompt_tokens, prompt_valid, model, config)
     state = init_state_jit(prompt_tokens, prompt_valid, rng, model=model, config=config)
     while bool(keep_going(state, config)):

@@ -3,7 +3,9 @@
 Every rule is a pure function `rule(view, rng, config) -> (reveal [B, Lb] bool, score [B, Lb])`
 of one step's `StepView` (block-local arrays). `score` ranks the candidates for the at-least-one
 guarantee, which `select` applies after the rule: a row that has candidates but revealed none
-reveals its best-scoring candidate (ties: the first position).
+reveals its best-scoring candidate (ties: the first position). The numeric knobs (threshold,
+factor, entropy bound) come from `view.knobs`, traced scalars, and never from `config`, whose
+knob fields the compiled rollout leaves at None (`DecodeConfig.without_knobs`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,32 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from dultra_jax.config import DecodeConfig, SCHEDULED_RULES
+
+
+@struct.dataclass
+class Knobs:
+    """The rules' numeric knobs as float32 scalars (traced in the compiled rollout).
+
+    Attributes:
+      factor: `f` of the `factor` rule and the planner rules' multiplier on probabilities.
+      threshold: the `threshold` rule's confidence threshold.
+      entropy_bound: the `entropy_bound` rule's cumulative entropy budget (nats).
+    """
+
+    factor: jax.Array
+    threshold: jax.Array
+    entropy_bound: jax.Array
+
+    @classmethod
+    def of(cls, config: DecodeConfig) -> "Knobs":
+        """The knobs of `config`, defaults filled in (`DecodeConfig.rule_*`). Host scalars: a
+        multi-process jit takes them as replicated inputs."""
+        return cls(factor=np.float32(config.rule_factor), threshold=np.float32(config.rule_threshold),
+                   entropy_bound=np.float32(config.rule_entropy_bound))
 
 
 @struct.dataclass
@@ -30,6 +55,7 @@ class StepView:
         or None for rules that do not use the planner.
       candidates: `[B, Lb]` bool, masked positions of the current block (False for done rows).
       block_step: `[B]` int32, steps this row has already spent in its current block.
+      knobs: the rules' numeric knobs (`Knobs`).
     """
 
     token_logits: jax.Array
@@ -38,6 +64,7 @@ class StepView:
     unmask_probs: jax.Array | None
     candidates: jax.Array
     block_step: jax.Array
+    knobs: Knobs
 
 
 Rule = Callable[[StepView, jax.Array, DecodeConfig], tuple[jax.Array, jax.Array]]
@@ -78,7 +105,7 @@ def planner_topk(view: StepView, rng: jax.Array, config: DecodeConfig):
 
 def threshold(view: StepView, rng: jax.Array, config: DecodeConfig):
     """Fast-dLLM: every candidate whose confidence reaches `tau`."""
-    return view.candidates & (view.confidence >= config.rule_threshold), view.confidence
+    return view.candidates & (view.confidence >= view.knobs.threshold), view.confidence
 
 
 def factor(view: StepView, rng: jax.Array, config: DecodeConfig):
@@ -87,7 +114,7 @@ def factor(view: StepView, rng: jax.Array, config: DecodeConfig):
     key = jnp.where(view.candidates, view.confidence, -jnp.inf)
     ordered = -jnp.sort(-key, axis=-1)  # c(1) >= c(2) >= ...; non-candidates (-inf) last
     k = jnp.arange(1, ordered.shape[-1] + 1, dtype=jnp.float32)
-    passes = (k == 1) | (ordered >= 1.0 - config.rule_factor / (k + 1))
+    passes = (k == 1) | (ordered >= 1.0 - view.knobs.factor / (k + 1))
     n = jnp.minimum(jnp.sum(jnp.cumprod(passes, axis=-1), axis=-1, dtype=jnp.int32), _num_candidates(view.candidates))
     return view.candidates & (descending_rank(view.confidence, view.candidates) < n[:, None]), view.confidence
 
@@ -121,7 +148,7 @@ def entropy_bound(view: StepView, rng: jax.Array, config: DecodeConfig):
     """Candidates by ascending entropy while the cumulative entropy stays within the bound."""
     entropy = token_entropy(view.token_logits)
     ordered = jnp.sort(jnp.where(view.candidates, entropy, jnp.inf), axis=-1)
-    n = jnp.sum(jnp.cumsum(ordered, axis=-1) <= config.rule_entropy_bound, axis=-1, dtype=jnp.int32)
+    n = jnp.sum(jnp.cumsum(ordered, axis=-1) <= view.knobs.entropy_bound, axis=-1, dtype=jnp.int32)
     return top_k(-entropy, view.candidates, n), -entropy
 
 

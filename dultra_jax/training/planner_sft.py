@@ -136,10 +136,12 @@ def factor_targets(token_logits: jax.Array, candidates: jax.Array, decode: Decod
     """
     x0 = jnp.argmax(token_logits, axis=-1).astype(jnp.int32)
     confidence = jnp.take_along_axis(jax.nn.softmax(token_logits, axis=-1), x0[..., None], axis=-1)[..., 0]
+    rule = target_rule(decode)
     view = rules.StepView(token_logits=token_logits, x0=x0, confidence=confidence, unmask_probs=None,
-                          candidates=candidates, block_step=jnp.zeros(candidates.shape[:1], jnp.int32))
+                          candidates=candidates, block_step=jnp.zeros(candidates.shape[:1], jnp.int32),
+                          knobs=rules.Knobs.of(rule))
     # The factor rule is deterministic; the key is unused.
-    return rules.select(view, jax.random.key(0), target_rule(decode)), confidence
+    return rules.select(view, jax.random.key(0), rule), confidence
 
 
 def planner_example(params: Params, batch: dict[str, jax.Array], rng: jax.Array, model: ModelConfig,
