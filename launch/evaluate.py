@@ -8,10 +8,12 @@ r"""Evaluates a model on a task: accuracy, NFE, tokens per forward and tokens/s 
 
 `--model` is an HF LLaDA (+ planner) directory or a training workdir of `launch/train.py`,
 `pretrain.py` or `init_planner.py` (its latest checkpoint; the tokenizer comes from the HF
-directory the run started from, or a pretrain workdir's `tokenizer/`). `--config` instead takes a config file's `model` section (random
-weights unless `model.path` is set; smoke tests), with `--tokenizer` for a text task. The sweep of
-each rule: `--factors` for `factor` and the planner rules, `--thresholds` for `threshold`,
-`--steps` for `low_confidence` / `random` (empty: the rule's default, one token per step).
+directory the run started from, or a pretrain workdir's `tokenizer/`). `--config` instead takes a
+config file's `model` section (random weights unless `model.path` is set; smoke tests), with
+`--tokenizer` for a text task. The sweep of each rule: `--factors` for `factor` and the planner
+rules, `--thresholds` for `threshold`, `--steps` for `low_confidence` / `random` (empty: the
+rule's default, one token per step). One compile serves a rule's whole `--factors` /
+`--thresholds` sweep (the knobs are traced); each `--steps` value compiles.
 Outputs (see `dultra_jax.evaluation`): samples.jsonl, summary.json, summary.csv and pareto.png in
 `--out`.
 """

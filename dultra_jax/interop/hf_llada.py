@@ -266,7 +266,7 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
         if writer and failure is None:
             try:
                 step()
-            except Exception as e:  # noqa: BLE001 (re-raised below)
+            except Exception as e:  # raised below, once every process knows
                 failure = e
 
     def start():
