@@ -9,6 +9,7 @@ checkpoint written on one mesh shape restores onto another.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -59,6 +60,28 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """`"key: saved -> current"` for every leaf that differs between two JSON config trees
+    (dotted keys; `current` is compared as JSON stores it, so tuples equal lists)."""
+
+    def diff(a: Any, b: Any, key: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [change for k in sorted(set(a) | set(b), key=str)
+                    for change in diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{key}.{k}" if key else str(k))]
+        return [] if a == b else [f"{key}: {a!r} -> {b!r}"]
+
+    return diff(saved, json.loads(json.dumps(current)), "")
+
+
+def warn_config_changes(step: int, saved: dict, current: dict) -> None:
+    """Logs a warning naming each setting of this run that differs from the checkpoint it resumes
+    from (a changed `total_steps` also reshapes the learning-rate schedule from here on)."""
+    changes = config_changes(saved, current)
+    if changes:
+        log.warning("resuming step %d with %d setting(s) changed since that checkpoint; the run continues with the "
+                    "new values: %s", step, len(changes), "; ".join(changes))
 
 
 def abstract_like(tree: Any) -> Any:

@@ -7,6 +7,7 @@ export carries the planner.
 """
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -172,14 +173,19 @@ def test_left_padding_does_not_change_the_outputs(pretrained):
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
-def test_pretrain_resume_equals_uninterrupted(pretrained, tmp_path):
+def test_pretrain_resume_equals_uninterrupted(pretrained, tmp_path, caplog):
     workdir, result = pretrained
     # The same run, stopped after its step-10 checkpoint, then started again.
     resumed_dir = str(tmp_path / "run")
     shutil.copytree(workdir, resumed_dir)
     shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "20"))
     shutil.rmtree(os.path.join(resumed_dir, "hf"))
-    resumed = mdlm_sft.pretrain(_pretrain_config(eval_examples=0), resumed_dir)
+    with caplog.at_level(logging.WARNING, logger="dultra_jax.checkpoint"):
+        resumed = mdlm_sft.pretrain(_pretrain_config(eval_examples=0), resumed_dir)
+    # The one changed setting is named (the tuple `eval.rules` equals the list JSON saved).
+    changed = [r.getMessage() for r in caplog.records if "setting(s) changed" in r.getMessage()]
+    assert changed == ["resuming step 10 with 1 setting(s) changed since that checkpoint; the run continues with "
+                       "the new values: config.eval.num_examples: 16 -> 0"], changed
     assert [row["step"] for row in resumed["history"]] == [15, 20]
     with open(os.path.join(resumed_dir, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [5, 10, 15, 20]

@@ -45,13 +45,13 @@ def runs(tmp_path_factory):
     resumed, straight = str(base / "resumed"), str(base / "straight")
     _train(resumed, 2)
     after_two = _metrics(resumed)
-    _train(resumed, 4)
+    resume_log = _train(resumed, 4).stderr
     _train(straight, 4)
-    return resumed, straight, after_two
+    return resumed, straight, after_two, resume_log
 
 
 def test_two_steps_write_metrics_and_checkpoints(runs):
-    _, _, after_two = runs
+    _, _, after_two, _ = runs
     assert [row["step"] for row in after_two] == [1, 2]
     for row in after_two:
         assert REQUIRED <= set(row), REQUIRED - set(row)
@@ -60,8 +60,11 @@ def test_two_steps_write_metrics_and_checkpoints(runs):
 
 
 def test_resume_equals_uninterrupted(runs):
-    resumed, straight, _ = runs
+    resumed, straight, _, resume_log = runs
     assert sorted(os.listdir(os.path.join(resumed, "checkpoints")), key=int)[-1] == "4"
+    # The one setting changed on resume is named, with both values (tiny's LR is constant).
+    assert ("resuming step 2 with 1 setting(s) changed since that checkpoint; the run continues with the new "
+            "values: config.total_steps: 2 -> 4") in resume_log, resume_log[-3000:]
     drop_time = lambda rows: [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]  # noqa: E731
     assert drop_time(_metrics(resumed)) == drop_time(_metrics(straight))
     assert os.path.isdir(os.path.join(straight, "tensorboard"))
@@ -73,7 +76,7 @@ def test_resume_equals_uninterrupted(runs):
 
 
 def test_export_training_checkpoint_to_hf(runs, tmp_path):
-    resumed, _, _ = runs
+    resumed, _, _, _ = runs
     out = str(tmp_path / "hf")
     _run("launch/export.py", f"--model={resumed}", f"--out={out}", "--dtype=float32")
     loaded, config, hf = load_hf(out)

@@ -249,11 +249,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
 
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.keep_checkpoints,
                                          async_save=run.async_checkpoint)
+    config_json = {"config": config.to_dict(), "model": model_config_to_dict(model)}  # saved with each step
     start = checkpointer.latest_step() or 0
     if start:
-        state, data_state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state))
+        state, data_state, saved = checkpointer.restore(start, ckpt_lib.abstract_like(state))
         data.set_state(data_state)
         log.info("resumed from step %d in %s", start, checkpointer.directory)
+        ckpt_lib.warn_config_changes(start, saved, config_json)
     writer = MetricsWriter(workdir, start)
     history = []
     try:
@@ -287,8 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             elif due:
                 data_state = data.get_state()
                 check_same_on_all_processes(data_state, "the data iterator state")
-                checkpointer.save(step + 1, state, data_state,
-                                  {"config": config.to_dict(), "model": model_config_to_dict(model)})
+                checkpointer.save(step + 1, state, data_state, config_json)
     finally:
         checkpointer.close()
         writer.close()

@@ -432,9 +432,10 @@ def run_training(state: TrainState, update: Callable, data: SFTData, run: SFTRun
     frozen = state.frozen
     start = checkpointer.latest_step() or 0
     if start:
-        restored, _, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state.replace(frozen={})))
+        restored, _, saved = checkpointer.restore(start, ckpt_lib.abstract_like(state.replace(frozen={})))
         state = restored.replace(frozen=frozen)
         log.info("%s: resumed from step %d in %s", name, start, checkpointer.directory)
+        ckpt_lib.warn_config_changes(start, saved, config_json)
     writer = MetricsWriter(workdir, start)
     history, pending = [], []
     began = last = time.perf_counter()
