@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from dultra_jax.interop.safetensors_io import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +49,27 @@ class Checkpointer:
         has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
         if has_data:
             items["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:  # Orbax's shape error names neither the array nor the checkpoint
+            mismatch = self._shape_mismatch(step, abstract_state)
+            if mismatch:
+                raise CheckpointError(mismatch) from e
+            raise
         return restored["state"], restored["data"] if has_data else None, restored["config"]
+
+    def _shape_mismatch(self, step: int, abstract_state: Any) -> str | None:
+        """A message naming the first array whose stored shape differs from `abstract_state`'s."""
+        directory = os.path.join(self.directory, str(step), "state")
+        stored = ocp.StandardCheckpointer().metadata(directory).item_metadata
+        shapes = {_path_key(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]
+                  if hasattr(leaf, "shape")}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+            have = shapes.get(_path_key(path))
+            if have is not None and have != tuple(leaf.shape):
+                return (f"checkpoint {directory}: {'/'.join(_path_key(path))} is stored with shape {list(have)}, but "
+                        f"this run's is {list(leaf.shape)} (a model setting differs from the run that wrote it)")
+        return None
 
     def read_config(self, step: int) -> dict:
         """The config JSON saved with `step` (no arrays are read)."""
@@ -60,6 +81,12 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _path_key(path) -> tuple[str, ...]:
+    """A pytree path as names, the same for a restore target (attributes, named tuples) and
+    Orbax's stored metadata (dicts)."""
+    return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:

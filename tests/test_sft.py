@@ -22,6 +22,7 @@ import pytest
 from dultra_jax.config import ConfigError, DecodeConfig
 from dultra_jax.data import arithmetic as A
 from dultra_jax.interop.hf_llada import export_hf, load_hf
+from dultra_jax.interop.safetensors_io import CheckpointError
 from dultra_jax.models import policy
 from dultra_jax.models.build import build_model, load_model_source
 from dultra_jax.training import mdlm_sft, planner_sft
@@ -193,6 +194,19 @@ def test_pretrain_resume_equals_uninterrupted(pretrained, tmp_path, caplog):
     b, _, _ = load_hf(resumed["export_dir"])
     for (name, x), y in zip(_leaves(a).items(), _leaves(b).values()):
         np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_resume_with_another_model_shape_names_the_key_and_the_array(pretrained, tmp_path, caplog):
+    workdir, _ = pretrained
+    resumed_dir = str(tmp_path / "run")
+    shutil.copytree(workdir, resumed_dir)
+    config = _pretrain_config(eval_examples=0)
+    config.model.d_model = 64
+    with caplog.at_level(logging.WARNING, logger="dultra_jax.checkpoint"):
+        with pytest.raises(CheckpointError, match=r"checkpoint .*/checkpoints/20/state: trainable/\S+ is stored with "
+                                                  r"shape \[\d+, 32\], but this run's is \[\d+, 64\]"):
+            mdlm_sft.pretrain(config, resumed_dir)
+    assert any("config.model.d_model: 32 -> 64" in r.getMessage() for r in caplog.records)
 
 
 def test_sft_data_is_deterministic_and_covers_each_epoch():

@@ -252,10 +252,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     config_json = {"config": config.to_dict(), "model": model_config_to_dict(model)}  # saved with each step
     start = checkpointer.latest_step() or 0
     if start:
-        state, data_state, saved = checkpointer.restore(start, ckpt_lib.abstract_like(state))
+        ckpt_lib.warn_config_changes(start, checkpointer.read_config(start), config_json)  # before a shape error
+        state, data_state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state))
         data.set_state(data_state)
         log.info("resumed from step %d in %s", start, checkpointer.directory)
-        ckpt_lib.warn_config_changes(start, saved, config_json)
     writer = MetricsWriter(workdir, start)
     history = []
     try:

@@ -432,10 +432,10 @@ def run_training(state: TrainState, update: Callable, data: SFTData, run: SFTRun
     frozen = state.frozen
     start = checkpointer.latest_step() or 0
     if start:
-        restored, _, saved = checkpointer.restore(start, ckpt_lib.abstract_like(state.replace(frozen={})))
+        ckpt_lib.warn_config_changes(start, checkpointer.read_config(start), config_json)  # before a shape error
+        restored, _, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state.replace(frozen={})))
         state = restored.replace(frozen=frozen)
         log.info("%s: resumed from step %d in %s", name, start, checkpointer.directory)
-        ckpt_lib.warn_config_changes(start, saved, config_json)
     writer = MetricsWriter(workdir, start)
     history, pending = [], []
     began = last = time.perf_counter()
