@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from dultra_jax.config import ModelConfig, PlannerConfig
 from dultra_jax.models import policy
@@ -135,6 +136,34 @@ def model_configs(length: int) -> dict[str, ModelConfig]:
     configs["llada_1b"] = ModelConfig(vocab_size=126464, d_model=2048, n_layers=12, n_heads=16, n_kv_heads=16,
                                       mlp_hidden_size=6144, max_sequence_length=max_len, planner=PlannerConfig())
     return configs
+
+
+@dataclasses.dataclass(frozen=True)
+class DtypeFlags:
+    """A script's `--dtype` (compute) and `--param_dtype` (storage, default: `--dtype`) flags."""
+
+    dtype: flags.FlagHolder
+    param_dtype: flags.FlagHolder
+
+    @property
+    def compute(self) -> str:
+        return self.dtype.value
+
+    @property
+    def storage(self) -> str:
+        return self.param_dtype.value or self.dtype.value
+
+    def apply(self, config: ModelConfig) -> ModelConfig:
+        """`config` with these compute and storage dtypes."""
+        return config.replace(dtype=self.compute, param_dtype=self.storage)
+
+
+def define_dtype_flags() -> DtypeFlags:
+    """Defines `--dtype` and `--param_dtype` (absl flags, once per script, at import)."""
+    return DtypeFlags(
+        dtype=flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype."),
+        param_dtype=flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
+                                      "Storage dtype of the parameters (default: --dtype)."))
 
 
 def forward_flops(config: ModelConfig, batch: int, length: int) -> dict[str, float]:

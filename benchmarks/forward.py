@@ -19,7 +19,6 @@ shape: `--configs=llada_1b --dtype=bfloat16 --length=288 --matmul_size=8192`.
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +38,7 @@ _CONFIGS = flags.DEFINE_list("configs", ["tiny", "small"],
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows B.")
 _LENGTH = flags.DEFINE_integer("length", 256, "Canvas length L.")
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed iterations (after one compiling call).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
-                                 "Storage dtype of the parameters (default: --dtype).")
+_DTYPES = common.define_dtype_flags()
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 1024, "n of the n x n x n reference matmul.")
 _MATMUL_ITERS = flags.DEFINE_integer("matmul_iters", 10, "Timed iterations of the reference matmul.")
 
@@ -69,11 +66,11 @@ def main(argv):
         raise app.UsageError(f"--configs: unknown config(s) {unknown}; known: {sorted(configs)}")
     # The reference is measured before and after the models and the better run kept: on a shared
     # machine one measurement can land in someone else's busy second.
-    dtype = _DTYPE.value
+    dtype = _DTYPES.compute
     before = common.matmul_flops_per_s(_MATMUL_SIZE.value, _MATMUL_ITERS.value, dtype)
     results = []
     for name in _CONFIGS.value:
-        config = dataclasses.replace(configs[name], dtype=dtype, param_dtype=_PARAM_DTYPE.value or dtype)
+        config = _DTYPES.apply(configs[name])
         results.append(bench_config(name, config, _BATCH.value, _LENGTH.value, _ITERS.value))
     after = common.matmul_flops_per_s(_MATMUL_SIZE.value, _MATMUL_ITERS.value, dtype)
     matmul = dict(max(before, after, key=lambda m: m["flops_per_s"]),

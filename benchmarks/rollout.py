@@ -79,9 +79,7 @@ _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 16, "Semi-autoregressive bl
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Token sampling temperature (0 = argmax).")
 _ITERS = flags.DEFINE_integer("iters", 3, "Timed calls of each way (after the compiling warm-up).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters, the prompts and the rollout key.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
-                                 "Storage dtype of the parameters (default: --dtype).")
+_DTYPES = common.define_dtype_flags()
 
 MODES = ("while_loop", "python_loop")
 
@@ -194,7 +192,7 @@ def main(argv):
 
     results, params_count = [], {}
     for name in _MODELS.value:
-        model = configs[name].replace(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value or _DTYPE.value)
+        model = _DTYPES.apply(configs[name])
         params = jax.jit(policy.init_params, static_argnums=0)(model, jax.random.key(_SEED.value))
         params_count[name] = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
         for rule in _RULES.value:
@@ -211,7 +209,7 @@ def main(argv):
     print(f"rollout benchmark on {info['device_count']} x {info['device_kind']} ({info['backend']}), "
           f"jax {info['jax_version']}")
     print(f"B={_BATCH.value} Lp={_PROMPT_LENGTH.value} Lg={_GEN_LENGTH.value} block={_BLOCK_LENGTH.value} "
-          f"T={_TEMPERATURE.value} {_DTYPE.value}; models: "
+          f"T={_TEMPERATURE.value} {_DTYPES.compute}; models: "
           + ", ".join(f"{n} ({common.si(c)} params)" for n, c in params_count.items())
           + f"; best of {_ITERS.value} after a compiling warm-up")
     print("loop = jitted lax.while_loop rollout; py = Python loop of jitted steps; speedup = py / loop "
@@ -225,7 +223,7 @@ def main(argv):
                 "batch": _BATCH.value,
                 "prompt_length": _PROMPT_LENGTH.value, "gen_length": _GEN_LENGTH.value,
                 "block_length": _BLOCK_LENGTH.value, "temperature": _TEMPERATURE.value, "iters": _ITERS.value,
-                "seed": _SEED.value, "dtype": _DTYPE.value, "param_dtype": _PARAM_DTYPE.value or _DTYPE.value}
+                "seed": _SEED.value, "dtype": _DTYPES.compute, "param_dtype": _DTYPES.storage}
     print(common.json_line({"benchmark": "rollout", **info, "settings": settings, "params": params_count,
                             "results": results}))
 

@@ -9,10 +9,9 @@ One random-init LLaDA-shaped model with a planner (`--model`: a shape of benchma
 `model_configs`: `tiny`, `small`, `small_llada_vocab` or `llada_1b`) is built in JAX, exported
 with `export_hf` (float32) to a temporary directory, and that same directory is loaded in PyTorch
 by the independent reference model `dultra_jax.interop.torch_reference` (`ref_from_hf_dir`). The
-same `--batch` random prompts of
-`--prompt_length` tokens (unpadded: every prompt position is valid, so padding masks play no
-part) are then decoded to `--gen_length` tokens in blocks of `--block_length`, in one run on the
-same machine, by:
+same `--batch` random prompts of `--prompt_length` tokens (unpadded: every prompt position is
+valid, so padding masks play no part) are then decoded to `--gen_length` tokens in blocks of
+`--block_length`, in one run on the same machine, by:
 
   torch   `torch_rollout` below, written from the spec the way the reference implementations work
           (LLaDA `generate`, Fast-dLLM): `torch.no_grad()`, a Python `for` loop over blocks and a

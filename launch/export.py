@@ -6,7 +6,8 @@ r"""Exports a model to an HF LLaDA (+ dUltra planner) safetensors directory for 
 SOURCE is an HF directory (config.json + model.safetensors or shards with an index), or a
 training workdir of `launch/train.py`, `pretrain.py` or `init_planner.py` (its latest Orbax
 checkpoint). The config.json fields that we do not own and the tokenizer / remote-code files of
-the HF directory (for a workdir: the one the run started from, if any) are carried through.
+the HF directory (for a workdir: the one the run started from, if any; a pretrain workdir's own
+`tokenizer/`) are carried through.
 """
 
 from __future__ import annotations

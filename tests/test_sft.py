@@ -139,6 +139,7 @@ def test_pretrain_lowers_the_loss_and_exports_a_loadable_hf_dir(pretrained, tmp_
     restored, restored_config, source_dir = load_model_source(workdir)
     assert restored_config == config and source_dir == os.path.join(workdir, mdlm_sft.TOKENIZER_DIR)
     jax.tree.map(np.testing.assert_array_equal, restored, params)
+    assert load_model_source(os.path.join(workdir, "checkpoints"))[2] == source_dir  # the folder itself, too
     again = export_hf(restored, restored_config, str(tmp_path / "again"), dtype="float32", source_dir=source_dir)
     assert sorted(os.listdir(again)) == sorted(os.listdir(export_dir))
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

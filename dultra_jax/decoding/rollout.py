@@ -118,14 +118,16 @@ def planner_log_probs(unmask_logits: jax.Array, factor: float | jax.Array):
     push p to 1, where clipping keeps the logs defined (spec section 9). A traced factor (the
     rollout's `Knobs`, never differentiated) computes both and selects.
     """
-    exact = jax.nn.log_sigmoid(unmask_logits), jax.nn.log_sigmoid(-unmask_logits)
-    if isinstance(factor, (int, float)) and factor == 1.0:
-        return exact
-    p = jnp.clip(factor * jax.nn.sigmoid(unmask_logits), 0.0, 1.0)
-    clipped = jnp.log(p), jnp.log1p(-p)
+    def exact():
+        return jax.nn.log_sigmoid(unmask_logits), jax.nn.log_sigmoid(-unmask_logits)
+
+    def clipped():
+        p = jnp.clip(factor * jax.nn.sigmoid(unmask_logits), 0.0, 1.0)
+        return jnp.log(p), jnp.log1p(-p)
+
     if isinstance(factor, (int, float)):
-        return clipped
-    return tuple(jnp.where(factor == 1.0, e, c) for e, c in zip(exact, clipped))
+        return exact() if factor == 1.0 else clipped()
+    return tuple(jnp.where(factor == 1.0, e, c) for e, c in zip(exact(), clipped()))
 
 
 def action_log_prob(token_logits: jax.Array, unmask_logits: jax.Array | None, x0: jax.Array,

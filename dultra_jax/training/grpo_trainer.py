@@ -349,5 +349,6 @@ def restore_params(workdir: str, mesh=None):
     if optim.train != "all":
         source, _ = build_model(model_section, mesh=mesh, seed=int(config.get("seed", 0)))
         params = merge_params(state.trainable, partition_params(source, optim.train)[1])
-    tokenizer_dir = os.path.join(workdir, mdlm_sft.TOKENIZER_DIR)  # a pretrain run's task tokenizer
+    # A pretrain run's task tokenizer, beside `checkpoints/` (also when `workdir` named that folder).
+    tokenizer_dir = os.path.join(os.path.dirname(os.path.abspath(directory)), mdlm_sft.TOKENIZER_DIR)
     return params, model, tokenizer_dir if os.path.isdir(tokenizer_dir) else model_section.get("path")
