@@ -156,7 +156,7 @@ CONFIDENCE_RULES = ("threshold", "factor", "low_confidence", "ass")
 CACHE_MODES = ("none", "prefix", "dual")
 # The rules' numeric knobs: traced inputs of the compiled rollout (`rules.Knobs`), not part of its
 # static config, so that one compile serves a whole sweep over them.
-KNOB_FIELDS = ("factor", "threshold", "entropy_bound")
+KNOB_FIELDS = ("factor", "threshold", "entropy_bound", "steps")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ config file's `model` section (random weights unless `model.path` is set; smoke 
 `--tokenizer` for a text task. The sweep of each rule: `--factors` for `factor` and the planner
 rules, `--thresholds` for `threshold`, `--steps` for `low_confidence` / `random` (empty: the
 rule's default, one token per step). One compile serves a rule's whole `--factors` /
-`--thresholds` sweep (the knobs are traced); each `--steps` value compiles.
+`--thresholds` / `--steps` sweep (the knobs are traced).
 Outputs (see `dultra_jax.evaluation`): samples.jsonl, summary.json, summary.csv and pareto.png in
 `--out`.
 """

@@ -199,22 +199,27 @@ def test_launcher_writes_samples_summary_and_pareto_plot(model_dir, gsm8k_file, 
 # ------------------------------------------------------------------------- library, in process
 
 
-def test_a_factor_sweep_compiles_and_warms_up_once(model_dir, tmp_path):
-    """The planner factor is a traced knob: three sweep values, one trace, one warm-up; each value
-    still decodes as its own setting (a larger factor takes fewer steps)."""
+def test_a_knob_sweep_compiles_and_warms_up_once(model_dir, tmp_path):
+    """The planner factor and the scheduled rules' steps are traced knobs: three sweep values of
+    each rule, one trace and one warm-up per rule; each value still decodes as its own setting (a
+    larger factor takes fewer steps; `steps` is the NFE)."""
     from dultra_jax.data.tasks import get_task
 
     params, model, _ = load_model_source(str(model_dir))
     records = [{"prompt_ids": [13, 14, 15], "answer": "13 14 15"}, {"prompt_ids": [10, 11], "answer": "12"}]
     before = rollout_lib.TRACE_COUNT["rollout_loop"]
     summary = ev.evaluate(params, model, None, records, get_task("exact"),
-                          rules_and_sweeps={"planner_topk": [0.5, 1.0, 4.0]}, seeds=[1], gen_length=8,
-                          block_length=8, prompt_length=8, batch_size=2, out_dir=str(tmp_path), progress=False)
-    assert rollout_lib.TRACE_COUNT["rollout_loop"] - before == 1
-    rows = summary["rows"]
-    assert [r["sweep_value"] for r in rows] == [0.5, 1.0, 4.0]
-    assert rows[0]["warmup_s"] > 0 and rows[1]["warmup_s"] == rows[2]["warmup_s"] == 0.0
-    assert rows[2]["nfe"] < rows[0]["nfe"]
+                          rules_and_sweeps={"planner_topk": [0.5, 1.0, 4.0], "low_confidence": [2, 4, 8]},
+                          seeds=[1], gen_length=8, block_length=8, prompt_length=8, batch_size=2,
+                          out_dir=str(tmp_path), progress=False)
+    assert rollout_lib.TRACE_COUNT["rollout_loop"] - before == 2
+    rows = {rule: [r for r in summary["rows"] if r["rule"] == rule] for rule in ("planner_topk", "low_confidence")}
+    assert [r["sweep_value"] for r in rows["planner_topk"]] == [0.5, 1.0, 4.0]
+    assert [r["sweep_value"] for r in rows["low_confidence"]] == [2, 4, 8]
+    for rule_rows in rows.values():
+        assert rule_rows[0]["warmup_s"] > 0 and rule_rows[1]["warmup_s"] == rule_rows[2]["warmup_s"] == 0.0
+    assert rows["planner_topk"][2]["nfe"] < rows["planner_topk"][0]["nfe"]
+    assert [r["nfe"] for r in rows["low_confidence"]] == [2.0, 4.0, 8.0]
 
 
 def test_evaluate_compiles_once_per_setting_and_writes_outputs(model_dir, tmp_path):

@@ -91,18 +91,23 @@ def test_second_call_does_not_retrace():
 
 
 def test_a_knob_sweep_compiles_once():
-    """factor, threshold and entropy_bound are traced inputs: every value of a sweep reuses the
-    rule's one compiled loop and decodes as the Python loop, whose knobs are constants."""
-    for rule, key, values in (("planner_bernoulli", "factor", (0.5, 1.0, 1.5)), ("threshold", "threshold", (0.0, 0.9)),
-                              ("entropy_bound", "entropy_bound", (0.5, 20.0))):
+    """factor, threshold, entropy_bound and steps are traced inputs: every value of a sweep reuses
+    the rule's one compiled loop and decodes as the Python loop, whose knobs are constants."""
+    for rule, key, values, extra in (
+            ("planner_bernoulli", "factor", (0.5, 1.0, 1.5), {}), ("threshold", "threshold", (0.0, 0.9), {}),
+            ("entropy_bound", "entropy_bound", (0.5, 20.0), {}), ("low_confidence", "steps", (2, 6, 8), {}),
+            # EOSER's gamma ramps over the traced steps per block; EOS (id 1) made likely by temperature
+            ("low_confidence", "steps", (4, 8), {"eoser": True, "temperature": 2.0})):
         results = []
         for value in values:
-            config = decode(rule, gen_length=8, **{key: value})
+            config = decode(rule, gen_length=8, **{key: value}, **extra)
             results.append(R.rollout(PARAMS, PROMPTS, None, jax.random.key(2), config, MODEL))
             if len(results) == 1:
                 count = R.TRACE_COUNT["rollout_loop"]
             assert R.TRACE_COUNT["rollout_loop"] == count, (rule, value)
             _assert_same(results[-1], R.rollout_python_loop(PARAMS, PROMPTS, None, jax.random.key(2), config, MODEL))
+            if key == "steps":
+                assert np.all(np.asarray(results[-1].num_steps) == value), (value, results[-1].num_steps)
         assert not np.array_equal(results[0].unmask_step, results[-1].unmask_step), rule
 
 

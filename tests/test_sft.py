@@ -197,8 +197,6 @@ def test_pretrain_resume_equals_uninterrupted(pretrained, tmp_path, caplog):
         np.testing.assert_array_equal(x, y, err_msg=name)
 
 
-# Orbax's cancelled array reads end in "Event loop is closed" once its restore has raised.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_resume_with_another_model_shape_names_the_key_and_the_array(pretrained, tmp_path, caplog):
     workdir, _ = pretrained
     resumed_dir = str(tmp_path / "run")

@@ -208,7 +208,7 @@ def denoise_step(params: Params, state: RolloutState, model: ModelConfig, config
     x0 = sample_tokens(token_logits, config.temperature, token_key)
     confidence = jnp.take_along_axis(jax.nn.softmax(token_logits, axis=-1), x0[..., None], axis=-1)[..., 0]
     if config.eoser:
-        gamma = rules.eoser_gamma(state.block_step, config)
+        gamma = rules.eoser_gamma(state.block_step, config, knobs)
         confidence = jnp.where(x0 == config.eos_token_id, confidence * gamma[:, None], confidence)
     unmask_probs = None
     if config.uses_planner:
@@ -317,8 +317,8 @@ def rollout(params: Params, prompt_tokens, prompt_valid, rng: jax.Array, config:
       rng: PRNG key (token sampling and stochastic rules).
     Returns:
       The `Trajectory`; one compile per (shapes, model, `config.without_knobs()`): the rules'
-      numeric knobs are traced inputs, so a sweep over factor / threshold / entropy bound reuses
-      it. The carry is donated.
+      numeric knobs are traced inputs, so a sweep over factor / threshold / entropy bound / steps
+      reuses it. The carry is donated.
     """
     state, knobs, config = start_rollout(prompt_tokens, prompt_valid, rng, config, model)
     return to_trajectory(rollout_loop(params, state, model=model, config=config, knobs=knobs), config)

@@ -4,8 +4,8 @@ Every rule is a pure function `rule(view, rng, config) -> (reveal [B, Lb] bool, 
 of one step's `StepView` (block-local arrays). `score` ranks the candidates for the at-least-one
 guarantee, which `select` applies after the rule: a row that has candidates but revealed none
 reveals its best-scoring candidate (ties: the first position). The numeric knobs (threshold,
-factor, entropy bound) come from `view.knobs`, traced scalars, and never from `config`, whose
-knob fields the compiled rollout leaves at None (`DecodeConfig.without_knobs`).
+factor, entropy bound, steps per block) come from `view.knobs`, traced scalars, and never from
+`config`, whose knob fields the compiled rollout leaves at None (`DecodeConfig.without_knobs`).
 """
 
 from __future__ import annotations
@@ -23,24 +23,28 @@ from dultra_jax.config import DecodeConfig, SCHEDULED_RULES
 
 @struct.dataclass
 class Knobs:
-    """The rules' numeric knobs as float32 scalars (traced in the compiled rollout).
+    """The rules' numeric knobs as scalars (traced in the compiled rollout).
 
     Attributes:
-      factor: `f` of the `factor` rule and the planner rules' multiplier on probabilities.
-      threshold: the `threshold` rule's confidence threshold.
-      entropy_bound: the `entropy_bound` rule's cumulative entropy budget (nats).
+      factor: float32 `f` of the `factor` rule and the planner rules' multiplier on probabilities.
+      threshold: float32 confidence threshold of the `threshold` rule.
+      entropy_bound: float32 cumulative entropy budget (nats) of the `entropy_bound` rule.
+      steps_per_block: int32 steps per block of `low_confidence` / `random` (their `steps`
+        divided by the number of blocks; `block_length` for the other rules, which ignore it).
     """
 
     factor: jax.Array
     threshold: jax.Array
     entropy_bound: jax.Array
+    steps_per_block: jax.Array
 
     @classmethod
     def of(cls, config: DecodeConfig) -> "Knobs":
         """The knobs of `config`, defaults filled in (`DecodeConfig.rule_*`). Host scalars: a
         multi-process jit takes them as replicated inputs."""
         return cls(factor=np.float32(config.rule_factor), threshold=np.float32(config.rule_threshold),
-                   entropy_bound=np.float32(config.rule_entropy_bound))
+                   entropy_bound=np.float32(config.rule_entropy_bound),
+                   steps_per_block=np.int32(config.steps_per_block))
 
 
 @struct.dataclass
@@ -119,22 +123,23 @@ def factor(view: StepView, rng: jax.Array, config: DecodeConfig):
     return view.candidates & (descending_rank(view.confidence, view.candidates) < n[:, None]), view.confidence
 
 
-def linear_schedule(block_step: jax.Array, block_length: int, steps_per_block: int) -> jax.Array:
-    """LLaDA's tokens per step: `Lb // S` each, the first `Lb % S` steps one more. `[B]` int32."""
-    base, extra = divmod(block_length, steps_per_block)
+def linear_schedule(block_step: jax.Array, block_length: int, steps_per_block: jax.Array) -> jax.Array:
+    """LLaDA's tokens per step: `Lb // S` each, the first `Lb % S` steps one more. `[B]` int32;
+    `steps_per_block` (`S`) may be traced."""
+    base, extra = jnp.divmod(jnp.int32(block_length), steps_per_block)
     return (base + (block_step < extra)).astype(jnp.int32)
 
 
 def low_confidence(view: StepView, rng: jax.Array, config: DecodeConfig):
     """LLaDA: a fixed number of tokens per step (linear schedule), the most confident first."""
-    k = linear_schedule(view.block_step, config.block_length, config.steps_per_block)
+    k = linear_schedule(view.block_step, config.block_length, view.knobs.steps_per_block)
     return top_k(view.confidence, view.candidates, k), view.confidence
 
 
 def random(view: StepView, rng: jax.Array, config: DecodeConfig):
     """LLaDA's `random` remasking: the same schedule as `low_confidence`, uniform random scores."""
     score = jax.random.uniform(rng, view.confidence.shape)
-    k = linear_schedule(view.block_step, config.block_length, config.steps_per_block)
+    k = linear_schedule(view.block_step, config.block_length, view.knobs.steps_per_block)
     return top_k(score, view.candidates, k), score
 
 
@@ -170,16 +175,17 @@ RULES: dict[str, Rule] = {
 }
 
 
-def eoser_gamma(block_step: jax.Array, config: DecodeConfig) -> jax.Array:
+def eoser_gamma(block_step: jax.Array, config: DecodeConfig, knobs: Knobs | None = None) -> jax.Array:
     """EOSER's factor on EOS confidence: linear from `gamma_min` at a block's first step to 1
-    at its last expected step (the rule's steps per block; `log2(Lb) + 1` for ASS). `[B]`."""
+    at its last expected step (the rule's steps per block, `knobs.steps_per_block` for the
+    scheduled rules; `log2(Lb) + 1` for ASS). `[B]`. `knobs` None: `config`'s."""
     if config.rule in SCHEDULED_RULES:
-        steps = config.steps_per_block
+        steps = (Knobs.of(config) if knobs is None else knobs).steps_per_block
     elif config.rule == "ass":
         steps = math.ceil(math.log2(config.block_length)) + 1
     else:
         steps = config.block_length
-    progress = jnp.minimum(block_step.astype(jnp.float32) / max(steps - 1, 1), 1.0)
+    progress = jnp.minimum(block_step.astype(jnp.float32) / jnp.maximum(steps - 1, 1).astype(jnp.float32), 1.0)
     return config.eoser_gamma_min + (1.0 - config.eoser_gamma_min) * progress
 
 
