@@ -144,13 +144,15 @@ def test_logit_positions_skip_the_rows_nobody_reads():
     canvas = jnp.asarray(random_canvas(2, 16, num_masked=8, seed=4))
     positions = jnp.asarray([[8, 9, 10, 11], [12, 13, 14, 15]], jnp.int32)  # a different block per row
     candidates = canvas == MASK_ID
-    full_logits, full_unmask = policy.policy_apply(params, canvas, scanned, candidates=candidates)
+    # jitted throughout: op-by-op dispatch compiles every small op and takes longer
+    apply = jax.jit(policy.policy_apply, static_argnames=("config", "with_planner"))
+    full_logits, full_unmask = apply(params, canvas, scanned, candidates=candidates)
     want_logits = policy.gather_positions(full_logits, positions)
     want_unmask = policy.gather_positions(full_unmask, positions)
     for config, p in ((scanned, params), (unrolled, params_unrolled), (scanned.replace(remat=True), params)):
         for with_planner in (True, False):
-            logits, unmask = jax.jit(policy.policy_apply, static_argnames=("config", "with_planner"))(
-                p, canvas, config, candidates=candidates, logit_positions=positions, with_planner=with_planner)
+            logits, unmask = apply(p, canvas, config, candidates=candidates, logit_positions=positions,
+                                   with_planner=with_planner)
             assert logits.shape == (2, 4, config.vocab_size)
             np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=0)
             if with_planner:
@@ -169,10 +171,11 @@ def test_logit_positions_skip_the_rows_nobody_reads():
             total += jnp.mean(jax.nn.log_sigmoid(unmask))
         return total
 
+    grad = jax.jit(jax.grad(loss), static_argnums=(1, 3))
     for config in (scanned, scanned.replace(remat=True)):
         for with_planner in (True, False):
-            want = jax.grad(loss)(params, scanned, None, with_planner)
-            got = jax.grad(loss)(params, config, positions, with_planner)
+            want = grad(params, scanned, None, with_planner)
+            got = grad(params, config, positions, with_planner)
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
                 np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
