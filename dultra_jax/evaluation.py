@@ -16,10 +16,10 @@ default sweep is spec section 8's factors {0.5, 0.8, 1.0, 1.2, 1.5}.
 Every setting decodes every record once per seed, in fixed-shape batches (the last one padded, its
 filler rows ignored). The rollout traces factor, threshold, entropy_bound and steps, so one
 compile serves a rule's whole sweep over them; one untimed warm-up batch per compile keeps
-compilation out of the wall time. Batch `j` of seed `s` uses
-`fold_in(key(s), j)`, the same for every setting (common random numbers). Correctness is the
-task's correctness reward (`training.data_setup.CORRECTNESS`: `math_correct` for math,
-`code_correct` for code, `exact_match` for `exact`) being positive.
+compilation out of the wall time. Batch `j` of seed `s` uses `fold_in(key(s), j)`, the same for
+every setting (common random numbers). Correctness is the task's correctness reward
+(`training.data_setup.CORRECTNESS`: `math_correct` for math, `code_correct` for code,
+`exact_match` for `exact`) being positive.
 
 Outputs in `out_dir` (the summary files are rewritten after each setting, so a long run that stops
 keeps the settings it finished):

@@ -93,14 +93,12 @@ def test_second_call_does_not_retrace():
 def test_a_knob_sweep_compiles_once():
     """factor, threshold, entropy_bound and steps are traced inputs: every value of a sweep reuses
     the rule's one compiled loop and decodes as the Python loop, whose knobs are constants."""
-    for rule, key, values, extra in (
-            ("planner_bernoulli", "factor", (0.5, 1.0, 1.5), {}), ("threshold", "threshold", (0.0, 0.9), {}),
-            ("entropy_bound", "entropy_bound", (0.5, 20.0), {}), ("low_confidence", "steps", (2, 6, 8), {}),
-            # EOSER's gamma ramps over the traced steps per block; EOS (id 1) made likely by temperature
-            ("low_confidence", "steps", (4, 8), {"eoser": True, "temperature": 2.0})):
+    for rule, key, values in (
+            ("planner_bernoulli", "factor", (0.5, 1.0, 1.5)), ("threshold", "threshold", (0.0, 0.9)),
+            ("entropy_bound", "entropy_bound", (0.5, 20.0)), ("low_confidence", "steps", (2, 6, 8))):
         results = []
         for value in values:
-            config = decode(rule, gen_length=8, **{key: value}, **extra)
+            config = decode(rule, gen_length=8, **{key: value})
             results.append(R.rollout(PARAMS, PROMPTS, None, jax.random.key(2), config, MODEL))
             if len(results) == 1:
                 count = R.TRACE_COUNT["rollout_loop"]

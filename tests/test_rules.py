@@ -490,6 +490,10 @@ def test_eoser_gamma_linear_from_gamma_min_to_one(config, steps):
     gmin = config.eoser_gamma_min
     want = gmin + (1.0 - gmin) * np.minimum(s / (steps - 1), 1.0)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+    # as the compiled rollout runs it: steps per block traced, the static config without knobs
+    traced = jax.jit(rules.eoser_gamma, static_argnums=1)(jnp.asarray(s, jnp.int32), config.without_knobs(),
+                                                          rules.Knobs.of(config))
+    np.testing.assert_allclose(traced, want, rtol=1e-6)
     assert got[0] == pytest.approx(gmin) and got[steps - 1] == pytest.approx(1.0)
     assert np.all(got[steps:] == pytest.approx(1.0))
 

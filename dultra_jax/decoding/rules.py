@@ -180,7 +180,7 @@ def eoser_gamma(block_step: jax.Array, config: DecodeConfig, knobs: Knobs | None
     at its last expected step (the rule's steps per block, `knobs.steps_per_block` for the
     scheduled rules; `log2(Lb) + 1` for ASS). `[B]`. `knobs` None: `config`'s."""
     if config.rule in SCHEDULED_RULES:
-        steps = (Knobs.of(config) if knobs is None else knobs).steps_per_block
+        steps = config.steps_per_block if knobs is None else knobs.steps_per_block
     elif config.rule == "ass":
         steps = math.ceil(math.log2(config.block_length)) + 1
     else:
