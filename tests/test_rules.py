@@ -660,6 +660,17 @@ def test_action_log_prob_factor_two_clips_to_finite():
     neg = z[0] < 0
     np.testing.assert_allclose(log_not_p[0][neg], np.log1p(-2.0 / (1.0 + np.exp(-z[0][neg].astype(np.float64)))),
                                rtol=1e-5)
+    # The trainer differentiates this: rows with a finite log-prob get finite gradients (the -inf of
+    # log(1 - p) at revealed p = 1 positions must not leak 0 * inf = NaN). d/dz: 0 where p is
+    # clipped; log p = log 2 + log sigmoid(z) gives sigmoid(-z) for revealed, and
+    # log(1 - 2 sigmoid(z)) gives -2 sigmoid(z) sigmoid(-z) / (1 - 2 sigmoid(z)) for masked ones.
+    rows = [2, 3, 4]
+    grad = np.asarray(jax.grad(lambda zz: jnp.sum(_action_log_prob(
+        jnp.asarray(logits[rows]), zz, jnp.asarray(x0[rows]), jnp.asarray(cand[rows]), jnp.asarray(reveal[rows]),
+        config)))(jnp.asarray(z[rows])))
+    sig = 1.0 / (1.0 + np.exp(-z[rows].astype(np.float64)))
+    want_grad = np.where(z[rows] > 0, 0.0, np.where(reveal[rows], 1.0 - sig, -2.0 * sig * (1.0 - sig) / (1.0 - 2.0 * sig)))
+    np.testing.assert_allclose(grad, np.where(cand[rows], want_grad, 0.0), rtol=1e-5, atol=1e-6)
 
 
 def test_planner_log_probs_factor_one_is_log_sigmoid():

@@ -115,15 +115,20 @@ def planner_log_probs(unmask_logits: jax.Array, factor: float | jax.Array):
     """`(log p, log(1 - p))` of the reveal probability `p = clip(factor * sigmoid(z), 0, 1)`.
 
     With factor 1 both come from log-sigmoids of the logit (exact, no log(0)); a factor > 1 can
-    push p to 1, where clipping keeps the logs defined (spec section 9). A traced factor (the
-    rollout's `Knobs`, never differentiated) computes both and selects.
+    push p to 1, where clipping keeps the logs defined (spec section 9): log(1 - p) is -inf there,
+    with a zero gradient. A traced factor (the rollout's `Knobs`, never differentiated) computes
+    both and selects.
     """
     def exact():
         return jax.nn.log_sigmoid(unmask_logits), jax.nn.log_sigmoid(-unmask_logits)
 
     def clipped():
         p = jnp.clip(factor * jax.nn.sigmoid(unmask_logits), 0.0, 1.0)
-        return jnp.log(p), jnp.log1p(-p)
+        # Double `where`: the log's argument is moved off 0 where its -inf is selected, so the
+        # backward pass never forms 0 * inf (NaN) at positions whose other log the caller reads.
+        log_p = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
+        log_not_p = jnp.where(p < 1, jnp.log1p(-jnp.where(p < 1, p, 0.0)), -jnp.inf)
+        return log_p, log_not_p
 
     if isinstance(factor, (int, float)):
         return exact() if factor == 1.0 else clipped()
