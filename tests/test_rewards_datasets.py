@@ -240,6 +240,11 @@ NOT_EQUIVALENT = [
     ("\\boxed{(1,2)}", "(2,1)"),
     ("\\boxed{[1,2]}", "(1,2)"),
     ("\\boxed{x^2}", "x^3"),
+    # a letter or a constant after a number is algebra, not a unit
+    ("\\boxed{2 pi}", "2"),
+    ("\\boxed{2 i}", "2"),
+    ("\\boxed{3 x}", "3"),
+    ("\\boxed{5 sqrt}", "5"),
 ]
 
 # Reasonable equivalences that fail today (reported; strict, so a fix shows up here).

@@ -120,6 +120,10 @@ def _fix_sqrt(s: str) -> str:
     return out
 
 
+# Words after a number that are mathematics, not a unit (see `normalize_answer`).
+_MATH_WORDS = frozenset({"pi", "sqrt", "ln", "log", "exp", "sin", "cos", "tan", "cot", "sec", "csc"})
+
+
 def normalize_answer(s: str) -> str:
     """A canonical string for simple answers (MATH-style `strip_string` plus numbers)."""
     s = str(s).strip()
@@ -128,11 +132,15 @@ def normalize_answer(s: str) -> str:
     s = s.replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
     s = re.sub(r"\\(?:text|mbox)\{\s*([^{}]*)\}", r" \1", s).strip()
-    # A number followed by a unit (`18 dollars`, `5 cm`, `12inches`) keeps the number; a single
-    # letter glued to a number (`2x`) is algebra, not a unit.
+    # A number followed by a unit (`18 dollars`, `5 cm`, `12inches`) keeps the number. Single
+    # letters (`2x`, `3 x`, `2 i`) and constant or function names (`2 pi`, `3sqrt`) are algebra,
+    # not units: dropping them would equate `2 pi` with 2. Glued units need 3 letters (`2ab`).
     unit = re.fullmatch(r"(-?[\d,]*\.?\d+)(\s*)([A-Za-z]+(?:\s+[A-Za-z]+)*)\.?", s)
-    if unit and (unit.group(2) or len(unit.group(3)) >= 3):
-        s = unit.group(1)
+    if unit:
+        words = unit.group(3).split()
+        if (all(len(w) >= 2 and w.lower() not in _MATH_WORDS for w in words)
+                and (unit.group(2) or len(unit.group(3)) >= 3)):
+            s = unit.group(1)
     s = s.replace("\\%", "").replace("%", "")
     s = s.strip().rstrip(".").strip()
     # A variable assignment with a short left side (`x = 5`) keeps its value.
