@@ -7,6 +7,8 @@ LLaDA-8B-Instruct (+ planner, freshly initialised when the directory has none), 
 per prompt, lr 5e-6 constant, AdamW(0.9, 0.99, wd 0.1), grad clip 1.0, gen 256, block 32, token
 temperature 0.1, C = 0, epsilons 0.2 / 1.0, no KL. Rewards: math correctness, format, think tags,
 step penalty (add a teacher with `--config.rewards.teacher_path` for the distillation reward).
+The think-tag reward goes with the thinking prompts: `--config.data.mode=non-thinking` also takes
+`--config.rewards.weights.think_format=0`.
 """
 
 import ml_collections

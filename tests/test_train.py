@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from configs import demo, tiny
-from dultra_jax.config import ConfigError
+from dultra_jax.config import ConfigError, DecodeConfig
 from dultra_jax.interop.hf_llada import load_hf
 from dultra_jax.sharding import ShardingError
+from dultra_jax.training.data_setup import TrainData
 from dultra_jax.training.grpo_trainer import restore_params, train
+from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = {"step", "loss", "reward_mean", "reward_exact_match", "reward_step_penalty", "accuracy", "nfe_mean",
@@ -109,6 +111,16 @@ def test_config_errors_name_the_key(tmp_path):
     bad.data.shuffle = True
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) data.shuffle"):
         train(bad, str(tmp_path / "c"))
+    # The think-tag reward with prompts that do not ask for think tags (configs/math.py's weights
+    # with the non-thinking prompts); refused before any data or model is loaded.
+    from configs import math
+
+    bad = math.get_config()
+    bad.data.mode = "non-thinking"
+    bad.data.path = str(tmp_path / "no_such_file.jsonl")
+    with pytest.raises(ConfigError, match=r"rewards.weights.think_format=0.5 applies to data.mode='thinking' only, "
+                                          r"but data.task='gsm8k' prompts in 'non-thinking' mode"):
+        TrainData(bad.data, bad.rewards, tiny_config(), DecodeConfig(), prompts_per_step=1, seed=0)
     proc = subprocess.run([sys.executable, "launch/train.py", "--config=configs/tiny.py",
                            f"--workdir={tmp_path / 'd'}", "--config.rl.no_such_key=1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

@@ -19,7 +19,7 @@ import numpy as np
 from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig
 from dultra_jax.data import arithmetic
 from dultra_jax.data.pipeline import make_train_iterator
-from dultra_jax.data.tasks import get_task, load_task_records
+from dultra_jax.data.tasks import THINKING, get_task, load_task_records
 from dultra_jax.data.tokenizer import decode_completion, load_tokenizer, stop_token_ids
 from dultra_jax.decoding.rollout import Trajectory
 
@@ -68,6 +68,12 @@ class TrainData:
             self.task = get_task(data["task"], **task_options)
         except (KeyError, ValueError) as e:
             raise ConfigError(f"data.task={data.get('task')!r}: {e}") from None
+        self.weights = dict(rewards.get("weights") or self.task.reward_weights)
+        if self.weights.get("think_format") and self.task.mode != THINKING:
+            # spec section 6: the think-tag reward belongs to the thinking prompts, which ask for them
+            raise ConfigError(f"rewards.weights.think_format={self.weights['think_format']} applies to "
+                              f"data.mode='{THINKING}' only, but data.task={data['task']!r} prompts in "
+                              f"{self.task.mode!r} mode; set rewards.weights.think_format=0")
         if data.get("examples"):
             records = [dict(r) for r in data["examples"]]
         elif data.get("generator"):
@@ -88,7 +94,6 @@ class TrainData:
             seed=int(data.get("shuffle_seed", seed)), process_index=jax.process_index(),
             process_count=jax.process_count(), pad_id=model.pad_token_id)
 
-        self.weights = dict(rewards.get("weights") or self.task.reward_weights)
         self.options = {k: dict(v) for k, v in (rewards.get("options") or {}).items()}
         if rewards.get("teacher_path"):
             from dultra_jax.rewards.distill import Teacher
