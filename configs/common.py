@@ -54,6 +54,7 @@ def decode(**overrides) -> ml_collections.ConfigDict:
     section = ml_collections.ConfigDict(dict(
         rule="planner_bernoulli", prompt_length=512, gen_length=256, block_length=32,
         max_steps=ml_collections.FieldReference(None, field_type=int), temperature=0.1, logprob_temperature=1.0,
+        forced_logprob="reference",
         threshold=ml_collections.FieldReference(None, field_type=float),
         factor=ml_collections.FieldReference(None, field_type=float),
         steps=ml_collections.FieldReference(None, field_type=int),

@@ -154,6 +154,7 @@ PLANNER_RULES = ("planner_bernoulli", "planner_topk")
 SCHEDULED_RULES = ("low_confidence", "random")
 CONFIDENCE_RULES = ("threshold", "factor", "low_confidence", "ass")
 CACHE_MODES = ("none", "prefix", "dual")
+FORCED_LOGPROB_MODES = ("reference", "exact")
 # The rules' numeric knobs: traced inputs of the compiled rollout (`rules.Knobs`), not part of its
 # static config, so that one compile serves a whole sweep over them.
 KNOB_FIELDS = ("factor", "threshold", "entropy_bound", "steps")
@@ -174,6 +175,10 @@ class DecodeConfig:
       temperature: token sampling temperature (0 = argmax; Gumbel-max otherwise).
       logprob_temperature: temperature of `q` in the action log-prob (reference: 1.0); None
         uses the sampling temperature.
+      forced_logprob: how the action log-prob of `planner_bernoulli` scores a step whose only
+        reveal is the best candidate, which the at-least-one rule forces when the draws pick
+        nothing: `reference` gives it `log p_i` like any draw (the reference's choice);
+        `exact` uses the outcome's true probability, `prod_{j != i} (1 - p_j)` (spec section 4).
       threshold: confidence threshold of the `threshold` rule (default 0.9).
       factor: `f` of the `factor` rule (default 1.0), or the multiplier on planner
         probabilities of the planner rules (default 1.0, swept at evaluation).
@@ -196,6 +201,7 @@ class DecodeConfig:
     max_steps: int | None = None
     temperature: float = 0.0
     logprob_temperature: float | None = 1.0
+    forced_logprob: str = "reference"
     threshold: float | None = None
     factor: float | None = None
     steps: int | None = None
@@ -223,6 +229,12 @@ class DecodeConfig:
             raise ConfigError(f"decode.temperature={self.temperature} must be >= 0")
         if self.logprob_temperature is not None and self.logprob_temperature <= 0:
             raise ConfigError(f"decode.logprob_temperature={self.logprob_temperature} must be > 0")
+        if self.forced_logprob not in FORCED_LOGPROB_MODES:
+            raise ConfigError(f"decode.forced_logprob={self.forced_logprob!r} is unknown; use one of "
+                              f"{', '.join(FORCED_LOGPROB_MODES)}")
+        if self.forced_logprob == "exact" and self.rule != "planner_bernoulli":
+            raise ConfigError(f"decode.forced_logprob='exact' does not apply to rule {self.rule!r} "
+                              f"(only to planner_bernoulli, whose draws can pick nothing)")
         applies = {"threshold": ("threshold",), "factor": ("factor",) + PLANNER_RULES,
                    "steps": SCHEDULED_RULES, "entropy_bound": ("entropy_bound",)}
         for key, rules in applies.items():

@@ -10,6 +10,7 @@ rules (`jax.random.uniform(rng, shape)`), reproduced here to get the same number
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -628,6 +629,66 @@ def test_action_log_prob_matches_numpy(config):
         # The rollout's traced factor and the trainer's constant one give the same log-probs.
         traced = np.asarray(_action_log_prob(*args, config.without_knobs(), rules.Knobs.of(config)))
         np.testing.assert_array_equal(traced, got)
+
+
+def _np_reveal_set_probability(p, cand, reveal):
+    """Probability that planner_bernoulli plus the at-least-one rule reveals exactly `reveal` in a
+    row, by enumerating every Bernoulli draw over the candidates (float64)."""
+    idx = np.flatnonzero(cand)
+    best = _by_score_desc(p, idx)[0]
+    total = 0.0
+    for draw in itertools.product((False, True), repeat=len(idx)):
+        chosen = np.zeros(cand.shape, bool)
+        chosen[idx] = draw
+        weight = np.prod(np.where(draw, p[idx], 1.0 - p[idx]))
+        if not chosen.any():
+            chosen[best] = True  # the draws picked nothing: the best candidate is forced
+        total += weight * np.array_equal(chosen, reveal)
+    return total
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5])
+def test_forced_logprob_exact_is_the_probability_of_the_revealed_set(factor):
+    """`forced_logprob="exact"`: the planner part of the action log-prob is the log-probability of
+    the revealed set, drawn or forced, by enumeration; `reference` differs from it exactly on the
+    steps that reveal only the best candidate, by that candidate's log p."""
+    rng = np.random.default_rng(7)
+    logits, z, x0, cand, _ = _logprob_inputs(7)
+    cand[0] = rng.random(LB) < 0.7  # every row has candidates here
+    cand[:, 0] = True
+    p = np.clip(factor / (1.0 + np.exp(-z.astype(np.float64))), 0.0, 1.0)
+    best = [_by_score_desc(p[b], np.flatnonzero(cand[b]))[0] for b in range(B)]
+    reveal = np.zeros((B, LB), bool)
+    reveal[0, best[0]] = True                                       # the best alone: drawn or forced
+    reveal[1, [i for i in np.flatnonzero(cand[1]) if i != best[1]][0]] = True  # another one alone
+    reveal[2, np.flatnonzero(cand[2])[:2]] = True                  # two
+    reveal[3] = cand[3]                                            # all of them
+    reveal[4, best[4]] = True
+    exact_cfg = _cfg("planner_bernoulli", factor=factor, forced_logprob="exact")
+    args = [jnp.asarray(a) for a in (logits, z, x0, cand, reveal)]
+    got = np.asarray(_action_log_prob(*args, exact_cfg), np.float64)
+    reference = np.asarray(_action_log_prob(*args, _cfg("planner_bernoulli", factor=factor)), np.float64)
+    log_q = np.take_along_axis(_np_log_softmax(logits), x0[..., None], -1)[..., 0]
+    with np.errstate(divide="ignore"):  # factor 1.5 clips some p to 1: leaving one masked is impossible
+        want = np.array([np.log(_np_reveal_set_probability(p[b], cand[b], reveal[b])) for b in range(B)])
+    want += np.sum(np.where(reveal, log_q, 0.0), axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    possible = np.isfinite(want)
+    assert possible.sum() >= 3 and (factor == 1.0 or not possible.all())
+    only_best = np.array([reveal[b].sum() == 1 and reveal[b, best[b]] for b in range(B)])
+    assert only_best[possible].any()
+    np.testing.assert_allclose(reference[possible] - got[possible],
+                               np.where(only_best, np.log(p[np.arange(B), best]), 0.0)[possible], rtol=1e-5, atol=1e-5)
+    # the rollout's traced factor selects the same way
+    traced = np.asarray(_action_log_prob(*args, exact_cfg.without_knobs(), rules.Knobs.of(exact_cfg)))
+    np.testing.assert_array_equal(traced, got.astype(np.float32))
+
+
+def test_forced_logprob_is_checked():
+    with pytest.raises(ConfigError, match=r"decode.forced_logprob='exact' does not apply to rule 'planner_topk'"):
+        _cfg("planner_topk", forced_logprob="exact")
+    with pytest.raises(ConfigError, match=r"decode.forced_logprob='true' is unknown; use one of reference, exact"):
+        _cfg("planner_bernoulli", forced_logprob="true")
 
 
 def test_action_log_prob_token_only_for_non_planner_rules():

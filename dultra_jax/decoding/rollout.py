@@ -111,6 +111,11 @@ def sample_tokens(token_logits: jax.Array, temperature: float, rng: jax.Array) -
     return jnp.argmax(token_logits + temperature * gumbel, axis=-1).astype(jnp.int32)
 
 
+def reveal_probs(unmask_logits: jax.Array, factor: float | jax.Array) -> jax.Array:
+    """The planner's reveal probabilities `p = clip(factor * sigmoid(z), 0, 1)`, `[B, Lb]` float32."""
+    return jnp.clip(jax.nn.sigmoid(unmask_logits) * factor, 0.0, 1.0)
+
+
 def planner_log_probs(unmask_logits: jax.Array, factor: float | jax.Array):
     """`(log p, log(1 - p))` of the reveal probability `p = clip(factor * sigmoid(z), 0, 1)`.
 
@@ -123,7 +128,7 @@ def planner_log_probs(unmask_logits: jax.Array, factor: float | jax.Array):
         return jax.nn.log_sigmoid(unmask_logits), jax.nn.log_sigmoid(-unmask_logits)
 
     def clipped():
-        p = jnp.clip(factor * jax.nn.sigmoid(unmask_logits), 0.0, 1.0)
+        p = reveal_probs(unmask_logits, factor)
         # Double `where`: the log's argument is moved off 0 where its -inf is selected, so the
         # backward pass never forms 0 * inf (NaN) at positions whose other log the caller reads.
         log_p = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
@@ -143,7 +148,10 @@ def action_log_prob(token_logits: jax.Array, unmask_logits: jax.Array | None, x0
     `sum_{reveal} [log p + log q(x0)] + sum_{candidates \\ reveal} log(1 - p)`, with q the
     softmax of the token logits at `config.logprob_temp` and p the planner probability; rules
     without a planner score only the token term. The forced at-least-one token counts like any
-    revealed one (the reference's choice).
+    revealed one (the reference's choice), unless `config.forced_logprob` is `exact`: then a step
+    that reveals only the best candidate `i` (highest p, ties: the first) scores the probability
+    of that outcome, drawn or forced: `p_i prod_{j != i} (1 - p_j) + prod_j (1 - p_j)`, which is
+    `prod_{j != i} (1 - p_j)`, so its `log p_i` term is dropped.
 
     Args:
       token_logits: `[B, Lb, V]` (mask logit -inf); unmask_logits: `[B, Lb]` or None.
@@ -155,8 +163,16 @@ def action_log_prob(token_logits: jax.Array, unmask_logits: jax.Array | None, x0
     log_q = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
     total = jnp.sum(jnp.where(reveal, log_q, 0.0), axis=-1)
     if config.uses_planner:
-        log_p, log_not_p = planner_log_probs(unmask_logits, config.rule_factor if knobs is None else knobs.factor)
-        total += jnp.sum(jnp.where(reveal, log_p, 0.0) + jnp.where(candidates & ~reveal, log_not_p, 0.0), axis=-1)
+        factor = config.rule_factor if knobs is None else knobs.factor
+        log_p, log_not_p = planner_log_probs(unmask_logits, factor)
+        scored_reveal = reveal
+        if config.forced_logprob == "exact":
+            # the best candidate as `rules.ensure_one` forces it (its score is p)
+            best = jnp.argmax(jnp.where(candidates, reveal_probs(unmask_logits, factor), -jnp.inf), axis=-1)
+            only_best = (jnp.sum(reveal, axis=-1) == 1) & jnp.take_along_axis(reveal, best[:, None], axis=-1)[:, 0]
+            scored_reveal = reveal & ~only_best[:, None]
+        total += jnp.sum(jnp.where(scored_reveal, log_p, 0.0) + jnp.where(candidates & ~reveal, log_not_p, 0.0),
+                         axis=-1)
     return total
 
 
@@ -217,7 +233,7 @@ def denoise_step(params: Params, state: RolloutState, model: ModelConfig, config
         confidence = jnp.where(x0 == config.eos_token_id, confidence * gamma[:, None], confidence)
     unmask_probs = None
     if config.uses_planner:
-        unmask_probs = jnp.clip(jax.nn.sigmoid(unmask_logits) * knobs.factor, 0.0, 1.0)
+        unmask_probs = reveal_probs(unmask_logits, knobs.factor)
     view = rules.StepView(token_logits=token_logits, x0=x0, confidence=confidence, unmask_probs=unmask_probs,
                           candidates=candidates, block_step=state.block_step, knobs=knobs)
     reveal = rules.select(view, rule_key, config)
