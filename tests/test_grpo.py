@@ -43,7 +43,8 @@ def test_advantages_by_hand():
     np.testing.assert_allclose(compute_advantages(rewards, loo)[:4], [-8 / 3, -4 / 3, 0, 4])
     std = RLConfig(group_size=4, advantage="mean_std", advantage_min_clip=-100.0)
     got = np.asarray(compute_advantages(rewards, std))
-    np.testing.assert_allclose(got[:4], np.array([-2, -1, 0, 3]) / (np.std([1, 2, 3, 6]) + 1e-4), rtol=1e-6)
+    # the sample std (torch's default, which TRL uses): sqrt(14 / 3)
+    np.testing.assert_allclose(got[:4], np.array([-2, -1, 0, 3]) / (np.sqrt(14 / 3) + 1e-4), rtol=1e-6)
     assert np.all(got[4:] == 0) and np.all(np.isfinite(got))  # identical rewards: zero, no NaN
 
 

@@ -31,8 +31,9 @@ def _mean(grouped: jax.Array) -> jax.Array:
 
 @register_advantage("mean_std")
 def _mean_std(grouped: jax.Array) -> jax.Array:
-    """`(R - mean) / (std + 1e-4)`; a group with equal rewards gets 0, not NaN."""
-    return _mean(grouped) / (jnp.std(grouped, axis=-1, keepdims=True) + 1e-4)
+    """`(R - mean) / (std + 1e-4)` with the sample std (ddof 1), as TRL's `scale_rewards="group"`
+    (the reference's trainer) computes it; a group with equal rewards gets 0, not NaN."""
+    return _mean(grouped) / (jnp.std(grouped, axis=-1, keepdims=True, ddof=1) + 1e-4)
 
 
 @register_advantage("leave_one_out")
