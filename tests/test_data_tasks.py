@@ -70,7 +70,7 @@ def test_mbpp_full_and_sanitized():
                                f"should pass these tests:\n\n{tests}. Respond with the completed solution inside a "
                                f"```python``` code block.")
     fields = task.example_fields(row)
-    assert set(fields) == {"answer", "tests", "entry_point", "input_output", "prompt_code"}
+    assert set(fields) == {"answer", "tests", "entry_point", "input_output", "prompt_code", "program_prefix"}
     assert fields["entry_point"] == "similar_elements" and fields["tests"] == tests + "\n"
     assert "\r\n" not in fields["answer"] and fields["answer"] == task.reference(row)
     setup_row = next(r for r in _rows("mbpp.jsonl") if r["test_setup_code"])     # task 367

@@ -1,5 +1,6 @@
 """Code reward sandbox: statuses, hostile programs, cleanup, concurrency, the `code_correct` part."""
 
+import json
 import os
 import secrets
 import subprocess
@@ -329,6 +330,45 @@ def test_code_correct_reward_part():
     assert parts["code_correct"][5] == 0.0  # "no code at all" runs as Python: a syntax error
     np.testing.assert_allclose(parts["code_fence"], [1.0] * 5 + [0.25])
     np.testing.assert_allclose(total, [4.0, 1.0, 1.0, 0.85, 1.0, 0.25], rtol=1e-6)
+
+
+def test_apps_rows_are_judged_on_input_output():
+    """APPS rows carry no `tests`: the reward calls `fn_name` on every `input_output` case (a
+    `Solution` method when the program defines the class; a tuple counts as a list; the expected
+    output or its only element). Rows without tests or with stdin problems get NaN, never 1."""
+    from dultra_jax.data import tasks
+    from tests.fixtures.data_helpers import fixture_path
+
+    task = tasks.get_task("apps", require_fn_name=False)
+    rows = [tasks.load_task_records(task, fixture_path("apps.jsonl"))[i] for i in (0, 1)]  # add(a, b); stdin
+    add, stdin = (task.example_fields(r) for r in rows)
+    assert add["tests"] == "" and json.loads(add["input_output"])["fn_name"] == "add"
+    pair = json.dumps({"fn_name": "pair", "inputs": [[1, 2]], "outputs": [[2, 1]]})
+    completions = [
+        "```python\ndef add(a, b):\n    return a + b\n```",  # passes
+        "```python\ndef add(a, b):\n    return a * b\n```",  # wrong: used to pass (no tests ran)
+        "```python\nclass Solution:\n    def add(self, a, b):\n        return a + b\n```",
+        "```python\ndef add(a, b):\n    return a + b\n```",  # a stdin problem: not run
+        "```python\ndef pair(a, b):\n    return (b, a)\n```",  # tuple result against [[2, 1]]
+        "```python\nprint(1)\n```",  # a row with empty tests and nothing else
+    ]
+    examples = [add, add, add, stdin, {"tests": "", "input_output": pair}, {"tests": ""}]
+    inputs = RewardInputs(completions=completions, examples=examples, num_steps=np.zeros(6, np.int32))
+    _, parts = compute_rewards(inputs, {"code_correct": 1.0}, options={"code_correct": {"timeout_s": 10.0}})
+    np.testing.assert_array_equal(parts["code_correct"][[0, 1, 2, 4]], [1.0, 0.0, 1.0, 1.0])
+    assert np.isnan(parts["code_correct"][3]) and np.isnan(parts["code_correct"][5])
+    assert code_lib.apps_call_tests(json.dumps({"fn_name": "x; import os", "inputs": [], "outputs": []})) is None
+
+
+def test_a_program_helper_named_check_is_not_the_test():
+    """MBPP rows have an entry point but their tests define no `check`: a solution's own helper of
+    that name is not called as HumanEval's `check(entry_point)` would be."""
+    program = "def check(s):\n    return len(s) > 0\n\ndef first(s):\n    return s[0] if check(s) else None\n"
+    result = check_program(program, "assert first('ab') == 'a'", 5.0, entry_point="first")
+    assert result.passed, (result.status, result.error)
+    # a `check` the tests define is still called with the entry point
+    humaneval_style = "def check(candidate):\n    assert candidate('ab') == 'b'\n"
+    assert check_program("def first(s):\n    return s[0]\n", humaneval_style, 5.0, entry_point="first").status == "failed"
 
 
 @pytest.mark.parametrize("status, value", [("passed", 1.0), ("failed", 0.0), ("syntax_error", 0.0),

@@ -105,6 +105,16 @@ def test_humaneval_through_the_code_correct_reward(humaneval):
     np.testing.assert_array_equal(_code_reward(completions, [f for _, f in rows]), [1.0, 1.0, 0.0, 0.0])
 
 
+def test_humaneval_completion_runs_after_the_prompt(humaneval):
+    """As the reference runs `prompt + "\\n" + completion`: a solution that relies on the prompt's
+    imports (`from typing import List`) passes, and so does a completion that is only the body."""
+    record, fields = humaneval["HumanEval/0"]
+    assert fields["program_prefix"] == record["prompt"] and "from typing import List" in record["prompt"]
+    without_import = fields["answer"].replace("from typing import List\n", "")
+    body_only = record["canonical_solution"]
+    np.testing.assert_array_equal(_code_reward([_fenced(without_import), body_only], [fields, fields]), [1.0, 1.0])
+
+
 # The humaneval task's `tests` define `check`; the sandbox calls it once with `entry_point`, and a
 # program without the entry point is a plain failure (reward 0), not a runtime error (-0.05).
 def test_humaneval_check_runs_once(humaneval):

@@ -130,6 +130,7 @@ def test_config_errors_name_the_key(tmp_path):
 def test_reference_configs_validate_and_match_the_reference():
     from configs import code, math
     from dultra_jax.config import model_config_from_dict
+    from dultra_jax.data.tasks import get_task
     from dultra_jax.training.grpo_trainer import run_config
 
     for module, temperature in ((math, 0.1), (code, 0.5)):
@@ -142,3 +143,6 @@ def test_reference_configs_validate_and_match_the_reference():
         assert run.decode.rule == "planner_bernoulli" and run.decode.logprob_temperature == 1.0
         model = model_config_from_dict(run.model_section)
         assert (model.n_layers, model.d_model, model.vocab_size, model.mask_token_id) == (32, 4096, 126464, 126336)
+        data = module.get_config().data
+        task = get_task(data.task, mode=data.mode, **dict(data.get("task_options") or {}))  # a valid mode and options
+        assert task.mode == data.mode

@@ -24,10 +24,13 @@ Per-row fields (`example_fields`), all strings:
       `tests`       Python source to run after the candidate program; it raises on failure
                     (MBPP: imports + setup + asserts; HumanEval: `test`, whose `check` the sandbox calls with
                     `entry_point`);
-                    "" for APPS, which is judged on `input_output`;
+                    "" for APPS, which is judged on `input_output` (call-based problems; see
+                    `rewards.code.apps_call_tests`);
       `entry_point` the function under test ("" when the program is a stdin/stdout script);
       `input_output` APPS's JSON string {"inputs": [...], "outputs": [...], "fn_name"?: str}, else "";
-      `prompt_code` code the prompt gave (HumanEval signature+docstring, APPS starter code), else "".
+      `prompt_code` code the prompt gave (HumanEval signature+docstring, APPS starter code), else "";
+      `program_prefix` code run before the extracted program (HumanEval: the prompt, as the
+                    reference runs `prompt + "\n" + completion`), else "".
   - `exact`: `answer`.
 """
 
@@ -265,9 +268,9 @@ def _weights(kind: str, mode: str, overrides: Mapping[str, float] | None) -> dic
 
 
 def _code_fields(*, answer: str, tests: str = "", entry_point: str = "", input_output: str = "",
-                 prompt_code: str = "") -> dict[str, str]:
+                 prompt_code: str = "", program_prefix: str = "") -> dict[str, str]:
     return {"answer": answer, "tests": tests, "entry_point": entry_point, "input_output": input_output,
-            "prompt_code": prompt_code}
+            "prompt_code": prompt_code, "program_prefix": program_prefix}
 
 
 def _take_options(name: str, options: dict[str, Any], allowed: Mapping[str, Any]) -> dict[str, Any]:
@@ -389,7 +392,7 @@ def _humaneval(options):
     def fields(ex):
         entry = str(ex["entry_point"])
         return _code_fields(answer=reference(ex), tests=ex["test"], entry_point=entry,
-                            prompt_code=str(ex["prompt"]))
+                            prompt_code=str(ex["prompt"]), program_prefix=str(ex["prompt"]))
 
     return Task(
         name="humaneval", mode=mode, kind="code", reward_weights=_weights("code", mode, o["reward_weights"]),
@@ -490,7 +493,8 @@ def _custom(options):
         out = {"answer": _str(ex, af)}
         if kind == "code":
             out = _code_fields(answer=out["answer"], tests=_str(ex, "tests"), entry_point=_str(ex, "entry_point"),
-                               input_output=_str(ex, "input_output"), prompt_code=_str(ex, "prompt_code"))
+                               input_output=_str(ex, "input_output"), prompt_code=_str(ex, "prompt_code"),
+                               program_prefix=_str(ex, "program_prefix"))
         for f in extra:
             out[f] = _str(ex, f)
         return out

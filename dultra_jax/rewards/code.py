@@ -632,13 +632,57 @@ def check_programs(programs: Sequence[str], tests: Sequence[str], *, entry_point
 # Rewards
 
 
-def _tests_of(example: dict) -> str | None:
-    tests = example.get("tests")
-    if tests is None:
+def apps_call_tests(input_output: str) -> str | None:
+    """Test source for an APPS call-based problem (`input_output` JSON with `fn_name`), judged as
+    the APPS harness does: the function (or `Solution().<fn_name>` when the program defines a
+    `Solution` class) is called with each input list; a tuple result counts as a list; the result
+    must equal the expected output or, when that is a non-empty list, its first element. None for
+    standard-input problems (no `fn_name`), which this reward does not run."""
+    try:
+        io = json.loads(input_output)
+    except (TypeError, ValueError):
         return None
+    if not isinstance(io, dict) or not str(io.get("fn_name", "")).isidentifier():
+        return None
+    name = io["fn_name"]
+    return f"""
+import json as _apps_json
+_apps_io = _apps_json.loads({input_output!r})
+_apps_fn = Solution().{name} if isinstance(globals().get("Solution"), type) else {name}
+for _apps_case, (_apps_in, _apps_out) in enumerate(zip(_apps_io["inputs"], _apps_io["outputs"])):
+    if _apps_in and isinstance(_apps_in[0], dict):  # JSON made the dict keys strings
+        try:
+            _apps_in = [{{int(k): v for k, v in _apps_in[0].items()}}] + list(_apps_in[1:])
+        except ValueError:
+            pass
+    _apps_got = _apps_fn(*_apps_in)
+    if isinstance(_apps_got, tuple):
+        _apps_got = list(_apps_got)
+    _apps_ok = _apps_got == _apps_out or (isinstance(_apps_out, list) and len(_apps_out) > 0
+                                          and _apps_got == _apps_out[0])
+    assert _apps_ok, f"case {{_apps_case}}: got {{_apps_got!r:.200}}, expected {{_apps_out!r:.200}}"
+"""
+
+
+def _tests_of(example: dict) -> str | None:
+    """The test source of a row: its `tests`, else tests made from APPS's `input_output`; None
+    when it has neither (the reward is NaN: a program is never judged against no tests)."""
+    tests = example.get("tests")
     if isinstance(tests, (list, tuple)):
-        return "\n".join(str(t) for t in tests)
-    return str(tests)
+        tests = "\n".join(str(t) for t in tests)
+    if tests is not None and str(tests).strip():
+        return str(tests)
+    if example.get("input_output"):
+        return apps_call_tests(str(example["input_output"]))
+    return None
+
+
+def _program_of(completion: str, example: dict) -> str:
+    """The program to run: `extract_program(completion)` after the row's `program_prefix` (the
+    HumanEval prompt's imports and signature, as the reference assembles `prompt + "\n" + code`)."""
+    program = extract_program(completion)
+    prefix = example.get("program_prefix")
+    return f"{prefix}\n{program}" if prefix else program
 
 
 PENALIZED_STATUSES = ("runtime_error", "timeout", "killed")
@@ -661,13 +705,14 @@ def code_reward_value(result: CodeResult, penalized: Sequence[str] = PENALIZED_S
 def code_correct_values(completions: Sequence[str], examples: Sequence[dict], *, timeout_s: float = 10.0,
                         max_workers: int | None = None, penalized: Sequence[str] = PENALIZED_STATUSES,
                         **sandbox_kwargs) -> np.ndarray:
-    """Per row: `code_reward_value` of the completion's program (`extract_program`) run against
-    `example["tests"]` (and `example["entry_point"]`), concurrently; NaN for rows without tests."""
+    """Per row: `code_reward_value` of the completion's program (`extract_program`, after the row's
+    `program_prefix`) run against its tests (`example["tests"]`, or APPS's `input_output`; and
+    `example["entry_point"]`), concurrently; NaN for rows without tests."""
     rows = [i for i, ex in enumerate(examples) if _tests_of(ex) is not None]
     out = np.full(len(completions), np.nan, np.float32)
     if not rows:
         return out
-    programs = [extract_program(completions[i]) for i in rows]
+    programs = [_program_of(completions[i], examples[i]) for i in rows]
     results = check_programs(programs, [_tests_of(examples[i]) for i in rows],
                              entry_points=[examples[i].get("entry_point") for i in rows],
                              max_workers=max_workers, timeout_s=timeout_s, **sandbox_kwargs)
