@@ -220,7 +220,7 @@ def torch_rollout(model: torch_reference.RefLLaDA, prompt_tokens: np.ndarray, co
                 in_block = torch.zeros_like(is_masked)
                 in_block[:, start:end] = True
                 unmask_logits = model.planner_logits(h_last, t, is_masked & in_block)[:, start:end]
-                unmask_probs = torch.clamp(torch.sigmoid(unmask_logits) * config.rule_factor, 0.0, 1.0)
+                unmask_probs = torch.sigmoid(unmask_logits) * config.rule_factor  # unclipped, as ours
             reveal, score = torch_rule(config.rule, config, confidence, unmask_probs, candidates, block_step)
             reveal = reveal & candidates
             need = candidates.any(-1) & ~reveal.any(-1)  # the at-least-one rule

@@ -7,6 +7,7 @@ import pytest
 
 from dultra_jax.config import RULES, ConfigError, DecodeConfig
 from dultra_jax.decoding import rollout as R
+from dultra_jax.decoding import rules
 from dultra_jax.sharding import batch_sharding, make_mesh, param_shardings
 from tests.helpers import MASK_ID, random_params, tiny_config
 
@@ -107,6 +108,28 @@ def test_a_knob_sweep_compiles_once():
             if key == "steps":
                 assert np.all(np.asarray(results[-1].num_steps) == value), (value, results[-1].num_steps)
         assert not np.array_equal(results[0].unmask_step, results[-1].unmask_step), rule
+
+
+def test_planner_rules_read_the_unclipped_scores(monkeypatch):
+    """The rules see `p = factor * sigmoid(z)` unclipped (planner_topk's k sums it, spec section
+    3); only the log-probs clip it."""
+    seen = []
+    topk = rules.RULES["planner_topk"]
+
+    def recording(view, rng, config):
+        jax.debug.callback(lambda p: seen.append(np.asarray(p)), view.unmask_probs)
+        return topk(view, rng, config)
+
+    monkeypatch.setitem(rules.RULES, "planner_topk", recording)
+    config = decode("planner_topk", temperature=0.0, factor=3.0)
+    prompts, valid = R.check_prompts(PROMPTS, None, MODEL, config)
+    state = R.init_state(jnp.asarray(prompts), jnp.asarray(valid), jax.random.key(0), MODEL, config)
+    jax.block_until_ready(R.denoise_step_jit(PARAMS, state, model=MODEL, config=config))
+    *_, unmask_logits, _ = jax.jit(R.evaluate_block, static_argnums=(3, 4))(PARAMS, state.canvas, state.valid,
+                                                                            MODEL, config)
+    want = 3.0 / (1.0 + np.exp(-np.asarray(unmask_logits, np.float64)))
+    assert want.max() > 1.0
+    np.testing.assert_allclose(seen[0], want, rtol=1e-5)
 
 
 def test_left_padding_and_step_budget():

@@ -393,18 +393,29 @@ def test_done_rows_reveal_nothing(config):
 
 
 def test_planner_topk_factor_above_one_never_exceeds_candidates():
-    """Spec section 9: with factor > 1, k = floor(sum p) is clamped to the candidates and
-    non-candidates never move (the reference overwrote zero-probability positions)."""
+    """Spec section 9: with factor > 1, k = floor(sum p) over the unclipped p is clamped to the
+    candidates and non-candidates never move (the reference overwrote zero-probability positions)."""
     config = _cfg("planner_topk", factor=3.0)
     z = np.array([[2.0, 1.0, 0.5, -1.0, 3.0, 0.0, 4.0, -2.0]], np.float32)
-    p = np.clip(config.rule_factor / (1.0 + np.exp(-z)), 0.0, 1.0).astype(np.float32)
-    assert np.sum(p) > 4  # the reference's k over all positions would exceed 3 candidates
-    cand = _mask(1, 3, 5)[None]  # p = 1, 0.807.., 1 -> sum 2.8 -> k = 2
+    p = np.asarray(rollout.planner_scores(jnp.asarray(z), config.rule_factor))  # as the rollout passes it
+    assert np.sum(p) > 4 and p.max() > 1  # the reference's k over all positions would exceed 3 candidates
+    cand = _mask(1, 3, 5)[None]  # p = 2.19, 0.81, 1.5 -> sum 4.5 -> k = 4 -> clamped to 3
     got = _run(_view(np.zeros((1, LB)), cand, unmask_probs=p), config)
-    np.testing.assert_array_equal(got[0], _mask(1, 5))
-    cand = _mask(0, 1, 4)[None]  # all three clip to 1 -> k = 3 = #candidates
+    np.testing.assert_array_equal(got[0], _mask(1, 3, 5))
+    cand = _mask(3, 7)[None]  # p = 0.81, 0.36 -> k = 1: the larger
     got = _run(_view(np.zeros((1, LB)), cand, unmask_probs=p), config)
-    np.testing.assert_array_equal(got[0], _mask(0, 1, 4))
+    np.testing.assert_array_equal(got[0], _mask(3))
+
+
+def test_planner_topk_k_comes_from_the_unclipped_sum():
+    """Spec section 3, `topk(p, k = floor(sum p))` with `p = factor * sigmoid(z)`: four candidates
+    at sigmoid 0.8 and four at 0.1 with factor 1.5 give k = floor(4.8 + 0.6) = 5 (clipping p to 1
+    first would give 4); the ranking breaks the p > 1 ties by sigmoid, not by position."""
+    sig = np.array([0.1, 0.8, 0.1, 0.8, 0.1, 0.8, 0.1, 0.805])
+    z = np.log(sig / (1 - sig)).astype(np.float32)[None]
+    p = np.asarray(rollout.planner_scores(jnp.asarray(z), 1.5))
+    got = _run(_view(np.zeros((1, LB)), np.ones((1, LB), bool), unmask_probs=p), _cfg("planner_topk", factor=1.5))
+    np.testing.assert_array_equal(got[0], _mask(1, 3, 5, 7, 0))
 
 
 def test_planner_topk_clamps_unclipped_probabilities():

@@ -111,9 +111,16 @@ def sample_tokens(token_logits: jax.Array, temperature: float, rng: jax.Array) -
     return jnp.argmax(token_logits + temperature * gumbel, axis=-1).astype(jnp.int32)
 
 
+def planner_scores(unmask_logits: jax.Array, factor: float | jax.Array) -> jax.Array:
+    """The planner's `p = factor * sigmoid(z)` as the rules read it, `[B, Lb]` float32: above 1 for
+    factor > 1, as in the reference (a Bernoulli draw reveals such a position surely, and
+    `planner_topk` takes `k = floor(sum p)` from these values)."""
+    return jax.nn.sigmoid(unmask_logits) * factor
+
+
 def reveal_probs(unmask_logits: jax.Array, factor: float | jax.Array) -> jax.Array:
-    """The planner's reveal probabilities `p = clip(factor * sigmoid(z), 0, 1)`, `[B, Lb]` float32."""
-    return jnp.clip(jax.nn.sigmoid(unmask_logits) * factor, 0.0, 1.0)
+    """The planner's reveal probabilities `clip(factor * sigmoid(z), 0, 1)`, `[B, Lb]` float32."""
+    return jnp.clip(planner_scores(unmask_logits, factor), 0.0, 1.0)
 
 
 def planner_log_probs(unmask_logits: jax.Array, factor: float | jax.Array):
@@ -167,8 +174,8 @@ def action_log_prob(token_logits: jax.Array, unmask_logits: jax.Array | None, x0
         log_p, log_not_p = planner_log_probs(unmask_logits, factor)
         scored_reveal = reveal
         if config.forced_logprob == "exact":
-            # the best candidate as `rules.ensure_one` forces it (its score is p)
-            best = jnp.argmax(jnp.where(candidates, reveal_probs(unmask_logits, factor), -jnp.inf), axis=-1)
+            # the best candidate as `rules.ensure_one` forces it (by the rule's score)
+            best = jnp.argmax(jnp.where(candidates, planner_scores(unmask_logits, factor), -jnp.inf), axis=-1)
             only_best = (jnp.sum(reveal, axis=-1) == 1) & jnp.take_along_axis(reveal, best[:, None], axis=-1)[:, 0]
             scored_reveal = reveal & ~only_best[:, None]
         total += jnp.sum(jnp.where(scored_reveal, log_p, 0.0) + jnp.where(candidates & ~reveal, log_not_p, 0.0),
@@ -233,7 +240,7 @@ def denoise_step(params: Params, state: RolloutState, model: ModelConfig, config
         confidence = jnp.where(x0 == config.eos_token_id, confidence * gamma[:, None], confidence)
     unmask_probs = None
     if config.uses_planner:
-        unmask_probs = reveal_probs(unmask_logits, knobs.factor)
+        unmask_probs = planner_scores(unmask_logits, knobs.factor)
     view = rules.StepView(token_logits=token_logits, x0=x0, confidence=confidence, unmask_probs=unmask_probs,
                           candidates=candidates, block_step=state.block_step, knobs=knobs)
     reveal = rules.select(view, rule_key, config)

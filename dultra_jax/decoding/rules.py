@@ -55,8 +55,9 @@ class StepView:
       token_logits: `[B, Lb, V]` float32, the mask token's logit already -inf.
       x0: `[B, Lb]` int32 proposed tokens (Gumbel-max at the sampling temperature).
       confidence: `[B, Lb]` float32 softmax probability of `x0` (EOSER-scaled when enabled).
-      unmask_probs: `[B, Lb]` float32 planner probabilities (factor applied, clipped to [0, 1]),
-        or None for rules that do not use the planner.
+      unmask_probs: `[B, Lb]` float32 planner probabilities with the factor applied, not clipped
+        (above 1 for factor > 1, as the reference's p; `rollout.planner_scores`), or None for rules
+        that do not use the planner.
       candidates: `[B, Lb]` bool, masked positions of the current block (False for done rows).
       block_step: `[B]` int32, steps this row has already spent in its current block.
       knobs: the rules' numeric knobs (`Knobs`).
@@ -100,7 +101,9 @@ def planner_bernoulli(view: StepView, rng: jax.Array, config: DecodeConfig):
 def planner_topk(view: StepView, rng: jax.Array, config: DecodeConfig):
     """The `k = floor(sum p)` most probable candidates (deterministic inference mode).
 
-    k is clamped to the number of candidates (spec section 9), so non-candidates never move.
+    p is the unclipped `factor * sigmoid(z)` (spec section 3; with factor > 1 the sum exceeds the
+    clipped one); k is clamped to the number of candidates (spec section 9), so non-candidates
+    never move.
     """
     p = jnp.where(view.candidates, view.unmask_probs, 0.0)
     k = jnp.minimum(jnp.floor(jnp.sum(p, axis=-1)).astype(jnp.int32), _num_candidates(view.candidates))
