@@ -13,13 +13,15 @@ config file's `model` section (random weights unless `model.path` is set; smoke 
 `--tokenizer` for a text task. The sweep of each rule: `--factors` for `factor` and the planner
 rules, `--thresholds` for `threshold`, `--steps` for `low_confidence` / `random` (empty: the
 rule's default, one token per step). One compile serves a rule's whole `--factors` /
-`--thresholds` / `--steps` sweep (the knobs are traced).
+`--thresholds` / `--steps` sweep (the knobs are traced). `--task_option=KEY=VALUE` passes a task
+option (`--task=mbpp --task_option=split=test`: MBPP's benchmark task ids 11-510).
 Outputs (see `dultra_jax.evaluation`): samples.jsonl, summary.json, summary.csv and pareto.png in
 `--out`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from absl import app, flags, logging
@@ -40,6 +42,9 @@ _DATA = flags.DEFINE_string("data", None, "Records: a file, a directory with {sp
 _SPLIT = flags.DEFINE_string("split", None, "Split of --data.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (tfds: paths).")
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N records.")
+_TASK_OPTIONS = flags.DEFINE_multi_string("task_option", [], "A task option as KEY=VALUE, repeatable; the value "
+                                          "is read as JSON when it parses, else as a string (mbpp: split=test, "
+                                          "the benchmark's task ids 11-510).")
 _MODE = flags.DEFINE_enum("mode", "non-thinking", ["thinking", "non-thinking"],
                           "Prompt mode (non-thinking: the reference evaluation prompt).")
 _RULES = flags.DEFINE_list("rules", ["planner_bernoulli"], "Unmasking rules to evaluate.")
@@ -68,6 +73,19 @@ def _numbers(flag, kind):
         return [kind(v) for v in flag.value]
     except ValueError:
         raise ConfigError(f"--{flag.name}={','.join(flag.value)}: not a list of {kind.__name__} values") from None
+
+
+def _task_options() -> dict:
+    options = {}
+    for item in _TASK_OPTIONS.value:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--task_option={item}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
 
 
 def _rules_and_sweeps():
@@ -133,9 +151,9 @@ def main(argv):
                 raise CheckpointError(f"--model: {e}") from None
         seeds = _numbers(_SEEDS, int)
         try:
-            task = get_task(_TASK.value, mode=_MODE.value)
+            task = get_task(_TASK.value, mode=_MODE.value, **_task_options())
         except ValueError as e:
-            raise ConfigError(f"--task: {e}") from None
+            raise ConfigError(f"--task / --task_option: {e}") from None
         if not _DATA.value.startswith("tfds:") and "{split}" not in _DATA.value and not os.path.exists(_DATA.value):
             raise DataError(f"--data={_DATA.value}: no such file or directory")
         try:

@@ -254,6 +254,8 @@ def test_evaluate_compiles_once_per_setting_and_writes_outputs(model_dir, tmp_pa
     ("--rules=planner_bernoulli,bogus", "--rules: unknown rule(s) 'bogus'"),
     ("--data={missing}", "--data={missing}: no such file"),
     ("--model={missing}", "--model: {missing}: no such file"),
+    ("--task_option=bogus=1", "--task / --task_option: task 'gsm8k': unknown option(s) ['bogus']"),
+    ("--task_option=split", "--task_option=split: expected KEY=VALUE"),
 ])
 def test_launcher_errors_name_the_flag(model_dir, gsm8k_file, tmp_path, flag, message):
     missing = str(tmp_path / "missing")
