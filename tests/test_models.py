@@ -19,7 +19,7 @@ def _torch_outputs(model: ref.RefLLaDA, canvas: np.ndarray, candidates: np.ndarr
     kv = None if key_valid is None else torch.from_numpy(key_valid)
     with torch.no_grad():
         logits, h_last = model(ids, key_valid=kv)
-        t, _ = ref.planner_inputs(ids, MASK_ID)
+        t, _ = ref.planner_inputs(ids, MASK_ID, kv)
         unmask = model.planner_logits(h_last, t, torch.from_numpy(candidates), key_valid=kv)
     return logits.numpy(), unmask.numpy()
 
@@ -203,10 +203,30 @@ def test_planner_timestep_and_block_candidates():
                        [5, 6, 7, 8, 9, 10, 11, 12]], np.int32)
     t = policy.planner_timestep(jnp.asarray(canvas), MASK_ID)
     np.testing.assert_allclose(t, [1 - 5 / 8, 1.0])
+    # Left padding does not count: row 0 with 2 padding positions is a 6-position canvas.
+    valid = np.ones(canvas.shape, bool)
+    valid[0, :2] = False
+    np.testing.assert_allclose(policy.planner_timestep(jnp.asarray(canvas), MASK_ID, jnp.asarray(valid)),
+                               [1 - 5 / 6, 1.0], rtol=1e-6)
     # Generation starts at 2, blocks of 3: [2,3,4] [5,6,7]. Row 0's current block is [2,3,4];
     # the prompt-like mask at 2 counts (it is inside the generation), 5..7 wait for the next block.
     cand = policy.current_block_candidates(jnp.asarray(canvas), MASK_ID, gen_start=2, block_length=3)
     assert np.asarray(cand).tolist() == [[False, False, True, False, True, False, False, False], [False] * 8]
+
+
+def test_left_padding_changes_neither_output():
+    """A left-padded row (padding masked out of attention and out of the planner's t) gives the
+    same token and unmask logits at its own positions as the unpadded canvas (RoPE is relative)."""
+    config = tiny_config()
+    params = random_params(config, seed=3)
+    canvas = random_canvas(1, 10, num_masked=6, seed=3)
+    padded = np.concatenate([np.zeros((1, 4), np.int32), canvas], axis=1)
+    valid = np.concatenate([np.zeros((1, 4), bool), np.ones((1, 10), bool)], axis=1)
+    apply = jax.jit(policy.policy_apply, static_argnames=("config",))
+    want_logits, want_unmask = apply(params, jnp.asarray(canvas), config)
+    got_logits, got_unmask = apply(params, jnp.asarray(padded), config, valid=jnp.asarray(valid))
+    np.testing.assert_allclose(got_logits[:, 4:], want_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got_unmask[:, 4:], want_unmask, atol=1e-4, rtol=0)
 
 
 def test_sharded_forward_equals_unsharded():

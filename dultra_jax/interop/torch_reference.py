@@ -18,7 +18,7 @@ Public API::
     RefLLaDA(config: dict, with_planner: bool | None = None)
         .forward(input_ids [B,L] long, key_valid [B,L] bool | None) -> (logits [B,L,V], h_last [B,L,D])
         .planner_logits(h_last [B,L,D], t [B], candidates [B,L] bool, key_valid=None) -> [B,L] f32
-    planner_inputs(canvas [B,L] long, mask_id) -> (t [B] f32, candidates [B,L] bool)
+    planner_inputs(canvas [B,L] long, mask_id, valid=None) -> (t [B] f32, candidates [B,L] bool)
     ref_from_hf_dir(path) -> RefLLaDA            (float32, strict loading)
     random_init_(model, seed) -> model           (deterministic, in place)
     save_hf_dir(model, config_dict, path)        (config.json + model.safetensors, float32)
@@ -365,15 +365,20 @@ class RefLLaDA(nn.Module):
         return self.mask_linear(f).squeeze(-1).float()
 
 
-def planner_inputs(canvas: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def planner_inputs(canvas: torch.Tensor, mask_id: int,
+                   valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Timestep and candidate set for a whole canvas.
 
     ``canvas [B, L]`` -> ``t [B] float32 = 1 - (#mask_id in row) / L`` and
     ``candidates [B, L] bool = canvas == mask_id`` (every masked position; restrict it to the
-    current block yourself when the canvas has masks outside it).
+    current block yourself when the canvas has masks outside it). With ``valid [B, L]`` bool (False
+    on left padding), ``L`` is the row's valid length: a padded row gets the ``t`` of its unpadded
+    canvas, as the reference, which decodes one prompt at a time.
     """
     masked = canvas == mask_id
-    t = 1.0 - masked.sum(dim=-1).to(torch.float32) / float(canvas.shape[-1])
+    length = (torch.full(canvas.shape[:1], float(canvas.shape[-1])) if valid is None
+              else valid.sum(dim=-1).to(torch.float32).clamp(min=1.0))
+    t = 1.0 - masked.sum(dim=-1).to(torch.float32) / length
     return t, masked
 
 

@@ -59,9 +59,13 @@ def forward(params: Params, tokens: jax.Array, config: ModelConfig, *, valid: ja
     return model.ff_out(h_out), h_last
 
 
-def planner_timestep(canvas: jax.Array, mask_id: int) -> jax.Array:
-    """`t = 1 - #mask / L` over the whole canvas, prompt included: `[B]` float32."""
-    return 1.0 - jnp.mean((canvas == mask_id).astype(jnp.float32), axis=-1)
+def planner_timestep(canvas: jax.Array, mask_id: int, valid: jax.Array | None = None) -> jax.Array:
+    """`t = 1 - #mask / L` over the canvas, prompt included, `[B]` float32, where `L` counts the
+    `valid` positions only: the reference decodes one unpadded prompt at a time, so its `t` starts
+    at `P / (P + Lg)` for a `P`-token prompt whatever the batch's padding width."""
+    masked = jnp.sum(canvas == mask_id, axis=-1, dtype=jnp.float32)
+    length = canvas.shape[-1] if valid is None else jnp.maximum(jnp.sum(valid, axis=-1, dtype=jnp.float32), 1.0)
+    return 1.0 - masked / length
 
 
 def current_block_candidates(canvas: jax.Array, mask_id: int, gen_start: int, block_length: int) -> jax.Array:
@@ -84,7 +88,7 @@ def planner_apply(params: Params, h_last: jax.Array, canvas: jax.Array, candidat
     model = bind(config, params)
     if model.planner is None:
         raise ValueError("this model has no planner head (model.planner is None)")
-    t = planner_timestep(canvas, config.mask_token_id)
+    t = planner_timestep(canvas, config.mask_token_id, valid)
     rope = model.rope(default_positions(canvas.shape[1]))
     return model.planner(h_last, t, candidates, rope, _key_mask(config, valid))
 
@@ -177,7 +181,7 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
     if not (config.has_planner and with_planner):
         return token_logits, None, (backbone_kv, None)
     unmask_logits, planner_kv = model.planner.with_kv(
-        h_last, planner_timestep(canvas, config.mask_token_id), planner_candidates, model.rope(planner_positions),
+        h_last, planner_timestep(canvas, config.mask_token_id, valid), planner_candidates, model.rope(planner_positions),
         key_mask, cache=planner_cache, positions=None if cache is None else window)
     unmask_logits = (gather_positions(unmask_logits, logit_positions) if cache is None
                      else unmask_logits[:, :num_out])
