@@ -368,7 +368,8 @@ def test_a_program_helper_named_check_is_not_the_test():
     assert result.passed, (result.status, result.error)
     # a `check` the tests define is still called with the entry point
     humaneval_style = "def check(candidate):\n    assert candidate('ab') == 'b'\n"
-    assert check_program("def first(s):\n    return s[0]\n", humaneval_style, 5.0, entry_point="first").status == "failed"
+    plain = "def first(s):\n    return s[0]\n"
+    assert check_program(plain, humaneval_style, 5.0, entry_point="first").status == "failed"
 
 
 @pytest.mark.parametrize("status, value", [("passed", 1.0), ("failed", 0.0), ("syntax_error", 0.0),

@@ -741,7 +741,8 @@ def test_action_log_prob_factor_two_clips_to_finite():
         jnp.asarray(logits[rows]), zz, jnp.asarray(x0[rows]), jnp.asarray(cand[rows]), jnp.asarray(reveal[rows]),
         config)))(jnp.asarray(z[rows])))
     sig = 1.0 / (1.0 + np.exp(-z[rows].astype(np.float64)))
-    want_grad = np.where(z[rows] > 0, 0.0, np.where(reveal[rows], 1.0 - sig, -2.0 * sig * (1.0 - sig) / (1.0 - 2.0 * sig)))
+    masked_grad = -2.0 * sig * (1.0 - sig) / (1.0 - 2.0 * sig)
+    want_grad = np.where(z[rows] > 0, 0.0, np.where(reveal[rows], 1.0 - sig, masked_grad))
     np.testing.assert_allclose(grad, np.where(cand[rows], want_grad, 0.0), rtol=1e-5, atol=1e-6)
 
 

@@ -180,9 +180,10 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
     token_logits = suppress_mask_logit(model.ff_out(h_out), config.mask_token_id)
     if not (config.has_planner and with_planner):
         return token_logits, None, (backbone_kv, None)
+    t = planner_timestep(canvas, config.mask_token_id, valid)
     unmask_logits, planner_kv = model.planner.with_kv(
-        h_last, planner_timestep(canvas, config.mask_token_id, valid), planner_candidates, model.rope(planner_positions),
-        key_mask, cache=planner_cache, positions=None if cache is None else window)
+        h_last, t, planner_candidates, model.rope(planner_positions), key_mask, cache=planner_cache,
+        positions=None if cache is None else window)
     unmask_logits = (gather_positions(unmask_logits, logit_positions) if cache is None
                      else unmask_logits[:, :num_out])
     return token_logits, unmask_logits, (backbone_kv, planner_kv)

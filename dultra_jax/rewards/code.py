@@ -708,12 +708,13 @@ def code_correct_values(completions: Sequence[str], examples: Sequence[dict], *,
     """Per row: `code_reward_value` of the completion's program (`extract_program`, after the row's
     `program_prefix`) run against its tests (`example["tests"]`, or APPS's `input_output`; and
     `example["entry_point"]`), concurrently; NaN for rows without tests."""
-    rows = [i for i, ex in enumerate(examples) if _tests_of(ex) is not None]
+    tests = [_tests_of(ex) for ex in examples]
+    rows = [i for i, t in enumerate(tests) if t is not None]
     out = np.full(len(completions), np.nan, np.float32)
     if not rows:
         return out
     programs = [_program_of(completions[i], examples[i]) for i in rows]
-    results = check_programs(programs, [_tests_of(examples[i]) for i in rows],
+    results = check_programs(programs, [tests[i] for i in rows],
                              entry_points=[examples[i].get("entry_point") for i in rows],
                              max_workers=max_workers, timeout_s=timeout_s, **sandbox_kwargs)
     for i, res in zip(rows, results):

@@ -134,7 +134,8 @@ def normalize_answer(s: str) -> str:
     s = re.sub(r"\\(?:text|mbox)\{\s*([^{}]*)\}", r" \1", s).strip()
     # A number followed by a unit (`18 dollars`, `5 cm`, `12inches`) keeps the number. Single
     # letters (`2x`, `3 x`, `2 i`) and constant or function names (`2 pi`, `3sqrt`) are algebra,
-    # not units: dropping them would equate `2 pi` with 2. Glued units need 3 letters (`2ab`).
+    # not units: dropping them would equate `2 pi` with 2. A glued unit needs 3 letters or more
+    # (`12inches` is 12; `2ab` stays algebra).
     unit = re.fullmatch(r"(-?[\d,]*\.?\d+)(\s*)([A-Za-z]+(?:\s+[A-Za-z]+)*)\.?", s)
     if unit:
         words = unit.group(3).split()
