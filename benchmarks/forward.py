@@ -19,7 +19,6 @@ shape: `--configs=llada_1b --dtype=bfloat16 --length=288 --matmul_size=8192`.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
