@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,8 @@ import safetensors.torch
 import torch
 
 from dultra_jax.config import ConfigError
-from dultra_jax.interop import safetensors_io
-from dultra_jax.interop.hf_llada import export_hf, load_hf, tensor_map
+from dultra_jax.interop import hf_llada, safetensors_io
+from dultra_jax.interop.hf_llada import export_hf, load_hf, parse_size, tensor_map
 from dultra_jax.interop.safetensors_io import CheckpointError
 from dultra_jax.models import policy
 from dultra_jax.sharding import ShardingError, make_mesh, param_shardings
@@ -43,6 +44,11 @@ def test_round_trip_is_exact_and_layout_independent(exported):
     assert loaded_config == config
     _assert_trees_equal(params, loaded)
     assert hf["architectures"] == ["LLaDOUModelLM"] and hf["use_block_embeddings"] is False
+    # Without a source config, transformers finds LLaDA's code in its hub repository.
+    assert hf["auto_map"]["AutoModel"] == "GSAI-ML/LLaDA-8B-Instruct--modeling_llada.LLaDAModelLM"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
     # The same directory read unscanned gives the per-layer slices of the stacked leaves.
     unrolled, unrolled_config, _ = load_hf(out, scan_layers=False)
     assert not unrolled_config.scan_layers
@@ -77,6 +83,22 @@ def test_sharded_export_writes_index_and_loads_back(exported, tmp_path):
     _assert_trees_equal(params, loaded)
 
 
+def test_single_file_wins_over_an_index_as_in_transformers(exported, tmp_path):
+    config, params, out = exported
+    sharded = str(tmp_path / "sharded")
+    export_hf(random_params(config, seed=1), config, sharded, dtype="float32", max_shard_size="20KB")
+    shutil.copy(os.path.join(out, "model.safetensors"), sharded)
+    loaded, _, _ = load_hf(sharded)
+    _assert_trees_equal(params, loaded)
+
+
+def test_shard_sizes_read_decimal_and_binary_units():
+    assert [parse_size(s) for s in ("5GB", "5GiB", "500MB", "500mib", "20KB", "2KiB", "123", None, 7)] == [
+        5 * 10**9, 5 * 2**30, 500 * 10**6, 500 * 2**20, 20 * 10**3, 2 * 2**10, 123, None, 7]
+    with pytest.raises(ConfigError, match="max_shard_size='5 TB'"):
+        parse_size("5 TB")
+
+
 def test_load_places_each_tensor_with_its_mesh_sharding(exported):
     config, params, out = exported
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
@@ -94,7 +116,8 @@ def test_config_fields_are_carried_through_and_tokenizer_copied(exported, tmp_pa
     os.makedirs(source)
     with open(os.path.join(out, "config.json")) as f:
         hf = json.load(f)
-    hf.update(foo_field={"kept": True}, auto_map={"AutoModel": "modeling_llada.LLaDAModelLM"})
+    hf.update(foo_field={"kept": True}, auto_map={"AutoModel": "modeling_llada.LLaDAModelLM"},
+              vocab_size=config.vocab_size - 3)
     with open(os.path.join(source, "config.json"), "w") as f:
         json.dump(hf, f)
     for name in ("tokenizer.json", "tokenizer_config.json", "modeling_llada.py"):
@@ -117,6 +140,8 @@ def test_config_fields_are_carried_through_and_tokenizer_copied(exported, tmp_pa
     with open(tmp_path / "backbone" / "config.json") as f:
         written = json.load(f)
     assert "num_head_layers" not in written and written["architectures"] == ["LLaDAModelLM"]
+    # The tokenizer's vocab_size below the padded embedding rows is kept, not rounded up.
+    assert (written["vocab_size"], written["embedding_size"]) == (hf["vocab_size"], config.vocab_size)
     loaded, loaded_config, _ = load_hf(str(tmp_path / "backbone"))
     assert loaded_config.planner is None and "planner" not in loaded
 
@@ -209,6 +234,21 @@ def test_unreadable_files_are_named(copy_of, tmp_path):
     os.truncate(path, os.path.getsize(path) - 100)
     with pytest.raises(CheckpointError, match=f"{path} is truncated"):
         load_hf(d2)
+    # A header whose byte range for one tensor does not hold its shape.
+    d3 = copy_of("copy3")
+    path = os.path.join(d3, "model.safetensors")
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        begin, end = header["model.transformer.ln_f.weight"]["data_offsets"]
+        header["model.transformer.ln_f.weight"]["data_offsets"] = [begin, end - 4]
+        f.seek(8)
+        rewritten = json.dumps(header, separators=(",", ":")).encode()
+        assert len(rewritten) <= size
+        f.write(rewritten.ljust(size))
+    with pytest.raises(CheckpointError, match=rf"{path}: tensor model.transformer.ln_f.weight \(F32 \[32\]\) "
+                                              rf"needs 128 bytes, its data_offsets .* give 124"):
+        load_hf(d3)
 
 
 def test_missing_shard_is_named(exported, tmp_path):
@@ -231,6 +271,29 @@ def test_export_refuses_wrong_shapes_and_non_empty_targets(exported, tmp_path):
     assert not os.path.exists(tmp_path / "bad")
     with pytest.raises(CheckpointError, match="exists and is not empty"):
         export_hf(params, config, out)
+
+
+def test_overwrite_replaces_the_directory_and_keeps_it_if_the_move_fails(exported, tmp_path, monkeypatch):
+    config, params, _ = exported
+    out = str(tmp_path / "out")
+    export_hf(params, config, out, dtype="float32")
+    other = random_params(config, seed=1)
+    export_hf(other, config, out, dtype="float32", overwrite=True)
+    _assert_trees_equal(other, load_hf(out)[0])
+    assert os.listdir(tmp_path) == ["out"]  # no temporary or set-aside directory is left behind
+
+    real_replace = os.replace
+
+    def failing_replace(src, dst):  # only the final move of the directory fails
+        if dst == out:
+            raise OSError("disk full")
+        real_replace(src, dst)
+    monkeypatch.setattr(hf_llada.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(params, config, out, dtype="float32", overwrite=True)
+    monkeypatch.undo()
+    _assert_trees_equal(other, load_hf(out)[0])  # the previous export is back in place
+    assert os.listdir(tmp_path) == ["out"]
 
 
 def test_config_validation_names_the_key():

@@ -126,9 +126,29 @@ def model_config_from_hf(hf: dict[str, Any], *, with_planner: bool, **overrides)
     return ModelConfig(**fields)
 
 
+# LLaDA's modelling code lives in its hub repository (transformers has no LLaDA), so a config.json
+# written without a source directory refers to that code by `repo--module.Class`, the form that
+# transformers resolves with `trust_remote_code=True`. A planner checkpoint loads its backbone this
+# way; the planner keys need dUltra's `LLaDOUModelLM`.
+_LLADA_CODE_REPO = "GSAI-ML/LLaDA-8B-Instruct"
+_LLADA_AUTO_MAP = {
+    "AutoConfig": f"{_LLADA_CODE_REPO}--configuration_llada.LLaDAConfig",
+    "AutoModel": f"{_LLADA_CODE_REPO}--modeling_llada.LLaDAModelLM",
+    "AutoModelForCausalLM": f"{_LLADA_CODE_REPO}--modeling_llada.LLaDAModelLM",
+}
+
+
+def _tokenizer_vocab_size(base: dict[str, Any] | None, config: ModelConfig) -> int:
+    """`vocab_size` to write: the source's (the tokenizer's, which may be below the padded
+    `embedding_size` that the model owns) while it still fits the embedding, else the embedding's."""
+    source = (base or {}).get("vocab_size")
+    return source if isinstance(source, int) and 0 < source <= config.vocab_size else config.vocab_size
+
+
 def hf_config_for(config: ModelConfig, base: dict[str, Any] | None = None, dtype: str = "bfloat16") -> dict:
     """`config.json` for `config`: every field of `base` that we do not own is carried through."""
-    out = dict(base or {"model_type": "llada", "architectures": ["LLaDAModelLM"], "block_type": "llama",
+    out = dict(base or {"model_type": "llada", "architectures": ["LLaDAModelLM"], "auto_map": _LLADA_AUTO_MAP,
+                        "block_type": "llama",
                         "layer_norm_type": "rms", "activation_type": "silu", "weight_tying": False,
                         "include_bias": False, "include_qkv_bias": False, "alibi": False, "rope": True,
                         "rope_full_precision": True, "scale_logits": False, "layer_norm_with_affine": True,
@@ -136,7 +156,8 @@ def hf_config_for(config: ModelConfig, base: dict[str, Any] | None = None, dtype
                         "use_cache": False})
     out.update(d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
                n_kv_heads=config.n_kv_heads, mlp_hidden_size=config.mlp_hidden_size,
-               vocab_size=config.vocab_size, embedding_size=config.vocab_size, rope_theta=config.rope_theta,
+               vocab_size=_tokenizer_vocab_size(base, config), embedding_size=config.vocab_size,
+               rope_theta=config.rope_theta,
                rms_norm_eps=config.rms_norm_eps, max_sequence_length=config.max_sequence_length,
                mask_token_id=config.mask_token_id, eos_token_id=config.eos_token_id,
                pad_token_id=config.pad_token_id, torch_dtype=dtype)
@@ -207,14 +228,16 @@ def load_hf(directory: str, *, mesh: Mesh | None = None, with_planner: bool | No
 
 
 def parse_size(size: int | str | None) -> int | None:
-    """`5GB` / `500MB` / `200KB` / bytes -> bytes (HF's `max_shard_size` convention)."""
+    """`5GB` / `500MB` / `200KB` (powers of 10), `5GiB` / `500MiB` (powers of 2) or bytes -> bytes
+    (HF's `max_shard_size` convention)."""
     if size is None or isinstance(size, int):
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
     if not match:
         raise ConfigError(f"max_shard_size={size!r} is not a size such as '5GB' or '500MB'")
-    unit = (match.group(2) or "B").upper().replace("I", "")
-    return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
+    unit = (match.group(2) or "B").upper()
+    return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+                                         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit])
 
 
 def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat16",
@@ -273,6 +296,9 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
         nonlocal tmp
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
 
     try:
         write(start)
@@ -315,9 +341,19 @@ def _finish_export(tmp: str, out_dir: str, sharded: bool, weight_map: dict[str, 
         for file in sorted(os.listdir(source_dir)):
             if _COPIED.match(file) and os.path.isfile(os.path.join(source_dir, file)):
                 shutil.copy2(os.path.join(source_dir, file), os.path.join(tmp, file))
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    # The old directory is renamed aside, not deleted, before the new one moves in: a crash
+    # between the two renames leaves both copies whole on disk, and a failed move puts it back.
+    old = f"{tmp}.old" if os.path.exists(out_dir) else None
+    if old is not None:
+        os.rename(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fetch(leaf: jax.Array, entry: TensorMap, dtype: np.dtype) -> np.ndarray:

@@ -46,10 +46,29 @@ class SafetensorsFile:
         self._entries = header
         self._data_start = 8 + header_size
         self._mmap = None
+        for name, entry in header.items():
+            self._check_entry(name, entry)
         end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
         if self._data_start + end > os.path.getsize(path):
             raise CheckpointError(f"safetensors file {path} is truncated: its header needs "
                                   f"{self._data_start + end} bytes, the file has {os.path.getsize(path)}")
+
+    def _check_entry(self, name: str, entry) -> None:
+        """A header entry whose byte range does not hold its shape and dtype is refused up front,
+        not found later inside a reshape."""
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = [int(n) for n in entry["shape"]]
+            code = entry["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"safetensors file {self.path}: tensor {name} has a malformed header entry "
+                                  f"{entry!r}") from None
+        if code not in _DTYPES:  # reported by `dtype()` if the tensor is ever read
+            return
+        need = int(np.prod(shape, dtype=np.int64)) * _DTYPES[code].itemsize
+        if not 0 <= begin <= end or end - begin != need:
+            raise CheckpointError(f"safetensors file {self.path}: tensor {name} ({code} {shape}) needs {need} "
+                                  f"bytes, its data_offsets {[begin, end]} give {end - begin}")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -73,21 +92,25 @@ class SafetensorsFile:
 
 
 class Checkpoint:
-    """All tensors of an HF directory: `model.safetensors`, or shards listed by the index file."""
+    """All tensors of an HF directory: `model.safetensors`, or shards listed by the index file.
+
+    A directory with both reads `model.safetensors`, as transformers does, so that JAX and PyTorch
+    load the same weights.
+    """
 
     def __init__(self, directory: str):
         self.directory = directory
         index_path = os.path.join(directory, INDEX_FILE)
         single_path = os.path.join(directory, SINGLE_FILE)
-        if os.path.exists(index_path):
+        if os.path.exists(single_path):
+            files = None
+        elif os.path.exists(index_path):
             try:
                 with open(index_path) as f:
                     weight_map = json.load(f)["weight_map"]
             except (OSError, KeyError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"cannot read index {index_path}: {e!r}") from None
             files = {name: os.path.join(directory, shard) for name, shard in weight_map.items()}
-        elif os.path.exists(single_path):
-            files = None
         else:
             raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
         self._files: dict[str, SafetensorsFile] = {}
