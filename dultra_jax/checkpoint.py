@@ -22,11 +22,24 @@ from dultra_jax.interop.safetensors_io import CheckpointError
 log = logging.getLogger(__name__)
 
 
+def make_workdir(workdir: str) -> str:
+    """Creates a run's local working directory. A URL (`gs://...`) is refused by name: the
+    metrics, TensorBoard and `os`-level checks would otherwise turn it into a local `gs:/` path,
+    one per host. Mount the bucket (gcsfuse) and pass the mount point instead."""
+    if "://" in workdir:
+        raise CheckpointError(f"workdir {workdir} is a URL; give a local or mounted path (for a bucket, "
+                              f"its gcsfuse mount point)")
+    os.makedirs(workdir, exist_ok=True)
+    return workdir
+
+
 class Checkpointer:
     """`CheckpointManager` wrapper for items `state` (pytree), `data` and `config` (JSON)."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        if keep < 1:  # Orbax would delete each step as it lands
+            raise CheckpointError(f"keep={keep} checkpoints: at least 1 is needed to resume")
+        self.directory = os.path.abspath(make_workdir(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)

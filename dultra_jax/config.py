@@ -385,6 +385,44 @@ class OptimConfig:
             raise ConfigError(f"optim.train={self.train!r} is unknown; use one of {', '.join(TRAINABLE)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise ConfigError(f"optim.min_learning_rate={self.min_learning_rate} must be in "
+                              f"[0, optim.learning_rate={self.learning_rate}]")
+        for key in ("b1", "b2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps={self.eps} must be positive")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if self.grad_clip <= 0:  # optax would zero (0) or flip (< 0) every gradient
+            raise ConfigError(f"optim.grad_clip={self.grad_clip} must be positive (the largest global gradient norm)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """The `checkpoint` section of a training config: save every `every` steps (and at the end),
+    keep the newest `keep`, write in the background when `async_save`."""
+
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ConfigError(f"checkpoint.every={self.every} must be >= 1 (steps between checkpoints)")
+        if self.keep < 1:  # 0 would delete each checkpoint as it lands: a killed run could not resume
+            raise ConfigError(f"checkpoint.keep={self.keep} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The `mesh` section: device counts of the ('data', 'fsdp', 'tensor') axes; one may be -1
+    (all the devices the others leave)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
 
 
 def dataclass_from_dict(cls, cfg: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str):

@@ -9,7 +9,7 @@ sharded over `('data', 'fsdp')`. Shardings come from regex rules on the paramete
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -112,3 +112,27 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 def check_batch(name: str, batch_size: int, mesh: Mesh) -> None:
     """Start-up check that `batch_size` rows split evenly over `('data', 'fsdp')`."""
     check_divisible(name, (batch_size,), P(BATCH_AXES), mesh)
+
+
+def check_groups_stay_whole(name: str, rows: int, group_size: int, mesh: Mesh,
+                            process_of: Callable[[jax.Device], int] = lambda device: device.process_index) -> None:
+    """Start-up check that every group of `group_size` consecutive rows of a process's batch stays
+    consecutive in the global row order, which the group statistics of GRPO assume.
+
+    A process's rows fill its devices' row blocks in the order of their global index. When a
+    process's blocks form one range (single host; hosts in mesh order) any group stays whole;
+    when the mesh interleaves processes, a group must not straddle two blocks, so each device
+    must hold whole groups. `process_of` maps a device to its process (a parameter for tests).
+    """
+    blocks: dict[int, set[tuple[int, int]]] = {}
+    for device, index in batch_sharding(mesh, 1).devices_indices_map((rows,)).items():
+        block = index[0]
+        blocks.setdefault(process_of(device), set()).add((block.start or 0, rows if block.stop is None else block.stop))
+    interleaved = [p for p, own in blocks.items()
+                   if any(a[1] != b[0] for a, b in zip(sorted(own), sorted(own)[1:]))]
+    per_device = rows // int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if interleaved and per_device % group_size:
+        raise ShardingError(f"{name}: the mesh interleaves the rows of process(es) {sorted(interleaved)} with other "
+                            f"processes' rows, so each device's {per_device} rows must be whole groups of "
+                            f"{group_size}; change the batch or the mesh so that rows per device are a multiple of "
+                            f"{group_size}")

@@ -10,7 +10,7 @@ from dultra_jax.config import DecodeConfig, OptimConfig, RLConfig
 from dultra_jax.decoding import rollout as R
 from dultra_jax.rl.grpo import clipped_step_loss, compute_advantages
 from dultra_jax.rl.logprob import replay_logps, replay_step_logp
-from dultra_jax.sharding import batch_sharding, make_mesh
+from dultra_jax.sharding import ShardingError, batch_sharding, check_groups_stay_whole, make_mesh
 from dultra_jax.training.grpo_trainer import state_shardings
 from dultra_jax.training.state import create_train_state, grpo_update, make_optimizer, merge_params
 from tests.helpers import MASK_ID, random_params, tiny_config
@@ -65,6 +65,37 @@ def test_clipped_loss_by_hand():
     with_kl, _ = clipped_step_loss(logp, old, adv, taken, kl_config, ref_logp=ref)
     d = -np.log([1.5, 0.5, 2.5, 0.5, 1.1])
     np.testing.assert_allclose(np.asarray(with_kl)[:4] - np.asarray(loss)[:4], 0.5 * (np.exp(d) - d - 1)[:4], rtol=1e-5)
+
+
+def test_groups_must_stay_whole_when_the_mesh_interleaves_processes():
+    mesh = make_mesh(data=2, fsdp=4)
+    position = {device: i for i, device in enumerate(mesh.devices.flat)}  # row-block order
+    in_blocks = lambda d: position[d] // 4  # noqa: E731  (hosts in mesh order: 2 x 4 devices)
+    interleaved = lambda d: position[d] % 2  # noqa: E731
+    check_groups_stay_whole("rows", 16, 4, mesh)  # this machine: one process
+    check_groups_stay_whole("rows", 16, 4, mesh, process_of=in_blocks)  # 2 rows per device, groups span 2
+    check_groups_stay_whole("rows", 32, 4, mesh, process_of=interleaved)  # 4 rows per device: whole groups
+    with pytest.raises(ShardingError, match=r"rows: the mesh interleaves the rows of process\(es\) \[0, 1\] .* "
+                                            r"each device's 2 rows must be whole groups of 4"):
+        check_groups_stay_whole("rows", 16, 4, mesh, process_of=interleaved)
+
+
+@pytest.mark.parametrize("updates_per_step", [1, 2, 3])
+def test_every_update_of_a_step_uses_that_steps_learning_rate(updates_per_step):
+    """Adam's first moves under a constant gradient are -lr * g / |g| = -lr for a 1-D leaf (no weight
+    decay), so each update's size is the rate optax applied at that count."""
+    optim = OptimConfig(learning_rate=1.0, schedule="cosine", warmup_steps=1)
+    total_steps = 4
+    tx = make_optimizer(optim, total_steps, updates_per_step=updates_per_step)
+    params = {"bias": jnp.zeros(3)}
+    opt_state = tx.init(params)
+    applied = []
+    for _ in range(total_steps * updates_per_step):
+        updates, opt_state = tx.update({"bias": jnp.ones(3)}, opt_state, params)
+        applied.append(-float(updates["bias"][0]))
+    # warm-up 0 at step 0, then cosine from 1 over the remaining 3 steps: 1, 0.75, 0.25 at steps 1-3.
+    per_step = [0.0, 1.0, 0.75, 0.25]
+    np.testing.assert_allclose(applied, np.repeat(per_step, updates_per_step), atol=1e-5)  # eps
 
 
 def _state(optim=OptimConfig(learning_rate=1e-2), rl=RLConfig(group_size=4), params=PARAMS):

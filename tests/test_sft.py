@@ -228,6 +228,18 @@ def test_config_errors_name_the_key(tmp_path):
     config.model.mask_token_id = 2
     with pytest.raises(ConfigError, match="model.mask_token_id"):
         mdlm_sft.pretrain(config, str(tmp_path / "y"))
+    config = _pretrain_config()
+    config.checkpoint.every = 12  # a resume at step 12 would log the mean of steps 11-15 as step 15's
+    with pytest.raises(ConfigError, match="checkpoint.every=12 must be a multiple of log_every=5"):
+        mdlm_sft.pretrain(config, str(tmp_path / "z"))
+    config = _pretrain_config()
+    config.checkpoint.keep = 0
+    with pytest.raises(ConfigError, match="checkpoint.keep=0 must be >= 1"):
+        mdlm_sft.pretrain(config, str(tmp_path / "w"))
+    config = _pretrain_config()
+    config.mesh.fdsp = 2
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) mesh.fdsp"):
+        mdlm_sft.pretrain(config, str(tmp_path / "v"))
 
 
 def test_launcher_rejects_unknown_keys(tmp_path):

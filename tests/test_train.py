@@ -15,7 +15,8 @@ from dultra_jax.config import ConfigError, DecodeConfig
 from dultra_jax.interop.hf_llada import load_hf
 from dultra_jax.sharding import ShardingError
 from dultra_jax.training.data_setup import TrainData
-from dultra_jax.training.grpo_trainer import restore_params, train
+from dultra_jax.interop.safetensors_io import CheckpointError
+from dultra_jax.training.grpo_trainer import restore_params, run_config, train
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +89,7 @@ def test_export_training_checkpoint_to_hf(runs, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_config_errors_name_the_key(tmp_path):
+def test_config_errors_name_the_key(tmp_path, monkeypatch):
     config = tiny.get_config()
     config.total_steps = 1
     bad = ml_collections.ConfigDict(config.to_dict())
@@ -121,10 +122,48 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"rewards.weights.think_format=0.5 applies to data.mode='thinking' only, "
                                           r"but data.task='gsm8k' prompts in 'non-thinking' mode"):
         TrainData(bad.data, bad.rewards, tiny_config(), DecodeConfig(), prompts_per_step=1, seed=0)
+    bad = ml_collections.ConfigDict(config.to_dict())
+    bad.data.prompts_per_step = 0
+    with pytest.raises(ConfigError, match=r"data.prompts_per_step=0 must be a positive multiple of the 1 process"):
+        train(bad, str(tmp_path / "f"))
+    # A typo in the end-of-run evaluation fails at start-up, not after training.
+    bad = demo.get_config()
+    bad.total_steps = 1
+    bad.final_eval.batch_size = 8
+    bad.final_eval.rows.factor.rule = "factr"
+    with pytest.raises(ConfigError, match=r"final_eval.rows.factor.rule='factr' is unknown; use one of"):
+        train(bad, str(tmp_path / "g"))
+    assert not os.path.exists(tmp_path / "g" / "metrics.jsonl")
+    # A bucket URL is refused, not created as a local `gs:` directory.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="workdir gs://bucket/run is a URL"):
+        train(config, "gs://bucket/run")
+    assert not os.path.exists(tmp_path / "gs:")
     proc = subprocess.run([sys.executable, "launch/train.py", "--config=configs/tiny.py",
                            f"--workdir={tmp_path / 'd'}", "--config.rl.no_such_key=1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "no_such_key" in proc.stderr
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("checkpoint.every", 0, "checkpoint.every=0 must be >= 1"),
+    ("checkpoint.keep", 0, "checkpoint.keep=0 must be >= 1"),
+    ("checkpoint.evry", 5, r"unknown config key\(s\) checkpoint.evry"),
+    ("mesh.fdsp", 2, r"unknown config key\(s\) mesh.fdsp"),
+    ("optim.grad_clip", -1.0, r"optim.grad_clip=-1.0 must be positive"),
+    ("optim.grad_clip", 0.0, r"optim.grad_clip=0.0 must be positive"),
+    ("optim.b2", 1.5, r"optim.b2=1.5 must be in \[0, 1\)"),
+    ("optim.b1", -0.1, r"optim.b1=-0.1 must be in \[0, 1\)"),
+    ("optim.eps", 0.0, "optim.eps=0.0 must be positive"),
+    ("optim.weight_decay", -0.1, "optim.weight_decay=-0.1 must be >= 0"),
+    ("optim.min_learning_rate", 1.0, r"optim.min_learning_rate=1.0 must be in \[0, optim.learning_rate="),
+])
+def test_section_values_are_checked_at_start_up(key, value, message):
+    config = tiny.get_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        run_config(config)
 
 
 def test_reference_configs_validate_and_match_the_reference():

@@ -36,6 +36,34 @@ def _records(spec: Mapping[str, Any], task) -> list[dict]:
     raise ConfigError("final_eval needs `generator` or `path`")
 
 
+def check(spec: Mapping[str, Any], task, param_groups=("initial", "trained")
+          ) -> tuple[list[dict], dict[str, list[tuple[str, str, float | None]]]]:
+    """Validates `spec` and reads its records; the trainer calls it at start-up, so that a typo
+    fails before training, not after it.
+
+    Returns:
+      `(records, {params group: [(row name, rule, knob value or None)]})`.
+    """
+    unknown = sorted(set(spec) - KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join('final_eval.' + k for k in unknown)}")
+    groups: dict[str, list[tuple[str, str, float | None]]] = {}
+    for name, row in dict(spec.get("rows") or {}).items():
+        row = dict(row)
+        unknown = sorted(set(row) - ROW_KEYS)
+        if unknown or row.get("params") not in param_groups or "rule" not in row:
+            raise ConfigError(f"final_eval.rows.{name}: needs `params` ({' or '.join(param_groups)}) and `rule`, "
+                              f"optionally one of {', '.join(sorted(ROW_KEYS - {'params', 'rule'}))}; got {row}")
+        if row["rule"] not in evaluation.SWEEP_KEYS:
+            raise ConfigError(f"final_eval.rows.{name}.rule={row['rule']!r} is unknown; use one of "
+                              f"{', '.join(evaluation.SWEEP_KEYS)}")
+        knob = evaluation.SWEEP_KEYS[row["rule"]]
+        groups.setdefault(row["params"], []).append((name, row["rule"], row.get(knob) if knob else None))
+    if not groups:
+        raise ConfigError("final_eval.rows is empty: name at least one row")
+    return _records(spec, task), groups
+
+
 def compare(spec: Mapping[str, Any], params_by_group: Mapping[str, Any], model, tokenizer, task, decode,
             stop_ids, workdir: str, mesh=None) -> dict[str, dict[str, float]]:
     """Evaluates every row and writes `results.json` / `pareto.png` into `workdir`.
@@ -47,19 +75,7 @@ def compare(spec: Mapping[str, Any], params_by_group: Mapping[str, Any], model, 
       `{row name: {"accuracy": percent, "accuracy_stderr", "nfe", "tpf", "tpf_non_eos",
       "tokens_per_s", "rule", "params"}}`.
     """
-    unknown = sorted(set(spec) - KEYS)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join('final_eval.' + k for k in unknown)}")
-    records = _records(spec, task)
-    rows = {name: dict(row) for name, row in spec["rows"].items()}
-    groups: dict[str, list[tuple[str, str, float | None]]] = {}
-    for name, row in rows.items():
-        unknown = sorted(set(row) - ROW_KEYS)
-        if unknown or row.get("params") not in params_by_group or "rule" not in row:
-            raise ConfigError(f"final_eval.rows.{name}: needs `params` ({' or '.join(params_by_group)}) and `rule`, "
-                              f"optionally one of {', '.join(sorted(ROW_KEYS - {'params', 'rule'}))}; got {row}")
-        knob = evaluation.SWEEP_KEYS[row["rule"]]
-        groups.setdefault(row["params"], []).append((name, row["rule"], row.get(knob) if knob else None))
+    records, groups = check(spec, task, tuple(params_by_group))
 
     results: dict[str, dict[str, Any]] = {}
     for group, members in groups.items():

@@ -23,13 +23,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dultra_jax import checkpoint as ckpt_lib
 from dultra_jax import distributed
-from dultra_jax.config import (ConfigError, DecodeConfig, OptimConfig, RLConfig, dataclass_from_dict,
-                               decode_config_from_dict, model_config_from_dict, model_config_to_dict)
+from dultra_jax.config import (CheckpointConfig, ConfigError, DecodeConfig, MeshConfig, OptimConfig, RLConfig,
+                               dataclass_from_dict, decode_config_from_dict, model_config_from_dict,
+                               model_config_to_dict)
 from dultra_jax.decoding.rollout import rollout
 from dultra_jax.models import policy
 from dultra_jax.models.build import build_model
 from dultra_jax.rl.grpo import compute_advantages
-from dultra_jax.sharding import BATCH_AXES, batch_sharding, check_batch, make_mesh, param_shardings
+from dultra_jax.sharding import (BATCH_AXES, batch_sharding, check_batch, check_groups_stay_whole, make_mesh,
+                                 param_shardings)
 from dultra_jax.training.state import (TrainState, create_train_state, grpo_update, learning_rate_schedule,
                                        make_optimizer, merge_params, partition_params)
 
@@ -49,10 +51,8 @@ class RunConfig:
     optim: OptimConfig
     data: dict
     rewards: dict
-    mesh: dict
-    checkpoint_every: int
-    keep_checkpoints: int
-    async_checkpoint: bool
+    mesh: MeshConfig
+    checkpoint: CheckpointConfig
     total_steps: int
     seed: int
 
@@ -67,18 +67,14 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
         raise ConfigError(f"config is missing {', '.join(sorted(missing))}")
     if config.total_steps < 0:
         raise ConfigError(f"total_steps={config.total_steps} must be >= 0")
-    ckpt = dict(config.get("checkpoint", {}))
-    unknown = set(ckpt) - {"every", "keep", "async_save"}
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join('checkpoint.' + k for k in sorted(unknown))}")
     return RunConfig(
         model_section=config.model.to_dict(), decode=decode_config_from_dict(config.decode),
         rl=dataclass_from_dict(RLConfig, config.get("rl", {}), "rl."),
         optim=dataclass_from_dict(OptimConfig, config.get("optim", {}), "optim."),
         data=config.data.to_dict(), rewards=config.get("rewards", ml_collections.ConfigDict()).to_dict(),
-        mesh=config.get("mesh", ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))).to_dict(),
-        checkpoint_every=int(ckpt.get("every", 100)), keep_checkpoints=int(ckpt.get("keep", 3)),
-        async_checkpoint=bool(ckpt.get("async_save", True)), total_steps=int(config.total_steps),
+        mesh=dataclass_from_dict(MeshConfig, config.get("mesh", {}), "mesh."),
+        checkpoint=dataclass_from_dict(CheckpointConfig, config.get("checkpoint", {}), "checkpoint."),
+        total_steps=int(config.total_steps),
         seed=int(config.get("seed", 0)))
 
 
@@ -221,13 +217,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
         # Fail at start-up rather than after training: evaluation runs on one host.
         raise ConfigError(f"final_eval runs on a single host, but this run has {jax.process_count()} processes; "
                           "unset final_eval and evaluate the checkpoint with launch/evaluate.py")
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(**run.mesh)
+    ckpt_lib.make_workdir(workdir)
+    mesh = make_mesh(**dataclasses.asdict(run.mesh))
     distributed.connect_cpu_collectives(mesh)  # multi-process CPU only: before the processes drift apart
     prompts_per_step = int(run.data.get("prompts_per_step", 1))
+    if prompts_per_step < 1 or prompts_per_step % jax.process_count():
+        raise ConfigError(f"data.prompts_per_step={prompts_per_step} must be a positive multiple of the "
+                          f"{jax.process_count()} process(es): each process rolls out whole groups")
     rows = prompts_per_step * run.rl.group_size
-    check_batch(f"batch rows = data.prompts_per_step ({prompts_per_step}) * rl.group_size "
-                f"({run.rl.group_size})", rows, mesh)
+    rows_name = f"batch rows = data.prompts_per_step ({prompts_per_step}) * rl.group_size ({run.rl.group_size})"
+    check_batch(rows_name, rows, mesh)
+    check_groups_stay_whole(rows_name, rows, run.rl.group_size, mesh)
     if config.get("final_eval"):  # at start-up, not after training (e.g. 100 rows on 8 TPU cores)
         from dultra_jax.training import final_eval
         check_batch("final_eval.batch_size", int(config.final_eval.get("batch_size", final_eval.BATCH_SIZE)), mesh)
@@ -237,9 +237,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     decode.check_model(model)
     data = TrainData(run.data, run.rewards, model, decode, prompts_per_step, seed=run.seed,
                      model_path=run.model_section.get("path"))
+    if config.get("final_eval"):
+        final_eval.check(config.final_eval.to_dict(), data.task)
 
-    tx = make_optimizer(run.optim, run.total_steps)
-    schedule = learning_rate_schedule(run.optim, run.total_steps)
+    tx = make_optimizer(run.optim, run.total_steps, updates_per_step=run.rl.num_iterations)
+    schedule = learning_rate_schedule(run.optim, run.total_steps)  # per training step, for the log
     make_state = lambda p: create_train_state(p, tx, run.optim, run.rl, jax.random.key(run.seed))  # noqa: E731
     shardings = state_shardings(jax.eval_shape(make_state, params), tx, mesh)
     state = jax.jit(make_state, out_shardings=shardings)(params)
@@ -247,8 +249,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     update = jax.jit(lambda s, t, a: grpo_update(s, t, a, model=model, decode=decode, rl=run.rl, tx=tx),
                      out_shardings=(shardings, None), donate_argnums=(0,))
 
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.keep_checkpoints,
-                                         async_save=run.async_checkpoint)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.checkpoint.keep,
+                                         async_save=run.checkpoint.async_save)
     config_json = {"config": config.to_dict(), "model": model_config_to_dict(model)}  # saved with each step
     start = checkpointer.latest_step() or 0
     if start:
@@ -283,7 +285,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
                     "step %d/%d loss %.4g reward %.3f nfe %.1f tpf %.2f gap %.2g %.2fs", step + 1, run.total_steps,
                     row["loss"], row["reward_mean"], row["nfe_mean"], row["tokens_per_forward"], row["logp_gap"],
                     row["step_time_s"])
-            due = (step + 1) % run.checkpoint_every == 0 or step + 1 == run.total_steps
+            due = (step + 1) % run.checkpoint.every == 0 or step + 1 == run.total_steps
             if due and row["skipped"]:
                 log.warning("step %d: not checkpointed after a skipped update", step + 1)
             elif due:

@@ -51,8 +51,8 @@ from jax.experimental import multihost_utils
 
 from dultra_jax import checkpoint as ckpt_lib
 from dultra_jax import distributed
-from dultra_jax.config import (SCHEDULED_RULES, ConfigError, DecodeConfig, ModelConfig, OptimConfig,
-                               dataclass_from_dict, model_config_to_dict)
+from dultra_jax.config import (SCHEDULED_RULES, CheckpointConfig, ConfigError, DecodeConfig, MeshConfig,
+                               ModelConfig, OptimConfig, dataclass_from_dict, model_config_to_dict)
 from dultra_jax.models import policy
 from dultra_jax.models.build import build_model
 from dultra_jax.sharding import batch_sharding, check_batch, make_mesh
@@ -68,7 +68,7 @@ MASK_EPS = 1e-3
 DATA_KEYS = {"task", "split", "num_examples", "start", "batch_size", "prompt_length", "response_length"}
 EVAL_KEYS = {"split", "num_examples", "start", "batch_size", "rules", "steps", "block_length", "every",
              "every_examples"}
-CHECKPOINT_KEYS = {"every", "keep", "async_save"}
+CHECKPOINT_DEFAULTS = {"every": 500, "keep": 2}  # an SFT step is cheap beside a GRPO step
 COMMON_KEYS = {"model", "optim", "data", "eval", "mesh", "checkpoint", "total_steps", "seed", "log_every",
                "export_dir", "export_dtype"}
 PRETRAIN_KEYS = COMMON_KEYS | {"mask_eps"}
@@ -334,10 +334,8 @@ class SFTRun:
     optim: OptimConfig
     data: dict
     eval: dict
-    mesh: dict
-    checkpoint_every: int
-    keep_checkpoints: int
-    async_checkpoint: bool
+    mesh: MeshConfig
+    checkpoint: CheckpointConfig
     total_steps: int
     seed: int
     log_every: int
@@ -379,7 +377,6 @@ def sft_run_config(config: ml_collections.ConfigDict, *, top_keys: set[str], dat
                      "rules": (), "steps": None, "block_length": None, "every": 0,
                      "every_examples": 128}
     evaluation = _section(config, "eval", eval_keys, eval_defaults)
-    ckpt = _section(config, "checkpoint", CHECKPOINT_KEYS, {"every": 500, "keep": 2, "async_save": True})
     export_dtype = str(config.get("export_dtype", "float32"))
     if export_dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"export_dtype={export_dtype!r} must be float32, bfloat16 or float16")
@@ -389,16 +386,18 @@ def sft_run_config(config: ml_collections.ConfigDict, *, top_keys: set[str], dat
     every = int(evaluation.get("every") or 0)
     if every < 0 or (every and every % log_every):
         raise ConfigError(f"eval.every={every} must be 0 (off) or a multiple of log_every={log_every}")
-    if int(ckpt["every"]) <= 0:
-        raise ConfigError(f"checkpoint.every={ckpt['every']} must be positive")
+    checkpoint = dataclass_from_dict(CheckpointConfig, {**CHECKPOINT_DEFAULTS, **config.get("checkpoint", {})},
+                                     "checkpoint.")
+    if checkpoint.every % log_every:  # a resume would log a row that averages only part of its window
+        raise ConfigError(f"checkpoint.every={checkpoint.every} must be a multiple of log_every={log_every}")
     extra = {k: config[k] for k in top_keys - COMMON_KEYS if k in config}
     return SFTRun(
         model_section=config.model.to_dict(),
         optim=dataclass_from_dict(OptimConfig, config.get("optim", {}), "optim."),
         data=data, eval=evaluation,
-        mesh=_section(config, "mesh", {"data", "fsdp", "tensor"}, {"data": 1, "fsdp": -1, "tensor": 1}),
-        checkpoint_every=int(ckpt["every"]), keep_checkpoints=int(ckpt["keep"]),
-        async_checkpoint=bool(ckpt["async_save"]), total_steps=int(config.total_steps),
+        mesh=dataclass_from_dict(MeshConfig, config.get("mesh", {}), "mesh."),
+        checkpoint=checkpoint,
+        total_steps=int(config.total_steps),
         seed=int(config.get("seed", 0)), log_every=log_every, export_dir=config.get("export_dir", None),
         export_dtype=export_dtype, extra=extra)
 
@@ -427,8 +426,8 @@ def run_training(state: TrainState, update: Callable, data: SFTData, run: SFTRun
     """
     from dultra_jax.training.grpo_trainer import MetricsWriter
 
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.keep_checkpoints,
-                                         async_save=run.async_checkpoint)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.checkpoint.keep,
+                                         async_save=run.checkpoint.async_save)
     frozen = state.frozen
     start = checkpointer.latest_step() or 0
     if start:
@@ -459,7 +458,7 @@ def run_training(state: TrainState, update: Callable, data: SFTData, run: SFTRun
                          " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step",)))
                 if row["skipped"]:
                     log.warning("%s: %d update(s) skipped for a non-finite loss or gradient", name, row["skipped"])
-            if done % run.checkpoint_every == 0 or done == run.total_steps:
+            if done % run.checkpoint.every == 0 or done == run.total_steps:
                 checkpointer.save(done, state.replace(frozen={}), {"step": done}, config_json)
     finally:
         checkpointer.close()
@@ -616,8 +615,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if run.model_section.get("planner") is not None:
         raise ConfigError("model.planner must be None for pre-training (the planner is initialised by "
                           "launch/init_planner.py afterwards)")
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(**run.mesh)
+    ckpt_lib.make_workdir(workdir)
+    mesh = make_mesh(**dataclasses.asdict(run.mesh))
     distributed.connect_cpu_collectives(mesh)  # multi-process CPU only: before the processes drift apart
     check_batch(f"data.batch_size ({run.data['batch_size']})", int(run.data["batch_size"]), mesh)
 

@@ -39,6 +39,7 @@ Outputs in `workdir`: `checkpoints/` (planner + optimiser only), `metrics.jsonl`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -51,6 +52,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from dultra_jax import checkpoint as ckpt_lib
 from dultra_jax import distributed
 from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig, model_config_to_dict
 from dultra_jax.decoding import rules
@@ -271,8 +273,8 @@ def init_planner(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     if int(run.data["response_length"]) % int(run.data["block_length"]):
         raise ConfigError(f"data.response_length={run.data['response_length']} is not a multiple of "
                           f"data.block_length={run.data['block_length']}")
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(**run.mesh)
+    ckpt_lib.make_workdir(workdir)
+    mesh = make_mesh(**dataclasses.asdict(run.mesh))
     distributed.connect_cpu_collectives(mesh)  # multi-process CPU only: before the processes drift apart
     check_batch(f"data.batch_size ({run.data['batch_size']})", int(run.data["batch_size"]), mesh)
 

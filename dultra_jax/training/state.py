@@ -80,11 +80,18 @@ def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedu
     return optax.join_schedules([optax.linear_schedule(0.0, optim.learning_rate, warmup), main], [warmup])
 
 
-def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW; norms and biases (1-D leaves) get no weight decay."""
+def make_optimizer(optim: OptimConfig, total_steps: int, updates_per_step: int = 1) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW; norms and biases (1-D leaves) get no weight decay.
+
+    The schedule counts training steps (`total_steps`, `optim.warmup_steps`); with
+    `updates_per_step` > 1 (GRPO's `rl.num_iterations`) each of a step's updates uses that step's
+    rate, where optax's own count would run the schedule that many times too fast.
+    """
+    per_step = learning_rate_schedule(optim, total_steps)
+    schedule = per_step if updates_per_step == 1 else (lambda count: per_step(count // updates_per_step))
     return optax.chain(
         optax.clip_by_global_norm(optim.grad_clip),
-        optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                     weight_decay=optim.weight_decay, mask=lambda tree: jax.tree.map(lambda x: x.ndim > 1, tree)),
     )
 
