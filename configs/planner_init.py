@@ -28,7 +28,8 @@ def get_config(arg=None):
         optim=common.optim(learning_rate=1e-3, schedule="cosine", warmup_steps=20, min_learning_rate=1e-5,
                            weight_decay=0.01, grad_clip=1.0, train="planner"),
         data=dict(task="arithmetic", split="train", num_examples=50_000, start=0, batch_size=64,
-                  prompt_length=A.PROMPT_LENGTH, response_length=A.GEN_LENGTH, block_length=A.BLOCK_LENGTH),
+                  prompt_length=A.PROMPT_LENGTH, response_length=A.GEN_LENGTH, block_length=A.BLOCK_LENGTH,
+                  corruption="aligned"),  # assets/demo's planner; "span" is the reference's (the default)
         eval=dict(split="heldout", num_examples=256, start=0, batch_size=128,
                   rules=("factor", "planner_bernoulli", "planner_topk"), agreement_batches=8,
                   steps=ml_collections.FieldReference(None, field_type=int),

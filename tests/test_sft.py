@@ -6,8 +6,10 @@ equal an independent NumPy factor rule, `pos_weight` is right, only the planner 
 export carries the planner.
 """
 
+import functools
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -268,30 +270,80 @@ def _numpy_factor_rule(confidence, candidates, factor):
     return out
 
 
+def _reference_collator(tokens, ends, t, scores, prompt_length, block_length, mask_id):
+    """The reference's `dLLMDataCollator` (`mask_type="random"`) written out per row from its
+    description (spec section 7 and the reference notes), with the random draws given."""
+    canvas, candidates = tokens.copy(), np.zeros((len(tokens), tokens.shape[1] - prompt_length), bool)
+    length = tokens.shape[1]
+    for b in range(len(tokens)):
+        lo, hi = sorted(ends[b])
+        b0 = min(lo, length - block_length)
+        b1 = max(hi, b0 + block_length)
+        n = max(1, math.ceil((b1 - b0) * t[b]))
+        span = np.arange(b0, b1)
+        chosen = span[np.argsort(scores[b, span - prompt_length], kind="stable")[:n]]
+        canvas[b, chosen] = mask_id
+        canvas[b, b1:] = mask_id
+        candidates[b, chosen - prompt_length] = True
+    return canvas, candidates
+
+
+def test_span_corruption_matches_the_reference_collator():
+    rng = np.random.default_rng(0)
+    batch, lp, lr, lb = 64, 6, 24, 8
+    tokens = rng.integers(3, 60, size=(batch, lp + lr))
+    ends = rng.integers(lp, lp + lr - 1, size=(batch, 2))
+    ends[:4] = [[lp, lp], [lp + lr - 2, lp + lr - 2], [lp + 3, lp + 20], [lp + 20, lp + 3]]  # clamped / wide
+    t = rng.uniform(size=batch).astype(np.float32)
+    t[4] = 0.0  # still one masked position
+    scores = rng.uniform(size=(batch, lr)).astype(np.float32)
+    canvas, positions, candidates, in_block = jax.jit(functools.partial(
+        planner_sft.span_canvas, prompt_length=lp, block_length=lb, mask_id=1))(tokens, ends, t, scores)
+    want_canvas, want_candidates = _reference_collator(tokens, ends, t, scores, lp, lb, 1)
+    np.testing.assert_array_equal(canvas, want_canvas)
+    np.testing.assert_array_equal(candidates, want_candidates)
+    np.testing.assert_array_equal(positions, np.broadcast_to(np.arange(lp, lp + lr), (batch, lr)))
+    np.testing.assert_array_equal(in_block, np.concatenate([np.zeros((batch, lp), bool), want_candidates], 1))
+    # The edge rows: a span clamped to the end, one widened to block_length, a 17-token one.
+    assert want_candidates[1].sum() >= 1 and np.all(canvas[1, lp + lr - lb:][~want_candidates[1, -lb:]] != 1)
+    assert want_candidates[4].sum() == 1
+
+
+@pytest.mark.parametrize("corruption", ["span", "aligned"])
 @pytest.mark.parametrize("factor", [1.0, 2.5])
-def test_planner_targets_equal_numpy_factor_rule(pretrained, factor):
+def test_planner_targets_equal_numpy_factor_rule(pretrained, factor, corruption):
     _, result = pretrained
     params, model, _ = load_hf(result["export_dir"])
     _, rows = _rows(16)
     decode = DecodeConfig(rule="factor", prompt_length=A.PROMPT_LENGTH, gen_length=A.GEN_LENGTH,
                           block_length=A.BLOCK_LENGTH, temperature=0.0, factor=factor)
-    example = jax.jit(lambda p, b, k: planner_sft.planner_example(p, b, k, model, decode))(
+    example = jax.jit(lambda p, b, k: planner_sft.planner_example(p, b, k, model, decode, corruption))(
         params, {"tokens": rows["tokens"], "valid": rows["valid"]}, jax.random.key(3))
     ex = jax.tree.map(np.asarray, example)
     tokens = np.asarray(rows["tokens"])
 
-    # The corruption: an aligned response block, >= 1 masked candidate, everything after it masked.
-    start = ex.positions[:, 0]
-    assert np.all((start - A.PROMPT_LENGTH) % A.BLOCK_LENGTH == 0) and np.all(start >= A.PROMPT_LENGTH)
+    # The corruption: >= 1 masked candidate in the block (an aligned response block, or the whole
+    # response holding the span's candidates), everything after the block masked, nothing else.
     assert np.all(ex.candidates.sum(axis=1) >= 1)
+    width = A.BLOCK_LENGTH if corruption == "aligned" else A.GEN_LENGTH
+    start = ex.positions[:, 0]
+    assert ex.positions.shape == (len(tokens), width)
+    assert np.all((start - A.PROMPT_LENGTH) % A.BLOCK_LENGTH == 0) and np.all(start >= A.PROMPT_LENGTH)
     for b in range(len(tokens)):
         s = start[b]
-        assert np.all(ex.canvas[b, s + A.BLOCK_LENGTH:] == A.MASK_ID)
         np.testing.assert_array_equal(ex.canvas[b, :s], tokens[b, :s])
-        block = ex.canvas[b, s:s + A.BLOCK_LENGTH]
-        np.testing.assert_array_equal(block == A.MASK_ID, ex.candidates[b])
-        np.testing.assert_array_equal(block[~ex.candidates[b]], tokens[b, s:s + A.BLOCK_LENGTH][~ex.candidates[b]])
+        block = ex.canvas[b, s:s + width]
+        revealed = block != A.MASK_ID
+        np.testing.assert_array_equal(block[revealed], tokens[b, s:s + width][revealed])
         np.testing.assert_array_equal(np.flatnonzero(ex.in_block[b]), s + np.flatnonzero(ex.candidates[b]))
+        if corruption == "aligned":
+            np.testing.assert_array_equal(~revealed, ex.candidates[b])
+            assert np.all(ex.canvas[b, s + width:] == A.MASK_ID)
+        else:  # the masked non-candidates are the suffix after the span: one run to the row's end
+            assert np.all(~revealed[ex.candidates[b]])
+            suffix = np.flatnonzero(~revealed & ~ex.candidates[b])
+            if suffix.size:
+                assert np.all(~revealed[suffix[0]:]) and suffix[0] > np.flatnonzero(ex.candidates[b])[0]
 
     # The targets: the factor rule on the backbone's own greedy confidences, recomputed in NumPy.
     logits, _ = policy.forward(params, jnp.asarray(ex.canvas), model, valid=rows["valid"])
@@ -340,6 +392,10 @@ def test_init_planner_trains_only_the_planner_and_exports_it(pretrained, tmp_pat
     config.eval = dict(split="heldout", num_examples=0, start=0, batch_size=16, rules=(), agreement_batches=1)
     config.total_steps = 4
     config.factor = 1.0
+    config.data.corruption = "blocks"
+    with pytest.raises(ConfigError, match="data.corruption='blocks' is not one of span, aligned"):
+        planner_sft.init_planner(config, str(tmp_path / "bad"))
+    del config.data["corruption"]  # the default: the reference's spans
     out = planner_sft.init_planner(config, str(tmp_path))
 
     history = out["history"]

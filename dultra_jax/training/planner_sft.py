@@ -3,20 +3,22 @@
 The backbone is frozen; only `params["planner"]` trains. From an SFT row `[prompt | solution +
 EOS padding]` each step builds a partially decoded canvas:
 
-* the current block: one of the response's `Lr // block_length` blocks, uniformly. The blocks
-  are *aligned* (`Lp + b * block_length`), exactly the blocks the rollout decodes, whereas the
-  reference (`planner/data.py`) takes a random span of at least `block_length` tokens anywhere in
-  the answer. Aligned blocks keep every planner input in the distribution the planner meets at
-  inference (the rollout never sees a span that straddles two blocks), and keep shapes fixed;
-* `t ~ U(0, 1)`; `n = max(1, ceil(t * block_length))` of the block's positions, chosen uniformly,
-  are masked (as the reference's `dLLMDataCollator`), and so is *every* position after the block;
+* the current block, by `data.corruption`:
+  - `"span"` (default; the reference's `dLLMDataCollator`): two positions uniform in
+    `[Lp, L - 1)`, sorted, give a span `[b0, b1)` of at least `block_length` tokens anywhere in
+    the answer (`b0 = min(lo, L - block_length)`, `b1 = max(hi, b0 + block_length)`);
+  - `"aligned"`: one of the response's `Lr // block_length` blocks (`Lp + b * block_length`),
+    uniformly: exactly the blocks the rollout decodes, so that no planner input straddles two
+    blocks as none does at inference (`configs/planner_init.py`, the demo's planner, uses it);
+* `t ~ U(0, 1)`; `n = max(1, ceil(t * block size))` of the block's positions, chosen uniformly,
+  are masked, and so is *every* position after the block;
 * candidates = the block's masked positions (the suffix is not a candidate);
 * targets = the `factor` rule's decisions (f = `factor`, default 1) on the frozen backbone's
   greedy predictions for the candidates: confidence = max softmax probability with the mask
   logit at -inf. The rule is `dultra_jax.decoding.rules.select` with `rule="factor"` on a
   `StepView` of block-local arrays, the very function the rollout uses;
-* planner inputs: the backbone's `h_last` of the canvas, `t_plan = 1 - #mask / L` over the whole
-  canvas (`policy.planner_timestep`, inside `planner_apply`) and the candidates;
+* planner inputs: the backbone's `h_last` of the canvas, `t_plan = 1 - #mask / #valid` over the
+  whole canvas (`policy.planner_timestep`, inside `planner_apply`) and the candidates;
 * loss = `BCEWithLogits(pos_weight = #neg / #pos)` averaged over the batch's candidates (plain
   BCE when one class is empty).
 
@@ -31,7 +33,7 @@ decoding, and export an HF directory with the planner (the base directory's toke
 travel with it).
 
 Config (`configs/planner_init.py`): as `mdlm_sft` (model, optim, data, eval, mesh, checkpoint,
-total_steps, seed, log_every, export_dir, export_dtype), plus `data.block_length`,
+total_steps, seed, log_every, export_dir, export_dtype), plus `data.block_length`, `data.corruption`,
 `eval.agreement_batches` (held-out batches scored for agreement) and `factor` (the rule's f).
 Outputs in `workdir`: `checkpoints/` (planner + optimiser only), `metrics.jsonl`, `tensorboard/`,
 `planner_init_eval.json` and the HF directory (default `workdir/hf`).
@@ -67,7 +69,7 @@ log = logging.getLogger(__name__)
 Params = policy.Params
 
 PLANNER_KEYS = mdlm_sft.COMMON_KEYS | {"factor"}
-PLANNER_DATA_KEYS = mdlm_sft.DATA_KEYS | {"block_length"}
+PLANNER_DATA_KEYS = mdlm_sft.DATA_KEYS | {"block_length", "corruption"}
 PLANNER_EVAL_KEYS = mdlm_sft.EVAL_KEYS | {"agreement_batches"}
 
 
@@ -77,7 +79,8 @@ class PlannerExample:
 
     Attributes:
       canvas: `[B, L]` int32 with `mask_id` at masked positions; valid: `[B, L]` bool.
-      positions: `[B, Lb]` int32 canvas positions of each row's current block.
+      positions: `[B, Lb]` int32 canvas positions of each row's current block (`Lb` = `block_length`
+        for aligned blocks; for spans, the whole response `Lr`, the candidates marking the span).
       candidates: `[B, Lb]` bool, the block's masked positions; in_block: `[B, L]` the same on the canvas.
       targets: `[B, Lb]` bool, the factor rule's reveal decisions (False off the candidates).
       confidence: `[B, Lb]` float32 greedy confidence of the backbone.
@@ -128,6 +131,48 @@ def corrupt_block(tokens: jax.Array, rng: jax.Array, *, prompt_length: int, bloc
     return jnp.where(is_masked, mask_id, tokens), positions, candidates, in_block
 
 
+def span_canvas(tokens: jax.Array, ends: jax.Array, t: jax.Array, scores: jax.Array, *, prompt_length: int,
+                block_length: int, mask_id: int):
+    """The reference's corruption (`dLLMDataCollator`, `mask_type="random"`) from given draws.
+
+    Args:
+      tokens: `[B, L]` clean rows `[prompt (Lp) | response (Lr)]`.
+      ends: `[B, 2]` int positions drawn in `[Lp, L - 1)`; sorted, they give the span
+        `[b0, b1)` with `b0 = min(lo, L - block_length)` and `b1 = max(hi, b0 + block_length)`.
+      t: `[B]` in `[0, 1)`: `n = max(1, ceil(t * (b1 - b0)))` of the span's positions are masked,
+        those with the smallest `scores` `[B, Lr]` (uniform draws over the response positions).
+    Returns:
+      `(canvas [B, L], positions [B, Lr]` (the response), `candidates [B, Lr]` bool,
+      `in_block [B, L]` bool); every position from `b1` on is masked too, and is no candidate.
+    """
+    batch, length = tokens.shape
+    b0 = jnp.minimum(jnp.min(ends, axis=-1), length - block_length)
+    b1 = jnp.maximum(jnp.max(ends, axis=-1), b0 + block_length)
+    n = jnp.maximum(1, jnp.ceil(t * (b1 - b0))).astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(prompt_length, length, dtype=jnp.int32), (batch, length - prompt_length))
+    in_span = (positions >= b0[:, None]) & (positions < b1[:, None])
+    rank = jnp.argsort(jnp.argsort(jnp.where(in_span, scores, jnp.inf), axis=-1), axis=-1)
+    candidates = in_span & (rank < n[:, None])
+    in_block = jnp.concatenate([jnp.zeros((batch, prompt_length), bool), candidates], axis=1)
+    is_masked = in_block | (jnp.arange(length)[None, :] >= b1[:, None])
+    return jnp.where(is_masked, mask_id, tokens), positions, candidates, in_block
+
+
+def corrupt_span(tokens: jax.Array, rng: jax.Array, *, prompt_length: int, block_length: int, mask_id: int):
+    """`span_canvas` with the reference's random draws: two positions uniform in `[Lp, L - 1)`,
+    `t ~ U(0, 1)`, and a uniformly random choice of the masked positions."""
+    batch, length = tokens.shape
+    e_key, t_key, u_key = jax.random.split(rng, 3)
+    ends = jax.random.randint(e_key, (batch, 2), prompt_length, length - 1)
+    t = jax.random.uniform(t_key, (batch,), jnp.float32)
+    scores = jax.random.uniform(u_key, (batch, length - prompt_length))
+    return span_canvas(tokens, ends, t, scores, prompt_length=prompt_length, block_length=block_length,
+                       mask_id=mask_id)
+
+
+CORRUPTIONS = ("span", "aligned")
+
+
 def factor_targets(token_logits: jax.Array, candidates: jax.Array, decode: DecodeConfig):
     """The factor rule's decisions on block-local logits.
 
@@ -147,17 +192,25 @@ def factor_targets(token_logits: jax.Array, candidates: jax.Array, decode: Decod
 
 
 def planner_example(params: Params, batch: dict[str, jax.Array], rng: jax.Array, model: ModelConfig,
-                    decode: DecodeConfig) -> PlannerExample:
+                    decode: DecodeConfig, corruption: str = "span") -> PlannerExample:
     """Corrupts `batch` (`{tokens, valid}`), runs the frozen backbone, and labels the candidates.
 
-    `decode` fixes `prompt_length`, `gen_length`, `block_length` and the factor (`rule="factor"`).
+    `decode` fixes `prompt_length`, `gen_length`, `block_length` and the factor (`rule="factor"`);
+    `corruption` is `"span"` (`corrupt_span`, the reference) or `"aligned"` (`corrupt_block`).
     Only the backbone of `params` is read (any planner entry is ignored), under `stop_gradient`:
     nothing here is differentiated.
     """
     backbone = jax.lax.stop_gradient({k: v for k, v in params.items() if k != PLANNER_KEY})
-    canvas, positions, candidates, in_block = corrupt_block(
-        batch["tokens"], rng, prompt_length=decode.prompt_length, block_length=decode.block_length,
-        num_blocks=decode.num_blocks, mask_id=model.mask_token_id)
+    if corruption == "span":
+        canvas, positions, candidates, in_block = corrupt_span(
+            batch["tokens"], rng, prompt_length=decode.prompt_length, block_length=decode.block_length,
+            mask_id=model.mask_token_id)
+    elif corruption == "aligned":
+        canvas, positions, candidates, in_block = corrupt_block(
+            batch["tokens"], rng, prompt_length=decode.prompt_length, block_length=decode.block_length,
+            num_blocks=decode.num_blocks, mask_id=model.mask_token_id)
+    else:
+        raise ValueError(f"corruption={corruption!r} is not one of {CORRUPTIONS}")
     token_logits, h_last = policy.forward(backbone, canvas, model.replace(planner=None), valid=batch["valid"],
                                           logit_positions=positions)
     token_logits = policy.suppress_mask_logit(token_logits.astype(jnp.float32), model.mask_token_id)
@@ -204,9 +257,9 @@ def planner_logits(params: Params, example: PlannerExample, model: ModelConfig) 
 
 
 def planner_update(state: TrainState, batch: dict[str, jax.Array], *, model: ModelConfig, decode: DecodeConfig,
-                   tx: optax.GradientTransformation):
+                   tx: optax.GradientTransformation, corruption: str = "span"):
     """One planner step: the example from the frozen backbone, then BCE on the planner only."""
-    example = planner_example(state.frozen, batch, mdlm_sft.step_key(state), model, decode)
+    example = planner_example(state.frozen, batch, mdlm_sft.step_key(state), model, decode, corruption)
 
     def loss_fn(trainable):
         z = planner_logits(merge_params(trainable, state.frozen), example, model)
@@ -217,12 +270,20 @@ def planner_update(state: TrainState, batch: dict[str, jax.Array], *, model: Mod
 
 
 def planner_eval(params: Params, batch: dict[str, jax.Array], rng: jax.Array, *, model: ModelConfig,
-                 decode: DecodeConfig) -> dict[str, jax.Array]:
+                 decode: DecodeConfig, corruption: str = "span") -> dict[str, jax.Array]:
     """Loss and agreement on one batch, no update."""
-    example = planner_example(params, batch, rng, model, decode)
+    example = planner_example(params, batch, rng, model, decode, corruption)
     z = planner_logits(params, example, model)
     loss, pos_weight = planner_bce(z, example.targets, example.candidates)
     return {"loss": loss, "pos_weight": pos_weight, **agreement(z, example.targets, example.candidates)}
+
+
+def corruption_of(run: mdlm_sft.SFTRun) -> str:
+    """`data.corruption`: "span" (the reference's, default) or "aligned"."""
+    corruption = run.data.get("corruption", "span")
+    if corruption not in CORRUPTIONS:
+        raise ConfigError(f"data.corruption={corruption!r} is not one of {', '.join(CORRUPTIONS)}")
+    return corruption
 
 
 def target_decode_config(run: mdlm_sft.SFTRun, factor: float) -> DecodeConfig:
@@ -242,7 +303,8 @@ def heldout_agreement(params: Params, model: ModelConfig, task: mdlm_sft.SFTTask
                "num_examples": batches * batch_size}
     _, rows = mdlm_sft.task_rows(task, section, model)
     data = mdlm_sft.SFTData({k: rows[k] for k in ("tokens", "valid")}, batch_size, run.seed)
-    evaluate = jax.jit(lambda p, b, k: planner_eval(p, b, k, model=model, decode=decode))
+    corruption = corruption_of(run)
+    evaluate = jax.jit(lambda p, b, k: planner_eval(p, b, k, model=model, decode=decode, corruption=corruption))
     key = jax.random.key(run.seed + 1)
     metrics = [evaluate(params, mdlm_sft.global_batch(data.local_batch(j), mesh), jax.random.fold_in(key, j))
                for j in range(batches)]
@@ -270,6 +332,7 @@ def init_planner(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     factor = float(run.extra.get("factor", 1.0))
     if factor <= 0:
         raise ConfigError(f"factor={factor} must be positive")
+    corruption = corruption_of(run)
     if int(run.data["response_length"]) % int(run.data["block_length"]):
         raise ConfigError(f"data.response_length={run.data['response_length']} is not a multiple of "
                           f"data.block_length={run.data['block_length']}")
@@ -292,7 +355,8 @@ def init_planner(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     shardings = mdlm_sft.state_shardings_for(jax.eval_shape(make_state, params), tx, mesh)
     state = jax.jit(make_state, out_shardings=shardings)(params)
     del params
-    update = mdlm_sft.jit_update(lambda s, b: planner_update(s, b, model=model, decode=decode, tx=tx),
+    update = mdlm_sft.jit_update(lambda s, b: planner_update(s, b, model=model, decode=decode, tx=tx,
+                                                             corruption=corruption),
                                  shardings, mesh)
 
     began = time.perf_counter()
