@@ -126,8 +126,8 @@ def check_groups_stay_whole(name: str, rows: int, group_size: int, mesh: Mesh,
     """
     blocks: dict[int, set[tuple[int, int]]] = {}
     for device, index in batch_sharding(mesh, 1).devices_indices_map((rows,)).items():
-        block = index[0]
-        blocks.setdefault(process_of(device), set()).add((block.start or 0, rows if block.stop is None else block.stop))
+        start, stop, _ = index[0].indices(rows)
+        blocks.setdefault(process_of(device), set()).add((start, stop))
     interleaved = [p for p, own in blocks.items()
                    if any(a[1] != b[0] for a, b in zip(sorted(own), sorted(own)[1:]))]
     per_device = rows // int(np.prod([mesh.shape[a] for a in BATCH_AXES]))

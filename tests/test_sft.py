@@ -221,27 +221,20 @@ def test_sft_data_is_deterministic_and_covers_each_epoch():
     np.testing.assert_array_equal(again.batch(7)["x"], data.batch(7)["x"])
 
 
-def test_config_errors_name_the_key(tmp_path):
+@pytest.mark.parametrize("key, value, message", [
+    ("data.bogus", 1, "data.bogus"),
+    ("model.mask_token_id", 2, "model.mask_token_id"),
+    # A resume at step 12 would log the mean of steps 11-15 as step 15's.
+    ("checkpoint.every", 12, "checkpoint.every=12 must be a multiple of log_every=5"),
+    ("checkpoint.keep", 0, "checkpoint.keep=0 must be >= 1"),
+    ("mesh.fdsp", 2, r"unknown config key\(s\) mesh.fdsp"),
+])
+def test_config_errors_name_the_key(tmp_path, key, value, message):
     config = _pretrain_config()
-    config.data.bogus = 1
-    with pytest.raises(ConfigError, match="data.bogus"):
-        mdlm_sft.pretrain(config, str(tmp_path / "x"))
-    config = _pretrain_config()
-    config.model.mask_token_id = 2
-    with pytest.raises(ConfigError, match="model.mask_token_id"):
-        mdlm_sft.pretrain(config, str(tmp_path / "y"))
-    config = _pretrain_config()
-    config.checkpoint.every = 12  # a resume at step 12 would log the mean of steps 11-15 as step 15's
-    with pytest.raises(ConfigError, match="checkpoint.every=12 must be a multiple of log_every=5"):
-        mdlm_sft.pretrain(config, str(tmp_path / "z"))
-    config = _pretrain_config()
-    config.checkpoint.keep = 0
-    with pytest.raises(ConfigError, match="checkpoint.keep=0 must be >= 1"):
-        mdlm_sft.pretrain(config, str(tmp_path / "w"))
-    config = _pretrain_config()
-    config.mesh.fdsp = 2
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) mesh.fdsp"):
-        mdlm_sft.pretrain(config, str(tmp_path / "v"))
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        mdlm_sft.pretrain(config, str(tmp_path))
 
 
 def test_launcher_rejects_unknown_keys(tmp_path):

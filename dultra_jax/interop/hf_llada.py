@@ -148,19 +148,17 @@ def _tokenizer_vocab_size(base: dict[str, Any] | None, config: ModelConfig) -> i
 def hf_config_for(config: ModelConfig, base: dict[str, Any] | None = None, dtype: str = "bfloat16") -> dict:
     """`config.json` for `config`: every field of `base` that we do not own is carried through."""
     out = dict(base or {"model_type": "llada", "architectures": ["LLaDAModelLM"], "auto_map": _LLADA_AUTO_MAP,
-                        "block_type": "llama",
-                        "layer_norm_type": "rms", "activation_type": "silu", "weight_tying": False,
-                        "include_bias": False, "include_qkv_bias": False, "alibi": False, "rope": True,
-                        "rope_full_precision": True, "scale_logits": False, "layer_norm_with_affine": True,
-                        "bias_for_layer_norm": False, "attention_layer_norm": False, "input_emb_norm": False,
-                        "use_cache": False})
+                        "block_type": "llama", "layer_norm_type": "rms", "activation_type": "silu",
+                        "weight_tying": False, "include_bias": False, "include_qkv_bias": False, "alibi": False,
+                        "rope": True, "rope_full_precision": True, "scale_logits": False,
+                        "layer_norm_with_affine": True, "bias_for_layer_norm": False, "attention_layer_norm": False,
+                        "input_emb_norm": False, "use_cache": False})
     out.update(d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
                n_kv_heads=config.n_kv_heads, mlp_hidden_size=config.mlp_hidden_size,
                vocab_size=_tokenizer_vocab_size(base, config), embedding_size=config.vocab_size,
-               rope_theta=config.rope_theta,
-               rms_norm_eps=config.rms_norm_eps, max_sequence_length=config.max_sequence_length,
-               mask_token_id=config.mask_token_id, eos_token_id=config.eos_token_id,
-               pad_token_id=config.pad_token_id, torch_dtype=dtype)
+               rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
+               max_sequence_length=config.max_sequence_length, mask_token_id=config.mask_token_id,
+               eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, torch_dtype=dtype)
     if config.eot_token_id is not None:
         out["eot_token_id"] = config.eot_token_id
     if config.has_planner:
