@@ -17,7 +17,7 @@ from dultra_jax.config import ConfigError, ModelConfig, PlannerConfig
 from dultra_jax.decoding import rollout as rollout_lib
 from dultra_jax.decoding.rollout import Trajectory
 from tests.fixtures.data_helpers import EOS_ID, EOT_ID, SPECIAL_TOKENS, write_chat_tokenizer
-from tests.helpers import random_params
+from tests.helpers import one_device_env, random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,9 +31,8 @@ GSM8K_RECORDS = [
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, not the tests' eight
-    return subprocess.run([sys.executable, os.path.join(REPO, "launch/evaluate.py"), *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, os.path.join(REPO, "launch/evaluate.py"), *args], cwd=REPO,
+                          env=one_device_env(),
                           capture_output=True, text=True, timeout=300)
 
 

@@ -13,15 +13,13 @@ from benchmarks import common
 from dultra_jax.interop.hf_llada import export_hf, load_hf
 from dultra_jax.interop.logit_check import TokensError, read_tokens, score_tokens
 from dultra_jax.models import policy
-from tests.helpers import MASK_ID, random_params, tiny_config
+from tests.helpers import MASK_ID, one_device_env, random_params, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, not the tests' eight
-    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=one_device_env(),
                           capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")

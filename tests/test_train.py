@@ -17,7 +17,7 @@ from dultra_jax.sharding import ShardingError
 from dultra_jax.training.data_setup import TrainData
 from dultra_jax.interop.safetensors_io import CheckpointError
 from dultra_jax.training.grpo_trainer import restore_params, run_config, train
-from tests.helpers import tiny_config
+from tests.helpers import one_device_env, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = {"step", "loss", "reward_mean", "reward_exact_match", "reward_step_penalty", "accuracy", "nfe_mean",
@@ -25,9 +25,8 @@ REQUIRED = {"step", "loss", "reward_mean", "reward_exact_match", "reward_step_pe
 
 
 def _run(*args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=one_device_env(), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
