@@ -9,7 +9,7 @@ import pytest
 from dultra_jax.config import DecodeConfig, OptimConfig, RLConfig
 from dultra_jax.decoding import rollout as R
 from dultra_jax.rl.grpo import clipped_step_loss, compute_advantages
-from dultra_jax.rl.logprob import replay_logps, replay_step_logp
+from dultra_jax.rl.logprob import old_logps_for_updates, replay_logps, replay_step_logp
 from dultra_jax.sharding import ShardingError, batch_sharding, check_groups_stay_whole, make_mesh
 from dultra_jax.training.grpo_trainer import state_shardings
 from dultra_jax.training.state import create_train_state, grpo_update, make_optimizer, merge_params
@@ -31,6 +31,34 @@ def test_replayed_logps_equal_rollout_logps(trajectory):
                                                                            config=DECODE)
     np.testing.assert_allclose(replayed, trajectory.step_logps, atol=1e-5, rtol=0)
     assert np.any(np.asarray(trajectory.num_steps) < DECODE.step_budget)  # some slots stay unused (zeros)
+
+
+def test_a_cached_rollout_gets_exact_old_logps_when_the_batch_is_reused():
+    prompts = np.random.default_rng(0).integers(3, MASK_ID, size=(8, 6))
+    cached_decode = DECODE.replace(cache="prefix")
+    cached = R.rollout(PARAMS, prompts, None, jax.random.key(4), cached_decode, MODEL)
+    exact = replay_logps(PARAMS, cached, MODEL, cached_decode)
+    taken = np.arange(exact.shape[1])[None, :] < np.asarray(cached.num_steps)[:, None]
+    recorded_gap = np.max(np.where(taken, np.abs(exact - cached.step_logps), 0.0))
+    assert recorded_gap > 1e-3  # stale keys/values: the recorded log-probs are not the exact ones
+    old_logps = jax.jit(old_logps_for_updates, static_argnums=(2, 3, 4))
+    for decode, iterations in ((DECODE, 2), (cached_decode, 1)):  # exact already, or replayed as "old"
+        same, gap = old_logps(PARAMS, cached, MODEL, decode, iterations)
+        assert gap is None
+        np.testing.assert_array_equal(same.step_logps, cached.step_logps)
+    replaced, gap = old_logps(PARAMS, cached, MODEL, cached_decode, 2)
+    np.testing.assert_allclose(replaced.step_logps, exact, atol=1e-6)
+    assert float(gap) == pytest.approx(recorded_gap, rel=1e-5)
+    # The first of two updates then starts at ratio 1 (nothing clipped on cache noise), which the
+    # recorded log-probs would not.
+    rl = RLConfig(group_size=4, num_iterations=2, advantage_min_clip=-100.0)
+    advantages = compute_advantages(jnp.arange(8.0), rl)
+    state, tx = _state(rl=rl)
+    update = jax.jit(lambda s, t: grpo_update(s, t, advantages, model=MODEL, decode=cached_decode, rl=rl, tx=tx))
+    _, on_replaced = update(state, replaced)
+    _, on_recorded = update(state, cached)
+    assert float(on_replaced["logp_gap"]) < 1e-5 and float(on_replaced["clip_fraction"]) == 0.0
+    assert float(on_recorded["logp_gap"]) > 1e-3
 
 
 def test_advantages_by_hand():

@@ -30,6 +30,7 @@ from dultra_jax.decoding.rollout import rollout
 from dultra_jax.models import policy
 from dultra_jax.models.build import build_model
 from dultra_jax.rl.grpo import compute_advantages
+from dultra_jax.rl.logprob import old_logps_for_updates
 from dultra_jax.sharding import (BATCH_AXES, batch_sharding, check_batch, check_groups_stay_whole, make_mesh,
                                  param_shardings)
 from dultra_jax.training.state import (TrainState, create_train_state, grpo_update, learning_rate_schedule,
@@ -248,6 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     del params
     update = jax.jit(lambda s, t, a: grpo_update(s, t, a, model=model, decode=decode, rl=run.rl, tx=tx),
                      out_shardings=(shardings, None), donate_argnums=(0,))
+    old_logps = jax.jit(lambda p, t: old_logps_for_updates(p, t, model, decode, run.rl.num_iterations))
 
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.checkpoint.keep,
                                          async_save=run.checkpoint.async_save)
@@ -267,6 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             batch = repeat_rows(data.next_batch(), run.rl.group_size)
             trajectory = rollout(state.params, global_rows(batch["prompt_tokens"], mesh),
                                  global_rows(batch["prompt_valid"], mesh), rollout_key(state), decode, model)
+            trajectory, cache_gap = old_logps(state.params, trajectory)
             local = local_rows(trajectory, mesh)
             total, parts = data.rewards(batch, local)
             advantages = compute_advantages(global_rows(total.astype(np.float32), mesh), run.rl)
@@ -277,6 +280,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             row = {"step": step + 1, **step_metrics(num_steps, local.tokens.shape[1], total, parts, update_metrics,
                                                     data.accuracy_part),
                    "learning_rate": float(schedule(step)), "step_time_s": time.perf_counter() - began}
+            if cache_gap is not None:  # the rollout-vs-replay gap, measured before the old log-probs were replaced
+                row["logp_gap"] = float(cache_gap)
             if row["skipped"]:
                 log.warning("step %d: non-finite loss or gradient; the update was skipped", step + 1)
             writer.write(row)
