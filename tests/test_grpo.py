@@ -9,7 +9,7 @@ import pytest
 from dultra_jax.config import DecodeConfig, OptimConfig, RLConfig
 from dultra_jax.decoding import rollout as R
 from dultra_jax.rl.grpo import clipped_step_loss, compute_advantages
-from dultra_jax.rl.logprob import old_logps_for_updates, replay_logps, replay_step_logp
+from dultra_jax.rl.logprob import exact_old_logps, old_logps_need_replay, replay_logps, replay_step_logp
 from dultra_jax.sharding import ShardingError, batch_sharding, check_groups_stay_whole, make_mesh
 from dultra_jax.training.grpo_trainer import state_shardings
 from dultra_jax.training.state import create_train_state, grpo_update, make_optimizer, merge_params
@@ -41,12 +41,10 @@ def test_a_cached_rollout_gets_exact_old_logps_when_the_batch_is_reused():
     taken = np.arange(exact.shape[1])[None, :] < np.asarray(cached.num_steps)[:, None]
     recorded_gap = np.max(np.where(taken, np.abs(exact - cached.step_logps), 0.0))
     assert recorded_gap > 1e-3  # stale keys/values: the recorded log-probs are not the exact ones
-    old_logps = jax.jit(old_logps_for_updates, static_argnums=(2, 3, 4))
-    for decode, iterations in ((DECODE, 2), (cached_decode, 1)):  # exact already, or replayed as "old"
-        same, gap = old_logps(PARAMS, cached, MODEL, decode, iterations)
-        assert gap is None
-        np.testing.assert_array_equal(same.step_logps, cached.step_logps)
-    replaced, gap = old_logps(PARAMS, cached, MODEL, cached_decode, 2)
+    # exact already without a cache; with one update the replay itself is "old"
+    assert not old_logps_need_replay(DECODE, 2) and not old_logps_need_replay(cached_decode, 1)
+    assert old_logps_need_replay(cached_decode, 2)
+    replaced, gap = jax.jit(exact_old_logps, static_argnums=(2, 3))(PARAMS, cached, MODEL, cached_decode)
     np.testing.assert_allclose(replaced.step_logps, exact, atol=1e-6)
     assert float(gap) == pytest.approx(recorded_gap, rel=1e-5)
     # The first of two updates then starts at ratio 1 (nothing clipped on cache noise), which the

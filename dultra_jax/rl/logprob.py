@@ -43,20 +43,23 @@ def replay_logps(params: policy.Params, trajectory: Trajectory, model: ModelConf
     return jax.lax.fori_loop(0, jnp.max(trajectory.num_steps), body, jnp.zeros_like(trajectory.step_logps))
 
 
-def old_logps_for_updates(params: policy.Params, trajectory: Trajectory, model: ModelConfig, config: DecodeConfig,
-                          num_iterations: int) -> tuple[Trajectory, jax.Array | None]:
-    """The trajectory whose `step_logps` serve as the "old" log-probs of `num_iterations` > 1
-    updates on one batch, and the largest rollout-vs-exact gap when they had to be replaced.
+def old_logps_need_replay(config: DecodeConfig, num_iterations: int) -> bool:
+    """Whether the rollout's recorded `step_logps` cannot serve as the "old" log-probs of
+    `num_iterations` updates on one batch.
 
     A rollout with a KV cache (`config.cache` not "none") records log-probs under stale keys and
     values, which the exact replay of an update does not reproduce: the ratios would start away
-    from 1 and the clip would act on cache noise. So they are replayed once, exactly, with the
-    rollout's `params` (as TRL recomputes the old log-probs of a reused batch). With one update
-    per batch the old log-probs are the replay itself (`grpo_update`), and without a cache the
-    recorded ones are exact: the trajectory is returned unchanged, with gap None.
+    from 1 and the clip would act on cache noise. With one update per batch the old log-probs are
+    the replay itself (`grpo_update`), and without a cache the recorded ones are exact.
     """
-    if num_iterations == 1 or config.cache == "none":
-        return trajectory, None
+    return num_iterations > 1 and config.cache != "none"
+
+
+def exact_old_logps(params: policy.Params, trajectory: Trajectory, model: ModelConfig,
+                    config: DecodeConfig) -> tuple[Trajectory, jax.Array]:
+    """The trajectory with its `step_logps` replayed exactly with the rollout's `params` (as TRL
+    recomputes the old log-probs of a reused batch; see `old_logps_need_replay`), and the largest
+    gap between the recorded and the exact values over the steps taken."""
     exact = replay_logps(params, trajectory, model, config)
     taken = jnp.arange(exact.shape[1])[None, :] < trajectory.num_steps[:, None]
     gap = jnp.max(jnp.where(taken, jnp.abs(exact - trajectory.step_logps), 0.0))

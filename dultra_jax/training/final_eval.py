@@ -65,17 +65,19 @@ def check(spec: Mapping[str, Any], task, param_groups=("initial", "trained")
 
 
 def compare(spec: Mapping[str, Any], params_by_group: Mapping[str, Any], model, tokenizer, task, decode,
-            stop_ids, workdir: str, mesh=None) -> dict[str, dict[str, float]]:
+            stop_ids, workdir: str, mesh=None, plan=None) -> dict[str, dict[str, float]]:
     """Evaluates every row and writes `results.json` / `pareto.png` into `workdir`.
 
     Args:
       params_by_group: `{"initial": params, "trained": params}`.
       decode: the run's `DecodeConfig` (prompt, generation and block lengths).
+      plan: what `check(spec, task)` returned at start-up (its records are not read twice);
+        None checks here.
     Returns:
       `{row name: {"accuracy": percent, "accuracy_stderr", "nfe", "tpf", "tpf_non_eos",
       "tokens_per_s", "rule", "params"}}`.
     """
-    records, groups = check(spec, task, tuple(params_by_group))
+    records, groups = plan if plan is not None else check(spec, task, tuple(params_by_group))
 
     results: dict[str, dict[str, Any]] = {}
     for group, members in groups.items():

@@ -30,7 +30,7 @@ from dultra_jax.decoding.rollout import rollout
 from dultra_jax.models import policy
 from dultra_jax.models.build import build_model
 from dultra_jax.rl.grpo import compute_advantages
-from dultra_jax.rl.logprob import old_logps_for_updates
+from dultra_jax.rl.logprob import exact_old_logps, old_logps_need_replay
 from dultra_jax.sharding import (BATCH_AXES, batch_sharding, check_batch, check_groups_stay_whole, make_mesh,
                                  param_shardings)
 from dultra_jax.training.state import (TrainState, create_train_state, grpo_update, learning_rate_schedule,
@@ -239,7 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     data = TrainData(run.data, run.rewards, model, decode, prompts_per_step, seed=run.seed,
                      model_path=run.model_section.get("path"))
     if config.get("final_eval"):
-        final_eval.check(config.final_eval.to_dict(), data.task)
+        final_plan = final_eval.check(config.final_eval.to_dict(), data.task)
 
     tx = make_optimizer(run.optim, run.total_steps, updates_per_step=run.rl.num_iterations)
     schedule = learning_rate_schedule(run.optim, run.total_steps)  # per training step, for the log
@@ -249,7 +249,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     del params
     update = jax.jit(lambda s, t, a: grpo_update(s, t, a, model=model, decode=decode, rl=run.rl, tx=tx),
                      out_shardings=(shardings, None), donate_argnums=(0,))
-    old_logps = jax.jit(lambda p, t: old_logps_for_updates(p, t, model, decode, run.rl.num_iterations))
+    old_logps = (jax.jit(lambda p, t: exact_old_logps(p, t, model, decode))
+                 if old_logps_need_replay(decode, run.rl.num_iterations) else None)
 
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.checkpoint.keep,
                                          async_save=run.checkpoint.async_save)
@@ -269,7 +270,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             batch = repeat_rows(data.next_batch(), run.rl.group_size)
             trajectory = rollout(state.params, global_rows(batch["prompt_tokens"], mesh),
                                  global_rows(batch["prompt_valid"], mesh), rollout_key(state), decode, model)
-            trajectory, cache_gap = old_logps(state.params, trajectory)
+            cache_gap = None
+            if old_logps is not None:
+                trajectory, cache_gap = old_logps(state.params, trajectory)
             local = local_rows(trajectory, mesh)
             total, parts = data.rewards(batch, local)
             advantages = compute_advantages(global_rows(total.astype(np.float32), mesh), run.rl)
@@ -303,7 +306,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     if config.get("final_eval"):
         initial, _ = build_model(run.model_section, mesh=mesh, seed=run.seed)
         final_eval.compare(config.final_eval.to_dict(), {"initial": initial, "trained": state.params}, model,
-                           data.tokenizer, data.task, decode, data.stop_ids, workdir, mesh=mesh)
+                           data.tokenizer, data.task, decode, data.stop_ids, workdir, mesh=mesh, plan=final_plan)
     return history
 
 
