@@ -82,6 +82,26 @@ def test_one_step_per_block_is_exact(cache):
     assert np.all(np.asarray(cached.num_steps) == LG // LB)
 
 
+@pytest.mark.parametrize("cache, block_length", [("prefix", LG), ("prefix", LB), ("dual", LB)],
+                         ids=["prefix-one-block", "prefix", "dual"])
+def test_one_layer_model_decodes_exactly_with_the_cache(cache, block_length):
+    """With one layer a cached key/value is a projection of its own token, and the cached tokens (those
+    before the block; for `dual` also the all-mask suffix) do not change while the block decodes, so
+    the cache is exact, for a block covering the whole generation too. With two layers the prompt's
+    keys at layer 1 have attended to the changing generation (Fast-dLLM's approximation): the same
+    rollout then differs from `none`, which shows that the cache was in use."""
+    config = decode("threshold", cache, block_length=block_length, threshold=0.3)
+    one_layer = tiny_config(n_layers=1)
+    params = random_params(one_layer)
+    exact = R.rollout(params, PROMPTS, None, jax.random.key(0), config.replace(cache="none"), one_layer)
+    cached = R.rollout(params, PROMPTS, None, jax.random.key(0), config, one_layer)
+    _assert_same(cached, exact)
+    assert np.asarray(exact.num_steps).min() > LG // block_length     # blocks took several steps
+    exact = R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), config.replace(cache="none"), MODEL)
+    cached = R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), config, MODEL)
+    assert np.abs(np.asarray(cached.step_logps) - np.asarray(exact.step_logps)).max() > 1e-3
+
+
 def test_first_step_of_each_block_is_exact():
     """A refresh step is the full forward: a rule revealing one token per step picks the same first
     token of every block's first step as long as the blocks before agree."""

@@ -90,12 +90,13 @@ def _train_args(workdir, steps: int) -> list[str]:
 
 def _pretrain_args(workdir) -> list[str]:
     """4 SFT steps of the demo's base model (0.86M params), a checkpoint at 2, the HF export and a
-    16-problem decoding eval; a global batch of 16 rows (2 per device)."""
+    16-problem decoding eval in 8 steps (at 32, gloo's per-step all-gathers made it 18 s of the
+    two-process run); a global batch of 16 rows (2 per device)."""
     return ["launch/pretrain.py", "--config=configs/demo_pretrain.py", f"--workdir={workdir}",
             "--config.total_steps=4", "--config.log_every=2", "--config.optim.warmup_steps=0",
             "--config.data.num_examples=64", "--config.data.batch_size=16", "--config.eval.num_examples=16",
-            "--config.eval.batch_size=16", "--config.eval.every=0", "--config.checkpoint.every=2",
-            "--config.checkpoint.async_save=False"]
+            "--config.eval.batch_size=16", "--config.eval.steps=8", "--config.eval.every=0",
+            "--config.checkpoint.every=2", "--config.checkpoint.async_save=False"]
 
 
 def _multihost(args: list[str], logdir, name: str) -> list[str]:

@@ -6,15 +6,14 @@ import subprocess
 import sys
 
 
-from tests.helpers import arithmetic_model_dir
+from tests.helpers import arithmetic_model_dir, one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, check=True):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "launch/sample.py", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "launch/sample.py", *args], cwd=ROOT, env=one_device_env(),
+                          capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
