@@ -85,11 +85,12 @@ def test_one_step_per_block_is_exact(cache):
 @pytest.mark.parametrize("cache, block_length", [("prefix", LG), ("prefix", LB), ("dual", LB)],
                          ids=["prefix-one-block", "prefix", "dual"])
 def test_one_layer_model_decodes_exactly_with_the_cache(cache, block_length):
-    """With one layer a cached key/value is a projection of its own token, and the cached tokens (those
-    before the block; for `dual` also the all-mask suffix) do not change while the block decodes, so
-    the cache is exact, for a block covering the whole generation too. With two layers the prompt's
-    keys at layer 1 have attended to the changing generation (Fast-dLLM's approximation): the same
-    rollout then differs from `none`, which shows that the cache was in use."""
+    """With one layer a cached backbone key/value is a projection of its own token, and the cached
+    tokens (those before the block; for `dual` also the all-mask suffix) do not change while the
+    block decodes, so the cache is exact for a rule that does not read the planner (whose keys come
+    from the backbone's output), for a block covering the whole generation too. With two layers
+    the prompt's keys at layer 1 have attended to the changing generation (Fast-dLLM's
+    approximation): the same rollout then differs from `none`, which shows the cache was in use."""
     config = decode("threshold", cache, block_length=block_length, threshold=0.3)
     one_layer = tiny_config(n_layers=1)
     params = random_params(one_layer)
