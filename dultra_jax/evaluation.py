@@ -298,6 +298,15 @@ def write_outputs(summary: Mapping[str, Any], out_dir: str, plot: bool = True) -
 # ------------------------------------------------------------------------------------ evaluate
 
 
+def _gather_rows(trajectory: Trajectory, mesh) -> Trajectory:
+    """The whole batch's `tokens` and `num_steps` on every process, in global row order, from a
+    rollout whose rows are sharded over several processes (what scoring reads)."""
+    from dultra_jax.training.grpo_trainer import all_rows, local_rows
+
+    rows = all_rows(local_rows({"tokens": trajectory.tokens, "num_steps": trajectory.num_steps}, mesh), mesh)
+    return trajectory.replace(**rows)
+
+
 def _correctness_part(task) -> str:
     from dultra_jax.training.data_setup import CORRECTNESS
     try:
@@ -342,6 +351,8 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
       progress: a tqdm progress bar on stderr (one tick per batch).
       mode: the prompt mode (None: the task's).
       mesh: batches are sharded over ('data', 'fsdp') of this mesh (None: default placement).
+        Needed with several processes: each feeds its devices' rows, every process gets the
+        whole batch back and returns the same summary, and process 0 alone writes the files.
       stop_ids: ids that end a completion (default: the tokenizer's EOS / end-of-turn ids plus the
         model's EOS and EOT ids).
       reward_options: options of the correctness reward, e.g. `{"code_correct": {"timeout_s": 5}}`.
@@ -360,9 +371,10 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
     from dultra_jax.data.pipeline import make_eval_batches
     from dultra_jax.data.tokenizer import decode_completion, stop_token_ids
 
-    if jax.process_count() > 1:
-        raise ConfigError("evaluate runs on a single host; got jax.process_count() = "
-                          f"{jax.process_count()}")
+    multi_process = jax.process_count() > 1
+    if multi_process and mesh is None:
+        raise ConfigError(f"evaluate on {jax.process_count()} processes needs `mesh`: each process feeds its "
+                          "devices' rows of every batch")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds={seeds}: give one or more distinct seeds")
@@ -399,12 +411,17 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
                                      mode=mode, pad_id=model.pad_token_id))
     sharding = None
     if mesh is not None:
-        from dultra_jax.sharding import batch_sharding
+        from dultra_jax.sharding import batch_sharding, process_row_range
         sharding = batch_sharding(mesh)
+        mine = process_row_range(mesh, batch_size)
     device_batches = []
     for batch in batches:
         tokens, valid = check_prompts(batch["prompt_tokens"], batch["prompt_valid"], model, decodes[0])
-        device_batches.append((jax.device_put(tokens, sharding), jax.device_put(valid, sharding)))
+        if multi_process:  # every process encodes every batch and feeds its own rows
+            device_batches.append(tuple(jax.make_array_from_process_local_data(sharding, np.asarray(x)[mine])
+                                        for x in (tokens, valid)))
+        else:
+            device_batches.append((jax.device_put(tokens, sharding), jax.device_put(valid, sharding)))
     field_keys = [k for k in batches[0] if batches[0][k].dtype == object
                   and k not in ("prompt_text", "prompt_messages")]
     num_records = sum(int(np.sum(b["row_valid"])) for b in batches)
@@ -414,7 +431,11 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
             index = int(batch["index"][i])
             references[index] = task.reference(records[index])
 
-    os.makedirs(out_dir, exist_ok=True)
+    # Every process decodes and scores the whole batch (the rows are gathered after each rollout);
+    # process 0 alone writes.
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
     summary: dict[str, Any] = {
         "task": task.name, "mode": mode or task.mode, "num_records": num_records, "seeds": seeds,
         "gen_length": gen_length, "block_length": block_length, "prompt_length": prompt_length,
@@ -429,7 +450,7 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
                unit="batch", dynamic_ncols=True)
     files: dict[str, str] = {"samples": samples_path}
     try:
-        with open(samples_path, "w") as samples_file:
+        with open(samples_path if writer else os.devnull, "w") as samples_file:
             compiled = set()  # the rollouts' static configs (`DecodeConfig.without_knobs`) warmed up
             for setting, decode in zip(settings, decodes):
                 bar.set_description(setting.label)
@@ -449,6 +470,8 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
                         start = time.perf_counter()
                         trajectory = jax.block_until_ready(rollout(params, tokens, valid, rng, decode, model))
                         wall_s += time.perf_counter() - start
+                        if multi_process:
+                            trajectory = _gather_rows(trajectory, mesh)
                         rows = np.flatnonzero(batch["row_valid"])
                         metrics = row_metrics(trajectory, stop_ids, batch["row_valid"])
                         out_tokens = np.asarray(trajectory.tokens)[rows]
@@ -475,7 +498,8 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
                 row = summarize_setting(setting, np.stack(correct), np.stack(nfe), np.stack(non_eos), gen_length,
                                         wall_s, warmup_s)
                 summary["rows"].append(row)
-                files.update(write_outputs(summary, out_dir, plot=plot))
+                if writer:
+                    files.update(write_outputs(summary, out_dir, plot=plot))
                 stderr = row["accuracy_stderr"]
                 log.info("%s: accuracy %.2f%% (stderr %s) NFE %.2f TPF %.2f (non-EOS %.2f) %.1f tokens/s "
                          "(warm-up %.1fs)", setting.label, row["accuracy"],

@@ -114,6 +114,18 @@ def check_batch(name: str, batch_size: int, mesh: Mesh) -> None:
     check_divisible(name, (batch_size,), P(BATCH_AXES), mesh)
 
 
+def process_row_range(mesh: Mesh, rows: int) -> slice:
+    """The rows of a `[rows, ...]` batch sharded by `batch_sharding(mesh)` that this process's
+    devices hold, as one `slice`: the part of the batch this process feeds
+    (`jax.make_array_from_process_local_data`). Raises `ShardingError` when they are not one
+    range (a mesh that interleaves processes' rows)."""
+    spans = sorted({index[0].indices(rows)[:2]
+                    for index in batch_sharding(mesh, 1).addressable_devices_indices_map((rows,)).values()})
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise ShardingError(f"process {jax.process_index()} holds rows {spans} of a {rows}-row batch: not one range")
+    return slice(spans[0][0], spans[-1][1])
+
+
 def check_groups_stay_whole(name: str, rows: int, group_size: int, mesh: Mesh,
                             process_of: Callable[[jax.Device], int] = lambda device: device.process_index) -> None:
     """Start-up check that every group of `group_size` consecutive rows of a process's batch stays

@@ -229,6 +229,75 @@ def test_export_failure_on_the_writer_reaches_every_process(tmp_path):
     assert os.listdir(tmp_path) == []  # neither the directory nor its temporary parts
 
 
+# The end-of-run comparison (`final_eval.compare`, hence `evaluation.evaluate`) on a tiny random
+# model. argv: coordinator address ("-": one process), process id, records file, workdir.
+_FINAL_EVAL = """
+import json, sys
+from dultra_jax import distributed
+if sys.argv[1] != "-":
+    distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from configs import common
+from dultra_jax.config import DecodeConfig
+from dultra_jax.data.tasks import get_task
+from dultra_jax.models.build import build_model
+from dultra_jax.sharding import make_mesh
+from dultra_jax.training import final_eval
+mesh = make_mesh()
+distributed.connect_cpu_collectives(mesh)
+initial, model = build_model(common.tiny_model(), mesh=mesh, seed=0)
+trained, _ = build_model(common.tiny_model(), mesh=mesh, seed=1)
+spec = {"path": sys.argv[3], "seeds": (0, 1), "batch_size": 8,
+        "rows": {"threshold": {"params": "initial", "rule": "threshold", "threshold": 0.2},
+                 "planner": {"params": "trained", "rule": "planner_bernoulli", "factor": 1.0}}}
+decode = DecodeConfig(rule="low_confidence", prompt_length=8, gen_length=8, block_length=4, eos_token_id=1)
+results = final_eval.compare(spec, {"initial": initial, "trained": trained}, model, None, get_task("exact"), decode,
+                             None, sys.argv[4], mesh=mesh)
+print("RESULTS " + json.dumps(results), flush=True)
+"""
+
+
+def test_final_evaluation_on_two_processes_equals_one_process(tmp_path):
+    """Each process feeds its rows of every batch; every process gets the whole batch's results;
+    process 0 writes. 13 records in batches of 8 (the last has 3 filler rows), two seeds."""
+    records = tmp_path / "records.jsonl"
+    rng = np.random.default_rng(0)
+    with open(records, "w") as f:
+        for _ in range(13):
+            prompt = rng.integers(3, 60, size=rng.integers(1, 6)).tolist()
+            f.write(json.dumps({"prompt_ids": prompt, "answer": " ".join(map(str, prompt[:2]))}) + "\n")
+    env = _env(8)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    single = subprocess.run([sys.executable, "-c", _FINAL_EVAL, "-", "0", str(records), str(tmp_path / "single")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr[-3000:]
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(_env(4, address), PYTHONPATH=env["PYTHONPATH"])
+    procs = [subprocess.Popen([sys.executable, "-c", _FINAL_EVAL, address, str(i), str(records),
+                               str(tmp_path / "multi")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+    def results(stdout):
+        [line] = [line for line in stdout.splitlines() if line.startswith("RESULTS ")]
+        rows = json.loads(line[len("RESULTS "):])
+        return {name: {k: v for k, v in row.items() if k != "tokens_per_s"} for name, row in rows.items()}
+
+    want = results(single.stdout)
+    assert want["threshold"]["n"] == 13 and want["threshold"]["nfe"] != want["planner"]["nfe"]
+    assert results(outputs[0]) == results(outputs[1]) == want
+    for name in ("results.json", "pareto.png", "eval/initial/samples.jsonl", "eval/trained/samples.jsonl",
+                 "eval/trained/summary.csv"):
+        assert os.path.isfile(tmp_path / "multi" / name), name
+    for group in ("initial", "trained"):
+        assert ((tmp_path / "multi" / "eval" / group / "samples.jsonl").read_text()
+                == (tmp_path / "single" / "eval" / group / "samples.jsonl").read_text())
+
+
 def test_flag_errors_name_the_flag():
     with pytest.raises(distributed.DistributedError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
         distributed.check_flags("127.0.0.1:1234", 2, 2, None)

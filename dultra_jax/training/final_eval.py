@@ -15,6 +15,8 @@ import logging
 import os
 from typing import Any, Mapping
 
+import jax
+
 from dultra_jax import evaluation
 from dultra_jax.config import ConfigError
 from dultra_jax.data.tasks import load_task_records
@@ -95,11 +97,12 @@ def compare(spec: Mapping[str, Any], params_by_group: Mapping[str, Any], model, 
                              "sweep_value": row["sweep_value"], "n": row["n"]}
     # Baselines first, slowest first, then the trained rows (config dicts do not keep key order).
     results = dict(sorted(results.items(), key=lambda item: (item[1]["params"] == "trained", -item[1]["nfe"])))
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    plot_rows = [{**r, "rule": name, "sweep_value": None} for name, r in results.items()]
-    evaluation.plot_pareto(plot_rows, os.path.join(workdir, "pareto.png"),
-                           title=f"{task.name}: accuracy vs NFE on {len(records)} held-out problems")
+    if jax.process_index() == 0:  # every process holds the same results; one writes them
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        plot_rows = [{**r, "rule": name, "sweep_value": None} for name, r in results.items()]
+        evaluation.plot_pareto(plot_rows, os.path.join(workdir, "pareto.png"),
+                               title=f"{task.name}: accuracy vs NFE on {len(records)} held-out problems")
     log.info("final evaluation on %d held-out records:\n%s", len(records), format_table(results))
     return results
 

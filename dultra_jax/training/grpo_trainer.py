@@ -214,10 +214,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     from dultra_jax.training.data_setup import TrainData
 
     run = run_config(config)
-    if config.get("final_eval") and jax.process_count() > 1:
-        # Fail at start-up rather than after training: evaluation runs on one host.
-        raise ConfigError(f"final_eval runs on a single host, but this run has {jax.process_count()} processes; "
-                          "unset final_eval and evaluate the checkpoint with launch/evaluate.py")
     ckpt_lib.make_workdir(workdir)
     mesh = make_mesh(**dataclasses.asdict(run.mesh))
     distributed.connect_cpu_collectives(mesh)  # multi-process CPU only: before the processes drift apart

@@ -55,7 +55,7 @@ from dultra_jax.config import (SCHEDULED_RULES, CheckpointConfig, ConfigError, D
                                ModelConfig, OptimConfig, dataclass_from_dict, model_config_to_dict)
 from dultra_jax.models import policy
 from dultra_jax.models.build import build_model
-from dultra_jax.sharding import batch_sharding, check_batch, make_mesh
+from dultra_jax.sharding import batch_sharding, check_batch, make_mesh, process_row_range
 from dultra_jax.training.state import TrainState, apply_update, make_optimizer, merge_params, partition_params
 
 log = logging.getLogger(__name__)
@@ -484,13 +484,12 @@ def decode_accuracy(params: Params, model: ModelConfig, task: SFTTask, problems:
     began = time.perf_counter()
     encoded = [task.encode(task.tokenizer, p)[0] for p in problems]
     rows = encode_rows([(p, []) for p in encoded], decode.prompt_length, 0, model.pad_token_id, model.eos_token_id)
-    share = batch_size // jax.process_count()
+    mine = process_row_range(mesh, batch_size)
     correct, nfe, samples = [], [], []
     for j, first in enumerate(range(0, len(problems), batch_size)):
         idx = np.arange(first, first + batch_size)
         real = idx < len(problems)
         idx = np.where(real, idx, 0)
-        mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
         local = {"tokens": rows["tokens"][idx][mine], "valid": rows["valid"][idx][mine]}
         prompts = global_batch(local, mesh)
         trajectory = rollout(params, prompts["tokens"], prompts["valid"], jax.random.fold_in(jax.random.key(seed), j),
