@@ -265,31 +265,20 @@ def test_final_evaluation_on_two_processes_equals_one_process(tmp_path):
         for _ in range(13):
             prompt = rng.integers(3, 60, size=rng.integers(1, 6)).tolist()
             f.write(json.dumps({"prompt_ids": prompt, "answer": " ".join(map(str, prompt[:2]))}) + "\n")
-    env = _env(8)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-    single = subprocess.run([sys.executable, "-c", _FINAL_EVAL, "-", "0", str(records), str(tmp_path / "single")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert single.returncode == 0, single.stderr[-3000:]
+    script = ["-c", _FINAL_EVAL]
+    [single] = _run_all([(script + ["-", "0", str(records), str(tmp_path / "single")], _env(8))], tmp_path, "single")
     address = f"127.0.0.1:{_free_port()}"
-    env = dict(_env(4, address), PYTHONPATH=env["PYTHONPATH"])
-    procs = [subprocess.Popen([sys.executable, "-c", _FINAL_EVAL, address, str(i), str(records),
-                               str(tmp_path / "multi")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    multi = _run_all([(script + [address, str(i), str(records), str(tmp_path / "multi")], _env(4, address))
+                      for i in range(2)], tmp_path, "multi")
 
-    def results(stdout):
-        [line] = [line for line in stdout.splitlines() if line.startswith("RESULTS ")]
+    def results(log_path):
+        [line] = [line for line in _tail(log_path, 100_000).splitlines() if line.startswith("RESULTS ")]
         rows = json.loads(line[len("RESULTS "):])
         return {name: {k: v for k, v in row.items() if k != "tokens_per_s"} for name, row in rows.items()}
 
-    want = results(single.stdout)
+    want = results(single)
     assert want["threshold"]["n"] == 13 and want["threshold"]["nfe"] != want["planner"]["nfe"]
-    assert results(outputs[0]) == results(outputs[1]) == want
+    assert results(multi[0]) == results(multi[1]) == want
     for name in ("results.json", "pareto.png", "eval/initial/samples.jsonl", "eval/trained/samples.jsonl",
                  "eval/trained/summary.csv"):
         assert os.path.isfile(tmp_path / "multi" / name), name
