@@ -418,8 +418,8 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
     for batch in batches:
         tokens, valid = check_prompts(batch["prompt_tokens"], batch["prompt_valid"], model, decodes[0])
         if multi_process:  # every process encodes every batch and feeds its own rows
-            device_batches.append(tuple(jax.make_array_from_process_local_data(sharding, np.asarray(x)[mine])
-                                        for x in (tokens, valid)))
+            from dultra_jax.training.grpo_trainer import global_rows
+            device_batches.append(tuple(global_rows(np.asarray(x)[mine], mesh) for x in (tokens, valid)))
         else:
             device_batches.append((jax.device_put(tokens, sharding), jax.device_put(valid, sharding)))
     field_keys = [k for k in batches[0] if batches[0][k].dtype == object
