@@ -31,8 +31,10 @@ keeps the settings it finished):
   pareto.png     accuracy vs mean NFE, one series per rule, points labelled with their sweep value,
                  the Pareto front (no other point has both fewer NFE and higher accuracy) highlighted
 
-Single-host: every local device takes part (params and batches sharded over a mesh when one is
-given); multi-process evaluation is not supported.
+Devices: params and batches are sharded over `mesh` when one is given (every device takes part).
+With several processes (`jax.distributed`) a mesh is required: each process feeds its rows of
+every batch and scores those rows, the tokens and verdicts are gathered to every process, every
+process returns the same summary, and process 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -329,6 +331,22 @@ def score_completions(task, completions: Sequence[str], examples: Sequence[Mappi
     return np.where(np.isnan(values), False, values > 0)
 
 
+def _score_own_rows(task, completions: Sequence[str], examples: Sequence[Mapping[str, Any]], nfe, rows: np.ndarray,
+                    mine: slice, mesh, reward_options: Mapping[str, Mapping] | None) -> np.ndarray:
+    """`score_completions` of a batch's valid `rows` (`[n]` indices into the batch, with their
+    `completions`, `examples` and `nfe`) shared between processes: each scores the rows it fed
+    (`mine`) and the verdicts are gathered in row order, so a code task runs each completion's
+    tests once, not once per process. Every process must call it (a collective). Returns `[n]` bool."""
+    from dultra_jax.training.grpo_trainer import all_rows
+
+    own = np.flatnonzero((rows >= mine.start) & (rows < mine.stop))
+    verdicts = np.zeros(mine.stop - mine.start, bool)
+    if own.size:
+        verdicts[rows[own] - mine.start] = score_completions(
+            task, [completions[r] for r in own], [examples[r] for r in own], np.asarray(nfe)[own], reward_options)
+    return all_rows(verdicts, mesh)[rows]
+
+
 def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[str, Any]], task, *,
              rules_and_sweeps, seeds: Sequence[int] = DEFAULT_SEEDS, gen_length: int = 256,
              block_length: int = 32, prompt_length: int = 512, batch_size: int = 8, temperature: float = 0.0,
@@ -351,8 +369,9 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
       progress: a tqdm progress bar on stderr (one tick per batch).
       mode: the prompt mode (None: the task's).
       mesh: batches are sharded over ('data', 'fsdp') of this mesh (None: default placement).
-        Needed with several processes: each feeds its devices' rows, every process gets the
-        whole batch back and returns the same summary, and process 0 alone writes the files.
+        Needed with several processes: each feeds its devices' rows and scores them, every
+        process gets the whole batch's tokens and verdicts back and returns the same summary, and
+        process 0 alone writes the files.
       stop_ids: ids that end a completion (default: the tokenizer's EOS / end-of-turn ids plus the
         model's EOS and EOT ids).
       reward_options: options of the correctness reward, e.g. `{"code_correct": {"timeout_s": 5}}`.
@@ -431,8 +450,8 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
             index = int(batch["index"][i])
             references[index] = task.reference(records[index])
 
-    # Every process decodes and scores the whole batch (the rows are gathered after each rollout);
-    # process 0 alone writes.
+    # With several processes the rollout's rows are gathered to every process, each scores the rows
+    # it fed, and the verdicts are gathered too; process 0 alone writes.
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(out_dir, exist_ok=True)
@@ -446,7 +465,7 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
     samples_path = os.path.join(out_dir, SAMPLES_FILE)
     log.info("evaluating %s on %d records: %d setting(s) x %d seed(s), %d batch(es) of %d", task.name, num_records,
              len(settings), len(seeds), len(batches), batch_size)
-    bar = tqdm(total=len(settings) * len(seeds) * len(batches), disable=not progress, file=sys.stderr,
+    bar = tqdm(total=len(settings) * len(seeds) * len(batches), disable=not (progress and writer), file=sys.stderr,
                unit="batch", dynamic_ncols=True)
     files: dict[str, str] = {"samples": samples_path}
     try:
@@ -477,7 +496,11 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
                         out_tokens = np.asarray(trajectory.tokens)[rows]
                         completions = [decode_completion(tokenizer, t, stop_ids) for t in out_tokens]
                         examples = [{k: batch[k][i] for k in field_keys} for i in rows]
-                        ok = score_completions(task, completions, examples, metrics["nfe"], reward_options)
+                        if multi_process:
+                            ok = _score_own_rows(task, completions, examples, metrics["nfe"], rows, mine, mesh,
+                                                 reward_options)
+                        else:
+                            ok = score_completions(task, completions, examples, metrics["nfe"], reward_options)
                         for r, i in enumerate(rows):
                             index = int(batch["index"][i])
                             sample = {"index": index, "rule": setting.rule, "sweep_key": setting.key,

@@ -17,6 +17,11 @@ rule's default, one token per step). One compile serves a rule's whole `--factor
 option (`--task=mbpp --task_option=split=test`: MBPP's benchmark task ids 11-510).
 Outputs (see `dultra_jax.evaluation`): samples.jsonl, summary.json, summary.csv and pareto.png in
 `--out`.
+
+Multi-host: run one process per host with the same flags, plus either
+`--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` or nothing on a multi-host
+TPU VM / Slurm / Open MPI job (as `launch/train.py`). Each process feeds and scores its rows of
+every batch; process 0 writes `--out` (on a shared file system or its own disk) and prints the table.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dultra_jax import distributed
 from dultra_jax.config import CACHE_MODES, ConfigError
 from dultra_jax.data.sources import DataError
 from dultra_jax.interop.safetensors_io import CheckpointError
@@ -66,6 +73,7 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 _INIT_SEED = flags.DEFINE_integer("init_seed", 0, "Initialisation seed of random weights (--config).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+_DISTRIBUTED = distributed.define_launcher_flags()
 
 
 def _numbers(flag, kind):
@@ -140,6 +148,8 @@ def main(argv):
     from dultra_jax.data.tasks import get_task, load_task_records
 
     try:
+        # Before anything touches a JAX backend: the devices of all processes form the mesh.
+        distributed.initialize_from_flags(_DISTRIBUTED)
         if (_MODEL.value is None) == (_CONFIG.value is None):
             raise ConfigError("give exactly one of --model=HF_DIR_OR_WORKDIR and --config=CONFIG_FILE")
         rules = _rules_and_sweeps()
@@ -165,6 +175,7 @@ def main(argv):
         from dultra_jax.sharding import make_mesh
 
         mesh = make_mesh()
+        distributed.connect_cpu_collectives(mesh)  # multi-process CPU only: before the processes drift apart
         params, model, source_dir = _load_model(mesh)
         tokenizer = _tokenizer(source_dir)
         summary = evaluate(params, model, tokenizer, records, task, rules_and_sweeps=rules, seeds=seeds,
@@ -173,8 +184,11 @@ def main(argv):
                            temperature=_TEMPERATURE.value, max_steps=_MAX_STEPS.value, out_dir=_OUT.value,
                            progress=_PROGRESS.value, mode=_MODE.value, mesh=mesh,
                            decode_overrides={"cache": _CACHE.value})
-    except (ConfigError, CheckpointError, ShardingError, DataError) as e:
+    except (ConfigError, CheckpointError, ShardingError, DataError, distributed.DistributedError) as e:
         raise SystemExit(f"evaluate.py: error: {e}") from None
+
+    if jax.process_index() != 0:  # every process holds the same summary
+        return
 
     print(f"{summary['task']}: {summary['num_records']} records x {len(summary['seeds'])} seed(s), "
           f"gen {summary['gen_length']}, block {summary['block_length']}")

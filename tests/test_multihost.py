@@ -233,6 +233,7 @@ def test_export_failure_on_the_writer_reaches_every_process(tmp_path):
 # model. argv: coordinator address ("-": one process), process id, records file, workdir.
 _FINAL_EVAL = """
 import json, sys
+import numpy as np
 from dultra_jax import distributed
 if sys.argv[1] != "-":
     distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
@@ -241,7 +242,15 @@ from dultra_jax.config import DecodeConfig
 from dultra_jax.data.tasks import get_task
 from dultra_jax.models.build import build_model
 from dultra_jax.sharding import make_mesh
+from dultra_jax import evaluation
 from dultra_jax.training import final_eval
+# The tiny random model answers no record right, so the verdict is a fixed function of the
+# completion instead (about half are "correct"), and each process counts what it scored.
+scored = []
+def verdicts(task, completions, *args):
+    scored.append(len(completions))
+    return np.array([sum(map(ord, c)) % 2 == 0 for c in completions], bool)
+evaluation.score_completions = verdicts
 mesh = make_mesh()
 distributed.connect_cpu_collectives(mesh)
 initial, model = build_model(common.tiny_model(), mesh=mesh, seed=0)
@@ -253,38 +262,78 @@ decode = DecodeConfig(rule="low_confidence", prompt_length=8, gen_length=8, bloc
 results = final_eval.compare(spec, {"initial": initial, "trained": trained}, model, None, get_task("exact"), decode,
                              None, sys.argv[4], mesh=mesh)
 print("RESULTS " + json.dumps(results), flush=True)
+print(f"SCORED {sum(scored)}", flush=True)
 """
 
 
-def test_final_evaluation_on_two_processes_equals_one_process(tmp_path):
-    """Each process feeds its rows of every batch; every process gets the whole batch's results;
-    process 0 writes. 13 records in batches of 8 (the last has 3 filler rows), two seeds."""
-    records = tmp_path / "records.jsonl"
+def _token_records(tmp_path, count: int = 13) -> str:
+    """`count` records of the `exact` task (token-id prompts of 1-5 ids, the answer their first two)."""
+    path = tmp_path / "records.jsonl"
     rng = np.random.default_rng(0)
-    with open(records, "w") as f:
-        for _ in range(13):
+    with open(path, "w") as f:
+        for _ in range(count):
             prompt = rng.integers(3, 60, size=rng.integers(1, 6)).tolist()
             f.write(json.dumps({"prompt_ids": prompt, "answer": " ".join(map(str, prompt[:2]))}) + "\n")
+    return str(path)
+
+
+def _log_lines(log_path, prefix: str) -> list[str]:
+    return [line[len(prefix):] for line in _tail(log_path, 100_000).splitlines() if line.startswith(prefix)]
+
+
+def test_final_evaluation_on_two_processes_equals_one_process(tmp_path):
+    """Each process feeds and scores its rows of every batch; every process gets the whole batch's
+    results; process 0 writes. 13 records in batches of 8 (the last has 3 filler rows), two seeds."""
+    records = _token_records(tmp_path)
     script = ["-c", _FINAL_EVAL]
-    [single] = _run_all([(script + ["-", "0", str(records), str(tmp_path / "single")], _env(8))], tmp_path, "single")
+    [single] = _run_all([(script + ["-", "0", records, str(tmp_path / "single")], _env(8))], tmp_path, "single")
     address = f"127.0.0.1:{_free_port()}"
-    multi = _run_all([(script + [address, str(i), str(records), str(tmp_path / "multi")], _env(4, address))
+    multi = _run_all([(script + [address, str(i), records, str(tmp_path / "multi")], _env(4, address))
                       for i in range(2)], tmp_path, "multi")
 
     def results(log_path):
-        [line] = [line for line in _tail(log_path, 100_000).splitlines() if line.startswith("RESULTS ")]
-        rows = json.loads(line[len("RESULTS "):])
-        return {name: {k: v for k, v in row.items() if k != "tokens_per_s"} for name, row in rows.items()}
+        [line] = _log_lines(log_path, "RESULTS ")
+        return {name: {k: v for k, v in row.items() if k != "tokens_per_s"} for name, row in json.loads(line).items()}
 
     want = results(single)
     assert want["threshold"]["n"] == 13 and want["threshold"]["nfe"] != want["planner"]["nfe"]
+    assert all(0 < row["accuracy"] < 100 for row in want.values()), want  # verdicts whose order matters
     assert results(multi[0]) == results(multi[1]) == want
+    # Each completion is scored once, by the process that fed its row. Per setting and seed, rows
+    # 0-7 and 0-4 of the two batches are valid; process 0 holds rows 0-3 of each (4 + 4 valid),
+    # process 1 rows 4-7 (4 + 1); 2 settings x 2 seeds.
+    scored = [int(line) for log in [single, *multi] for line in _log_lines(log, "SCORED ")]
+    assert scored == [52, 32, 20]
     for name in ("results.json", "pareto.png", "eval/initial/samples.jsonl", "eval/trained/samples.jsonl",
                  "eval/trained/summary.csv"):
         assert os.path.isfile(tmp_path / "multi" / name), name
     for group in ("initial", "trained"):
         assert ((tmp_path / "multi" / "eval" / group / "samples.jsonl").read_text()
                 == (tmp_path / "single" / "eval" / group / "samples.jsonl").read_text())
+
+
+def test_evaluate_launcher_on_two_processes_equals_one_process(tmp_path):
+    """`launch/evaluate.py` joins `jax.distributed` from its flags; process 0 alone prints and writes,
+    and its outputs equal one process's (10 records: the second batch has 6 filler rows)."""
+    args = ["launch/evaluate.py", "--config=configs/tiny.py", "--task=exact", f"--data={_token_records(tmp_path, 10)}",
+            "--rules=threshold", "--thresholds=0.2", "--seeds=0", "--gen_length=8", "--block_length=4",
+            "--prompt_length=8", "--batch_size=8", "--progress=false"]
+    [single] = _run_all([(args + [f"--out={tmp_path / 'single'}"], _env(8))], tmp_path, "single")
+    multi = _multihost(args + [f"--out={tmp_path / 'multi'}"], tmp_path, "multi")
+
+    def table(log_path):  # the printed table without its tokens/s column
+        return [line.rsplit(maxsplit=1)[0] for line in _log_lines(log_path, "threshold ")]
+
+    assert len(table(single)) == 1 and table(multi[0]) == table(single) and table(multi[1]) == []
+    assert sorted(os.listdir(tmp_path / "multi")) == ["pareto.png", "samples.jsonl", "summary.csv", "summary.json"]
+    assert (tmp_path / "multi" / "samples.jsonl").read_text() == (tmp_path / "single" / "samples.jsonl").read_text()
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("single", "multi")]
+    for summary in summaries:
+        [row] = summary.pop("rows")
+        assert row["n"] == 10
+        summary["row"] = {k: v for k, v in row.items() if k not in ("tokens_per_s", "non_eos_tokens_per_s", "wall_s",
+                                                                     "warmup_s")}
+    assert summaries[0] == summaries[1]
 
 
 def test_flag_errors_name_the_flag():
