@@ -335,8 +335,9 @@ def _score_own_rows(task, completions: Sequence[str], examples: Sequence[Mapping
                     mine: slice, mesh, reward_options: Mapping[str, Mapping] | None) -> np.ndarray:
     """`score_completions` of a batch's valid `rows` (`[n]` indices into the batch, with their
     `completions`, `examples` and `nfe`) shared between processes: each scores the rows it fed
-    (`mine`) and the verdicts are gathered in row order, so a code task runs each completion's
-    tests once, not once per process. Every process must call it (a collective). Returns `[n]` bool."""
+    (`mine`; a single process feeds them all) and the verdicts are gathered in row order, so a
+    code task runs each completion's tests once, not once per process. With several processes
+    every one must call it (a collective). Returns `[n]` bool."""
     from dultra_jax.training.grpo_trainer import all_rows
 
     own = np.flatnonzero((rows >= mine.start) & (rows < mine.stop))
@@ -428,7 +429,7 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
     # Encode once; every setting and seed reuses the device batches.
     batches = list(make_eval_batches(records, task, tokenizer, prompt_length=prompt_length, batch_size=batch_size,
                                      mode=mode, pad_id=model.pad_token_id))
-    sharding = None
+    sharding, mine = None, slice(0, batch_size)
     if mesh is not None:
         from dultra_jax.sharding import batch_sharding, process_row_range
         sharding = batch_sharding(mesh)
@@ -496,11 +497,8 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
                         out_tokens = np.asarray(trajectory.tokens)[rows]
                         completions = [decode_completion(tokenizer, t, stop_ids) for t in out_tokens]
                         examples = [{k: batch[k][i] for k in field_keys} for i in rows]
-                        if multi_process:
-                            ok = _score_own_rows(task, completions, examples, metrics["nfe"], rows, mine, mesh,
-                                                 reward_options)
-                        else:
-                            ok = score_completions(task, completions, examples, metrics["nfe"], reward_options)
+                        ok = _score_own_rows(task, completions, examples, metrics["nfe"], rows, mine, mesh,
+                                             reward_options)
                         for r, i in enumerate(rows):
                             index = int(batch["index"][i])
                             sample = {"index": index, "rule": setting.rule, "sweep_key": setting.key,
