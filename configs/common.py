@@ -44,7 +44,7 @@ def optim(**overrides) -> ml_collections.ConfigDict:
     """AdamW(0.9, 0.99, wd 0.1), lr 5e-6 constant, clip 1.0, backbone and planner trained."""
     section = ml_collections.ConfigDict(dict(learning_rate=5e-6, schedule="constant", warmup_steps=0,
                                              min_learning_rate=0.0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
-                                             grad_clip=1.0, train="all"))
+                                             grad_clip=1.0, train="all", backbone_lr_scale=1.0))
     section.update(overrides)
     return section
 

@@ -1,10 +1,10 @@
-r"""Planner initialisation (spec section 7) of the demo base model on the arithmetic task.
+r"""Planner initialisation (spec section 7) of the demo base model on the template-filling task.
 
     python launch/init_planner.py --config=configs/planner_init.py --workdir=runs/demo_planner \
-        [--config.model.path=runs/demo_pretrain2/hf]
+        [--config.model.path=runs/demo_pretrain/hf]
 
-Loads the base HF directory (`model.path`, default `runs/demo_pretrain2/hf`, the export of
-`configs/demo_pretrain.py:continue`), adds a fresh planner
+Loads the base HF directory (`model.path`, default `runs/demo_pretrain/hf`, the export of
+`configs/demo_pretrain.py`), adds a fresh planner
 head, trains only the planner to imitate the factor rule (f = 1) on the frozen backbone's
 predictions, and exports an HF directory with the planner (`export_dir`, default `WORKDIR/hf`).
 The reference uses AdamW lr 1e-5 for ~100k steps; the demo uses a larger learning rate to get
@@ -15,21 +15,20 @@ import ml_collections
 
 from configs import common
 from configs.demo_pretrain import demo_model
-from dultra_jax.data import arithmetic as A
+from dultra_jax.data import fill as F
 
 
 def get_config(arg=None):
     del arg
     model = demo_model()
-    model.path = "runs/demo_pretrain2/hf"   # configs/demo_pretrain.py:continue; its config.json sets the shape
+    model.path = "runs/demo_pretrain/hf"   # configs/demo_pretrain.py; its config.json sets the shape
     model.planner = common.planner()
     return ml_collections.ConfigDict(dict(
         model=model,
         optim=common.optim(learning_rate=1e-3, schedule="cosine", warmup_steps=20, min_learning_rate=1e-5,
                            weight_decay=0.01, grad_clip=1.0, train="planner"),
-        data=dict(task="arithmetic", split="train", num_examples=50_000, start=0, batch_size=64,
-                  prompt_length=A.PROMPT_LENGTH, response_length=A.GEN_LENGTH, block_length=A.BLOCK_LENGTH,
-                  corruption="aligned"),  # assets/demo's planner; "span" is the reference's (the default)
+        data=dict(task="fill", split="train", num_examples=50_000, start=0, batch_size=64,
+                  prompt_length=F.PROMPT_LENGTH, response_length=F.GEN_LENGTH, block_length=F.BLOCK_LENGTH),
         eval=dict(split="heldout", num_examples=256, start=0, batch_size=128,
                   rules=("factor", "planner_bernoulli", "planner_topk"), agreement_batches=8,
                   steps=ml_collections.FieldReference(None, field_type=int),

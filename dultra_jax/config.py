@@ -151,6 +151,7 @@ def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
 RULES = ("planner_bernoulli", "planner_topk", "threshold", "factor", "low_confidence", "random",
          "entropy_bound", "ass")
 PLANNER_RULES = ("planner_bernoulli", "planner_topk")
+RANDOM_RULES = ("planner_bernoulli", "random")  # the rules that draw random numbers (`rules.py`)
 SCHEDULED_RULES = ("low_confidence", "random")
 CONFIDENCE_RULES = ("threshold", "factor", "low_confidence", "ass")
 CACHE_MODES = ("none", "prefix", "dual")
@@ -298,6 +299,12 @@ class DecodeConfig:
     def replace(self, **changes) -> "DecodeConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether the rollout ignores its random key: greedy tokens (temperature 0) and a rule
+        that draws nothing, so every seed decodes the same tokens."""
+        return self.temperature == 0 and self.rule not in RANDOM_RULES
+
     def without_knobs(self) -> "DecodeConfig":
         """This config with `KNOB_FIELDS` at None: the static key of the compiled rollout, shared
         by every value of a sweep over them (their values travel as `rules.Knobs`)."""
@@ -363,7 +370,9 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with gradient clipping and a learning-rate schedule; `train` picks the parameter group."""
+    """AdamW with gradient clipping and a learning-rate schedule; `train` picks the parameter group,
+    `backbone_lr_scale` multiplies the backbone's rate (with `train="all"`: a planner that learns
+    fast beside a backbone that moves slowly; 1.0 as the reference)."""
 
     learning_rate: float = 5e-6
     schedule: str = "constant"
@@ -375,6 +384,7 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     train: str = "all"
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self):
         if self.learning_rate <= 0:
@@ -395,6 +405,9 @@ class OptimConfig:
             raise ConfigError(f"optim.eps={self.eps} must be positive")
         if self.weight_decay < 0:
             raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if self.backbone_lr_scale <= 0:
+            raise ConfigError(f"optim.backbone_lr_scale={self.backbone_lr_scale} must be positive (freeze the "
+                              "backbone with optim.train='planner')")
         if self.grad_clip <= 0:  # optax would zero (0) or flip (< 0) every gradient
             raise ConfigError(f"optim.grad_clip={self.grad_clip} must be positive (the largest global gradient norm)")
 

@@ -14,12 +14,15 @@ default (threshold 0.9, factor 1.0, steps = gen_length: one token per step); the
 default sweep is spec section 8's factors {0.5, 0.8, 1.0, 1.2, 1.5}.
 
 Every setting decodes every record once per seed, in fixed-shape batches (the last one padded, its
-filler rows ignored). The rollout traces factor, threshold, entropy_bound and steps, so one
-compile serves a rule's whole sweep over them; one untimed warm-up batch per compile keeps
-compilation out of the wall time. Batch `j` of seed `s` uses `fold_in(key(s), j)`, the same for
-every setting (common random numbers). Correctness is the task's correctness reward
-(`training.data_setup.CORRECTNESS`: `math_correct` for math, `code_correct` for code,
-`exact_match` for `exact`) being positive.
+filler rows ignored); a deterministic setting (`DecodeConfig.deterministic`: greedy tokens and a
+rule without random draws) ignores its key, so it is decoded for the first seed only and every
+other seed repeats those results (its tokens/s counts the decoded seed). The rollout traces
+factor, threshold, entropy_bound and steps, so one compile serves a rule's whole sweep over them;
+one untimed warm-up batch per compile keeps compilation out of the wall time. Batch `j` of seed
+`s` uses `fold_in(key(s), j)`, the same for every setting (common random numbers). Correctness is
+the task's correctness reward (`training.data_setup.CORRECTNESS`: `math_correct` for math,
+`code_correct` for code, `exact_match` for `exact`, `fill_correct` for the demo task) being
+positive.
 
 Outputs in `out_dir` (the summary files are rewritten after each setting, so a long run that stops
 keeps the settings it finished):
@@ -189,23 +192,26 @@ def accuracy_stats(correct) -> dict[str, Any]:
 
 
 def summarize_setting(setting: Setting, correct, nfe, non_eos, gen_length: int, wall_s: float,
-                      warmup_s: float = 0.0) -> dict[str, Any]:
+                      warmup_s: float = 0.0, timed_seeds: int | None = None) -> dict[str, Any]:
     """One summary row from `[S, N]` arrays of correctness, NFE and non-EOS tokens.
 
     `nfe` is the mean NFE per row; `tpf` = generated tokens / NFE and `tpf_non_eos` = non-EOS
     tokens / NFE, both as ratios of totals over records and seeds; `tokens_per_s` (and
-    `non_eos_tokens_per_s`) are those token totals over `wall_s`, the decoding seconds of all
-    seeds (compilation excluded).
+    `non_eos_tokens_per_s`) are the tokens of the first `timed_seeds` seeds (default all: the
+    seeds that were decoded) over `wall_s`, their decoding seconds (compilation excluded).
     """
     nfe = np.asarray(nfe, np.float64)
     non_eos = np.asarray(non_eos, np.float64)
     generated = float(gen_length) * nfe.size
     total_nfe = max(float(nfe.sum()), 1.0)
+    timed = slice(0, timed_seeds)
+    timed_generated = float(gen_length) * np.atleast_2d(nfe)[timed].size
+    timed_non_eos = float(np.atleast_2d(non_eos)[timed].sum())
     row = {"rule": setting.rule, "sweep_key": setting.key, "sweep_value": setting.value,
            **accuracy_stats(correct),
            "nfe": float(nfe.mean()), "tpf": generated / total_nfe, "tpf_non_eos": float(non_eos.sum()) / total_nfe,
-           "tokens_per_s": generated / wall_s if wall_s > 0 else None,
-           "non_eos_tokens_per_s": float(non_eos.sum()) / wall_s if wall_s > 0 else None,
+           "tokens_per_s": timed_generated / wall_s if wall_s > 0 else None,
+           "non_eos_tokens_per_s": timed_non_eos / wall_s if wall_s > 0 else None,
            "wall_s": float(wall_s), "warmup_s": float(warmup_s),
            "n": int(np.atleast_2d(nfe).shape[1]), "seeds": int(np.atleast_2d(nfe).shape[0])}
     return row
@@ -230,12 +236,20 @@ def write_summary_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_COLUMNS})
 
 
-def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str, title: str | None = None) -> None:
-    """Accuracy (with standard-error bars) vs mean NFE as a PNG (matplotlib, Agg, no pyplot state)."""
+def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str, title: str | None = None,
+                highlight: Sequence[Mapping[str, Any]] = (), log_nfe: bool | None = None) -> None:
+    """Accuracy (with standard-error bars) vs mean NFE as a PNG (matplotlib, Agg, no pyplot state).
+
+    `rows` are drawn as one curve per `rule` (each point labelled with its `sweep_value`; dashed
+    when its rows say `"dashed": True`), `highlight` as large labelled markers (named by their
+    `rule`); the Pareto front over both is a dotted black line through circled points. `log_nfe`:
+    a logarithmic NFE axis (None: when the NFE span 10x).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
-    fig = Figure(figsize=(7.0, 5.0), dpi=120)
+    fig = Figure(figsize=(9.5, 5.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for rule in dict.fromkeys(r["rule"] for r in rows):
@@ -243,43 +257,51 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str, title: str | None 
         x = [r["nfe"] for r in series]
         y = [r["accuracy"] for r in series]
         err = [r["accuracy_stderr"] or 0.0 for r in series]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=rule)
+        ax.errorbar(x, y, yerr=err, marker="o", markersize=4, capsize=2, linewidth=1.2, label=rule,
+                    linestyle="--" if series[0].get("dashed") else "-")
         for r in series:
             if r["sweep_value"] is not None:
                 ax.annotate(f"{r['sweep_value']:g}", (r["nfe"], r["accuracy"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)
-    if rows:
-        front = pareto_front([r["nfe"] for r in rows], [r["accuracy"] for r in rows])
-        points = sorted((r["nfe"], r["accuracy"]) for r, keep in zip(rows, front) if keep)
-        ax.plot([p[0] for p in points], [p[1] for p in points], linestyle="--", color="black", linewidth=1,
+                            xytext=(4, 4), fontsize=7)
+    markers = "*Ds^vP"
+    for i, r in enumerate(highlight):
+        ax.errorbar([r["nfe"]], [r["accuracy"]], yerr=[r["accuracy_stderr"] or 0.0],
+                    marker=markers[i % len(markers)], markersize=11, capsize=3, linestyle="none", zorder=4,
+                    label=r["rule"])
+    every = [*rows, *highlight]
+    if every:
+        front = pareto_front([r["nfe"] for r in every], [r["accuracy"] for r in every])
+        points = sorted((r["nfe"], r["accuracy"]) for r, keep in zip(every, front) if keep)
+        ax.plot([p[0] for p in points], [p[1] for p in points], linestyle=":", color="black", linewidth=1,
                 zorder=1)
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=160, facecolors="none", edgecolors="black",
                    linewidths=1.5, zorder=3, label="Pareto front")
-        nfes = [r["nfe"] for r in rows if r["nfe"] > 0]
-        if nfes and max(nfes) > 10 * min(nfes):  # e.g. one-token-per-step baselines beside the planner
-            from matplotlib.ticker import FuncFormatter, LogLocator
+        nfes = [r["nfe"] for r in every if r["nfe"] > 0]
+        if log_nfe is None:  # e.g. one-token-per-step baselines beside the planner
+            log_nfe = bool(nfes) and max(nfes) > 10 * min(nfes)
+        if log_nfe and nfes:
             ax.set_xscale("log")
-            ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0, 7.0)))
             plain = FuncFormatter(lambda v, _: f"{v:g}")
             ax.xaxis.set_major_formatter(plain)
             ax.xaxis.set_minor_formatter(plain)
-    ax.set_xlabel("mean NFE (forward passes per sample)")
+    ax.set_xlabel("mean NFE (forward passes per sample)" + (", log scale" if log_nfe else ""))
     ax.set_ylabel("accuracy (%)")
     if title:
-        ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png")
 
 
-def _json_ready(value):
+def json_ready(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     return value
 
 
@@ -287,7 +309,7 @@ def write_outputs(summary: Mapping[str, Any], out_dir: str, plot: bool = True) -
     """Writes summary.json, summary.csv and (with `plot`) pareto.png; returns their paths."""
     paths = {"summary_json": os.path.join(out_dir, SUMMARY_JSON), "summary_csv": os.path.join(out_dir, SUMMARY_CSV)}
     with open(paths["summary_json"], "w") as f:
-        json.dump(_json_ready(dict(summary)), f, indent=2, allow_nan=False)
+        json.dump(json_ready(dict(summary)), f, indent=2, allow_nan=False)
     write_summary_csv(summary["rows"], paths["summary_csv"])
     if plot:
         paths["pareto_png"] = os.path.join(out_dir, PARETO_PNG)
@@ -483,8 +505,9 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
                     warmup_s = time.perf_counter() - start
                     compiled.add(decode.without_knobs())
                 correct, nfe, non_eos, wall_s = [], [], [], 0.0
-                for seed in seeds:
-                    seed_correct, seed_nfe, seed_non_eos = [], [], []
+                decoded_seeds = 1 if decode.deterministic else len(seeds)
+                for seed in seeds[:decoded_seeds]:
+                    seed_correct, seed_nfe, seed_non_eos, seed_samples = [], [], [], []
                     keys = [jax.random.fold_in(jax.random.key(seed), j) for j in range(len(batches))]
                     for batch, (tokens, valid), rng in zip(batches, device_batches, keys):
                         start = time.perf_counter()
@@ -507,6 +530,7 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
                                       "reference": references[index], "correct": bool(ok[r]),
                                       "nfe": int(metrics["nfe"][r]), "non_eos_tokens": int(metrics["non_eos"][r])}
                             samples_file.write(json.dumps(sample, ensure_ascii=False) + "\n")
+                            seed_samples.append(sample)
                         samples_file.flush()
                         seed_correct.append(ok)
                         seed_nfe.append(metrics["nfe"])
@@ -516,8 +540,15 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
                     nfe.append(np.concatenate(seed_nfe))
                     non_eos.append(np.concatenate(seed_non_eos))
                     bar.set_postfix(acc=f"{100 * np.mean(correct):.1f}", nfe=f"{np.mean(nfe):.1f}")
+                for seed in seeds[decoded_seeds:]:  # the key is unused: every seed decodes these tokens
+                    correct.append(correct[0])
+                    nfe.append(nfe[0])
+                    non_eos.append(non_eos[0])
+                    for sample in seed_samples:
+                        samples_file.write(json.dumps({**sample, "seed": seed}, ensure_ascii=False) + "\n")
+                    bar.update(len(batches))
                 row = summarize_setting(setting, np.stack(correct), np.stack(nfe), np.stack(non_eos), gen_length,
-                                        wall_s, warmup_s)
+                                        wall_s, warmup_s, timed_seeds=decoded_seeds)
                 summary["rows"].append(row)
                 if writer:
                     files.update(write_outputs(summary, out_dir, plot=plot))

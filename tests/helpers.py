@@ -48,16 +48,18 @@ def random_canvas(batch: int, length: int, num_masked: int, seed: int = 0, vocab
     return canvas
 
 
-def arithmetic_model_dir(directory: str) -> str:
-    """A random tiny LLaDA + planner over the arithmetic tokenizer's ids, saved with the tokenizer
-    like a real model directory (a stand-in for `assets/demo`)."""
+def task_model_dir(directory: str, task=None) -> str:
+    """A random tiny LLaDA + planner over the ids of a character-level task's tokenizer (`task`: the
+    module `dultra_jax.data.arithmetic` (default) or `.fill`), saved with the tokenizer like a real
+    model directory (a stand-in for `assets/demo`)."""
     from dultra_jax.data import arithmetic
     from dultra_jax.interop.hf_llada import export_hf
 
-    config = tiny_config(vocab_size=arithmetic.vocab_size(), mask_token_id=arithmetic.MASK_ID,
-                         eos_token_id=arithmetic.EOS_ID, pad_token_id=arithmetic.PAD_ID, eot_token_id=None)
+    task = task or arithmetic
+    config = tiny_config(vocab_size=task.vocab_size(), mask_token_id=task.MASK_ID,
+                         eos_token_id=task.EOS_ID, pad_token_id=task.PAD_ID, eot_token_id=None)
     export_hf(policy.init_params(config, jax.random.key(0)), config, directory, dtype="float32")
-    arithmetic.build_tokenizer(directory)
+    task.build_tokenizer(directory)
     return directory
 
 

@@ -173,7 +173,7 @@ def test_unknown_task_and_mode():
     with pytest.raises(ValueError, match="unknown prompt mode 'fast'"):
         T.get_task("gsm8k", mode="fast")
     assert T.get_task("gsm8k", mode="non_thinking").mode == "non-thinking"
-    assert set(T.TASKS) == {"gsm8k", "math", "math500", "mbpp", "humaneval", "apps", "custom", "exact", "arithmetic"}
+    assert set(T.TASKS) == {"gsm8k", "math", "math500", "mbpp", "humaneval", "apps", "custom", "exact", "arithmetic", "fill"}
 
 
 def test_chat_template_rendering(tokenizer):

@@ -249,6 +249,34 @@ def test_evaluate_compiles_once_per_setting_and_writes_outputs(model_dir, tmp_pa
     assert set(summary["files"]) == {"samples", "summary_json", "summary_csv", "pareto_png"}
 
 
+def test_a_deterministic_setting_decodes_one_seed_for_all(model_dir, tmp_path, monkeypatch):
+    """Greedy `threshold` ignores the key: three seeds cost one decoded seed (warm-up + 2 batches
+    instead of warm-up + 6), and give exactly what decoding each seed on its own gives; the
+    sampled planner still decodes every seed."""
+    from dultra_jax.data.tasks import get_task
+
+    params, model, _ = load_model_source(str(model_dir))
+    records = [{"prompt_ids": [13, 14, 15], "answer": "13 14 15"}, {"prompt_ids": [10, 11], "answer": "12"},
+               {"prompt_ids": [20, 21, 22, 23], "answer": "24 25"}]
+    calls = []
+    real = ev.rollout
+    monkeypatch.setattr(ev, "rollout", lambda *a, **k: calls.append(a[4].rule) or real(*a, **k))
+    run = lambda rules, seeds, out: ev.evaluate(  # noqa: E731
+        params, model, None, records, get_task("exact"), rules_and_sweeps=rules, seeds=seeds, gen_length=8,
+        block_length=4, prompt_length=8, batch_size=2, out_dir=str(tmp_path / out), progress=False)
+    together = run({"threshold": [0.5], "planner_bernoulli": [1.0]}, [1, 2, 3], "together")
+    assert calls.count("threshold") == 1 + 2 and calls.count("planner_bernoulli") == 1 + 6
+    for i, seed in enumerate((1, 2, 3)):
+        [alone, _] = run({"threshold": [0.5], "planner_bernoulli": [1.0]}, [seed], f"alone{seed}")["rows"]
+        assert together["rows"][0]["accuracy_per_seed"][i] == alone["accuracy"]
+    threshold = together["rows"][0]
+    assert threshold["seeds"] == 3 and threshold["accuracy_seed_std"] == 0.0
+    samples = [json.loads(line) for line in (tmp_path / "together" / "samples.jsonl").read_text().splitlines()]
+    by_seed = {seed: [(s["index"], s["completion"], s["nfe"]) for s in samples
+                      if s["rule"] == "threshold" and s["seed"] == seed] for seed in (1, 2, 3)}
+    assert len(by_seed[1]) == 3 and by_seed[1] == by_seed[2] == by_seed[3]
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--rules=planner_bernoulli,bogus", "--rules: unknown rule(s) 'bogus'"),
     ("--data={missing}", "--data={missing}: no such file"),

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from dultra_jax.config import DecodeConfig, OptimConfig, RLConfig
+from dultra_jax.config import ConfigError, DecodeConfig, OptimConfig, RLConfig
 from dultra_jax.decoding import rollout as R
 from dultra_jax.rl.grpo import clipped_step_loss, compute_advantages
 from dultra_jax.rl.logprob import exact_old_logps, old_logps_need_replay, replay_logps, replay_step_logp
@@ -122,6 +122,20 @@ def test_every_update_of_a_step_uses_that_steps_learning_rate(updates_per_step):
     # warm-up 0 at step 0, then cosine from 1 over the remaining 3 steps: 1, 0.75, 0.25 at steps 1-3.
     per_step = [0.0, 1.0, 0.75, 0.25]
     np.testing.assert_allclose(applied, np.repeat(per_step, updates_per_step), atol=1e-5)  # eps
+
+
+def test_backbone_lr_scale_scales_only_the_backbones_steps():
+    """Adam's first step under a constant gradient is -lr per 1-D leaf: 0.1 on the planner, 0.1 *
+    0.25 on the backbone; a scale of 1 leaves both at the rate."""
+    params = {"planner": {"bias": jnp.zeros(3)}, "ln_f": {"weight": jnp.zeros(3)}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    for scale, backbone_step in ((0.25, 0.025), (1.0, 0.1)):
+        tx = make_optimizer(OptimConfig(learning_rate=0.1, backbone_lr_scale=scale), total_steps=1)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        np.testing.assert_allclose(-updates["planner"]["bias"], 0.1, rtol=1e-5)
+        np.testing.assert_allclose(-updates["ln_f"]["weight"], backbone_step, rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"optim.backbone_lr_scale=0.0 must be positive"):
+        OptimConfig(backbone_lr_scale=0.0)
 
 
 def _state(optim=OptimConfig(learning_rate=1e-2), rl=RLConfig(group_size=4), params=PARAMS):

@@ -23,16 +23,20 @@ ROWS = {"low_confidence", "threshold", "factor", "planner_init", "planner_rl"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DECODE = demo.get_config().decode
 GEN, BLOCKS = DECODE.gen_length, DECODE.gen_length // DECODE.block_length  # NFE lies in [BLOCKS, GEN]
+# Sweeps of one or two values each, most of them settings that the rows compile anyway.
+SWEEPS = {"factor": [1.0, 4.0], "threshold": [0.9], "steps_per_block": [BLOCKS], "planner_rl": [1.0],
+          "factor_rl_backbone": [1.0], "threshold_rl_backbone": [0.9]}
 
 # Makes the stand-in model (here, where XLA compiles faster), runs the notebook's code cells in order
 # in one namespace, then writes what the test checks.
 RUNNER = r'''
 import json, os, re, sys
 
-from tests.helpers import arithmetic_model_dir
+from dultra_jax.data import fill
+from tests.helpers import task_model_dir
 
 notebook_path, out_path = sys.argv[1], sys.argv[2]
-arithmetic_model_dir(os.environ["DULTRA_MODEL_DIR"])
+task_model_dir(os.environ["DULTRA_MODEL_DIR"], fill)
 with open(notebook_path) as f:
     notebook = json.load(f)
 SHELL = []
@@ -78,9 +82,12 @@ def test_notebook_is_clean_nbformat_4():
         assert all(s.endswith("\n") for s in cell["source"][:-1])
         if cell["cell_type"] == "code":
             assert set(cell) == {"cell_type", "metadata", "source", "execution_count", "outputs"}
-            assert cell["outputs"] == [] and cell["execution_count"] is None  # outputs stay cleared
+            assert not any(output["output_type"] == "error" for output in cell["outputs"])
         else:
             assert set(cell) == {"cell_type", "metadata", "source"}
+    # It ships with the outputs of one real run, every code cell executed once, top to bottom.
+    counts = [c["execution_count"] for c in nb["cells"] if c["cell_type"] == "code"]
+    assert counts == list(range(1, len(counts) + 1))
     code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     # The first code cell installs the package from REPO_URL (or the checkout it runs in).
     assert "REPO_URL = " in code[0] and "!pip install" in code[0] and "!git clone" in code[0]
@@ -100,10 +107,9 @@ def test_notebook_runs_top_to_bottom_with_small_settings(tmp_path):
         "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg", "DULTRA_NOTEBOOK_SMALL": "1", "DULTRA_MODEL_DIR": asset,
         "DULTRA_WORKDIR": str(workdir),
         "DULTRA_NOTEBOOK_OVERRIDES": json.dumps({"total_steps": 2, "final_eval.generator.n": 24,
-                                                 "final_eval.batch_size": 12, "final_eval.seeds": [0]}),
-        # Settings the final comparison and the sampling section compiled already: no new compiles.
-        "DULTRA_NOTEBOOK_SWEEP": json.dumps({"initial": {"low_confidence": [None], "threshold": [0.9]},
-                                             "trained": {"planner_bernoulli": [1.0], "planner_topk": [1.0]}}),
+                                                 "final_eval.batch_size": 12, "final_eval.seeds": [0],
+                                                 **{f"final_eval.sweeps.{name}.values": values
+                                                    for name, values in SWEEPS.items()}}),
         # The suite's fast-compile flags (conftest): programs are tiny, compiling dominates (51 s -> 32 s).
         "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
     })
@@ -124,8 +130,8 @@ def test_notebook_runs_top_to_bottom_with_small_settings(tmp_path):
         assert [json.loads(line)["step"] for line in f] == [1, 2]
     with open(workdir / "results.json") as f:
         results = json.load(f)
-    assert set(results) == ROWS
-    for row in results.values():
+    assert set(results) == ROWS | {"sweeps"} and set(results["sweeps"]) == set(SWEEPS)
+    for row in [*(results[name] for name in ROWS), *(r for sweep in results["sweeps"].values() for r in sweep)]:
         assert 0 <= row["accuracy"] <= 100 and BLOCKS <= row["nfe"] <= GEN and row["n"] == 24
     with open(workdir / "pareto.png", "rb") as f:
         assert f.read(8) == PNG_SIGNATURE
@@ -142,10 +148,10 @@ def test_notebook_runs_top_to_bottom_with_small_settings(tmp_path):
     assert all(s["nfe"] == GEN for s in got["samples"]["low_confidence"])  # one token per step
     assert "step  1 +" in proc.stdout  # the step-by-step view of the planner's decoding
 
-    # The Pareto sweep: one row per setting, each plotted and saved.
+    # The Pareto curves: the headline rows and every sweep point of results.json, plotted and saved.
     settings = {(r["series"], r["sweep_value"]) for r in got["pareto_rows"]}
-    assert settings == {("low_confidence (initial)", GEN), ("threshold (initial)", 0.9),
-                        ("planner_bernoulli (trained)", 1.0), ("planner_topk (trained)", 1.0)}
+    assert settings == ({(name, results[name]["sweep_value"]) for name in ROWS}
+                        | {(f"{name} sweep", value) for name, values in SWEEPS.items() for value in values})
     for row in got["pareto_rows"]:
         assert row["tpf"] == pytest.approx(GEN / row["nfe"]) and row["n"] == 24
     assert got["pareto_png"] == str(workdir / "pareto_sweep.png")

@@ -83,6 +83,19 @@ def test_determinism_and_seeds():
     assert not np.array_equal(c.unmask_step, d.unmask_step)
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_deterministic_means_the_key_is_unused(rule):
+    """`DecodeConfig.deterministic` (what lets evaluation decode a setting once for every seed) is
+    exactly "two keys give the same trajectory": greedy tokens and a rule without draws."""
+    greedy, sampled = decode(rule, temperature=0.0), decode(rule, temperature=0.7)
+    assert not sampled.deterministic
+    a, b = (R.rollout(PARAMS, PROMPTS, None, jax.random.key(k), greedy, MODEL) for k in (0, 1))
+    if greedy.deterministic:
+        _assert_same(a, b)
+    else:
+        assert not (np.array_equal(a.unmask_step, b.unmask_step) and np.array_equal(a.tokens, b.tokens))
+
+
 def test_second_call_does_not_retrace():
     config = decode(gen_length=8)
     R.rollout(PARAMS, PROMPTS, None, jax.random.key(0), config, MODEL)

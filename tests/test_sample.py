@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 
-from tests.helpers import arithmetic_model_dir, one_device_env
+from tests.helpers import task_model_dir, one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +20,7 @@ def _run(*args, check=True):
 
 
 def test_prompt_ids_to_json_and_text_prompt(tmp_path):
-    model_dir = arithmetic_model_dir(str(tmp_path / "model"))
+    model_dir = task_model_dir(str(tmp_path / "model"))
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([[3, 4, 5], [6, 7]]))

@@ -96,11 +96,12 @@ def test_config_errors_name_the_key(tmp_path, monkeypatch):
     with pytest.raises(ShardingError, match=r"batch rows = data.prompts_per_step \(2\) \* rl.group_size \(3\).*"
                                             r"size 6, which is not divisible by mesh axis \('data', 'fsdp'\) of size 8"):
         train(bad, str(tmp_path / "a"))
-    # The demo's 100 evaluation rows on 8 devices: refused before training, not after it.
+    # A sweep without values: refused before training, not after it.
     bad = demo.get_config()
     bad.total_steps = 1
-    with pytest.raises(ShardingError, match=r"final_eval.batch_size: dim 0 of shape \(100,\) has size 100, which is "
-                                            r"not divisible by mesh axis \('data', 'fsdp'\) of size 8"):
+    bad.final_eval.sweeps.factor.values = ()
+    with pytest.raises(ConfigError, match=r"final_eval.sweeps.factor.values=\[\]: give distinct values of the "
+                                          r"rule's knob \(factor\)"):
         train(bad, str(tmp_path / "e"))
     assert not os.path.exists(tmp_path / "e" / "metrics.jsonl")
     bad = ml_collections.ConfigDict(config.to_dict())

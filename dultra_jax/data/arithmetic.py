@@ -55,23 +55,17 @@ message, rendered without a template because this tokenizer has none) and the re
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import random
 import re
 from typing import Any
 
+from dultra_jax.data import char_task
+from dultra_jax.data.char_task import (EOS_ID, EOS_TOKEN, HELDOUT_SEEDS, MASK_ID, MASK_TOKEN, PAD_ID,  # noqa: F401
+                                       SPECIAL_TOKENS, SPLITS, TRAIN_SEEDS, split_of, split_of_seed)
+
 # ----------------------------------------------------------------------------------------------
 # Constants
 # ----------------------------------------------------------------------------------------------
-
-EOS_TOKEN = "<|endoftext|>"
-MASK_TOKEN = "<|mdm_mask|>"
-SPECIAL_TOKENS = (EOS_TOKEN, MASK_TOKEN)   # in id order
-EOS_ID = 0
-MASK_ID = 1
-PAD_ID = EOS_ID
 
 DIGITS = "0123456789"
 OPS = "+-"
@@ -87,33 +81,12 @@ PROMPT_LENGTH = 8         # prompt tokens (characters): "9+9+9+9=" is the longes
 BLOCK_LENGTH = 8
 GEN_LENGTH = 32           # generation tokens: solution (<= 28) + EOS padding, 4 blocks
 
-TRAIN_SEEDS = range(0, 1_000_000)
-HELDOUT_SEEDS = range(1_000_000, 2_000_000)
-SPLITS = {"train": TRAIN_SEEDS, "heldout": HELDOUT_SEEDS}
-
 _MAX_REDRAWS = 10_000     # never reached: about 1 draw in 3 is kept
 
 
 # ----------------------------------------------------------------------------------------------
 # Problems
 # ----------------------------------------------------------------------------------------------
-
-def split_of(prompt: str) -> str:
-    """The split ("train" or "heldout") a prompt belongs to: the low bit of its BLAKE2b hash.
-
-    A pure function of the prompt text, so a prompt can only ever be generated for one split.
-    """
-    digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest()
-    return "heldout" if digest[-1] & 1 else "train"
-
-
-def split_of_seed(seed: int) -> str:
-    """The split whose seed range holds `seed`; ValueError outside both ranges."""
-    for name, seeds in SPLITS.items():
-        if seed in seeds:
-            return name
-    raise ValueError(f"seed {seed} is in no split: train seeds are {TRAIN_SEEDS}, held-out seeds {HELDOUT_SEEDS}")
-
 
 def _apply(x: int, op: str, y: int) -> int:
     return x + y if op == "+" else x - y
@@ -162,12 +135,7 @@ def make_problem(seed: int) -> dict[str, str]:
 
 def make_problems(split: str, n: int, start: int = 0) -> list[dict[str, str]]:
     """The problems of seeds `SPLITS[split][start:start + n]` (split "train" or "heldout")."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
-    seeds = SPLITS[split]
-    if n < 0 or start < 0 or start + n > len(seeds):
-        raise ValueError(f"split {split!r} has {len(seeds)} seeds; asked for [{start}, {start + n})")
-    return [make_problem(s) for s in seeds[start:start + n]]
+    return char_task.make_problems(make_problem, split, n, start)
 
 
 def records(split: str, n: int, start: int = 0) -> list[dict[str, str]]:
@@ -178,11 +146,7 @@ def records(split: str, n: int, start: int = 0) -> list[dict[str, str]]:
 
 def write_jsonl(path: str, split: str, n: int, start: int = 0) -> str:
     """Writes `records(split, n, start)` as JSON lines to `path` (for file-based configs)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for r in records(split, n, start):
-            f.write(json.dumps(r) + "\n")
-    return path
+    return char_task.write_jsonl(path, records(split, n, start))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,54 +238,13 @@ def vocab_size() -> int:
 
 def vocab() -> dict[str, int]:
     """Token -> id (module doc)."""
-    return {**{t: i for i, t in enumerate(SPECIAL_TOKENS)}, **CHAR_IDS}
-
-
-def _tokenizers_object():
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel(vocab(), unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return tok
-
-
-def tokenizer_config() -> dict[str, Any]:
-    """The `tokenizer_config.json` written next to `tokenizer.json`."""
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
-        "mask_token": MASK_TOKEN,
-        "model_max_length": PROMPT_LENGTH + GEN_LENGTH,
-        "padding_side": "left",
-        "clean_up_tokenization_spaces": False,
-    }
+    return char_task.vocab(CHARS)
 
 
 def build_tokenizer(out_dir: str | None = None):
-    """The character-level tokenizer of the task, a `transformers.PreTrainedTokenizerFast`.
-
-    With `out_dir`, also saves `tokenizer.json`, `tokenizer_config.json` and
-    `special_tokens_map.json` there, so that `transformers.AutoTokenizer.from_pretrained(out_dir,
-    local_files_only=True)` and `dultra_jax.data.tokenizer.load_tokenizer(out_dir)` load it.
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    tok = _tokenizers_object()
-    config = tokenizer_config()
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        tok.save(os.path.join(out_dir, "tokenizer.json"))
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-        with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
-            json.dump({"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "mask_token": MASK_TOKEN}, f, indent=2)
-            f.write("\n")
-    kwargs = {k: v for k, v in config.items() if k != "tokenizer_class"}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+    """The task's character-level tokenizer (`char_task.build_tokenizer`), saved to `out_dir` when
+    given."""
+    return char_task.build_tokenizer(CHARS, PROMPT_LENGTH + GEN_LENGTH, out_dir)
 
 
 def encode_example(tokenizer, problem: dict[str, Any]) -> tuple[list[int], list[int]]:

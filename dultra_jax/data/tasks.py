@@ -121,7 +121,8 @@ CODE_WEIGHTS = {"code_correct": 3.0, "code_fence": 1.0}
 THINK_WEIGHT = 0.5
 STEP_PENALTY_WEIGHT = 0.1
 REWARD_NAMES = ("math_correct", "math_format", "think_format", "code_correct", "code_fence",
-                "step_penalty", "distill", "exact_match", "arithmetic_correct")
+                "step_penalty", "distill", "exact_match", "arithmetic_correct",
+                "fill_correct")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,8 +253,10 @@ def _weights(kind: str, mode: str, overrides: Mapping[str, float] | None) -> dic
         weights = {"exact_match": 1.0}
     elif kind == "arithmetic":
         weights = {"arithmetic_correct": 1.0}
+    elif kind == "fill":
+        weights = {"fill_correct": 1.0}
     else:
-        raise ValueError(f"unknown task kind {kind!r}; expected math, code, exact or arithmetic")
+        raise ValueError(f"unknown task kind {kind!r}; expected math, code, exact, arithmetic or fill")
     if mode == THINKING and kind in ("math", "code"):
         weights["think_format"] = THINK_WEIGHT
     weights["step_penalty"] = STEP_PENALTY_WEIGHT
@@ -524,15 +527,22 @@ def _exact(options):
         fields_fn=lambda ex: {"answer": str(ex["answer"])}, options=o)
 
 
-def _arithmetic(options):
-    """The embedded demo task (`dultra_jax.data.arithmetic`): the bare problem text as the prompt
-    (no system prompt, no chat template), rewarded by the strict integer check."""
-    o = _take_options("arithmetic", options, {**_COMMON, "mode": NON_THINKING})
-    return Task(
-        name="arithmetic", mode=_check_mode(o["mode"]), kind="arithmetic",
-        reward_weights=_weights("arithmetic", NON_THINKING, o["reward_weights"]),
-        required_fields=("prompt", "answer"), prompt_fn=lambda ex, m: str(ex["prompt"]),
-        reference_fn=lambda ex: str(ex["answer"]), fields_fn=lambda ex: {"answer": str(ex["answer"])}, options=o)
+def _char_task(name: str) -> Callable[[dict[str, Any]], Task]:
+    """An embedded character-level task (`dultra_jax.data.arithmetic`, the earlier demo; `.fill`,
+    the demo): the bare problem text as the prompt (no system prompt, no chat template), and the
+    record's `answer` field for the task's own strict reward (`arithmetic_correct`: the integer
+    after `####`; `fill_correct`: the template that the completion must fill)."""
+
+    def make(options):
+        o = _take_options(name, options, {**_COMMON, "mode": NON_THINKING})
+        return Task(
+            name=name, mode=_check_mode(o["mode"]), kind=name,
+            reward_weights=_weights(name, NON_THINKING, o["reward_weights"]),
+            required_fields=("prompt", "answer"), prompt_fn=lambda ex, m: str(ex["prompt"]),
+            reference_fn=lambda ex: str(ex["answer"]), fields_fn=lambda ex: {"answer": str(ex["answer"])},
+            options=o)
+
+    return make
 
 
 TASKS: dict[str, Callable[[dict[str, Any]], Task]] = {
@@ -544,7 +554,8 @@ TASKS: dict[str, Callable[[dict[str, Any]], Task]] = {
     "apps": _apps,
     "custom": _custom,
     "exact": _exact,
-    "arithmetic": _arithmetic,
+    "arithmetic": _char_task("arithmetic"),
+    "fill": _char_task("fill"),
 }
 
 

@@ -12,6 +12,7 @@ part does not apply to a row):
 | `code_correct` | 1 all tests pass, -0.05 runtime error (also timeout / crash), else 0 (sandboxed) | `code` |
 | `code_fence` | 0 .. 1: code fence format | `fmt` |
 | `arithmetic_correct` | 1 / 0: strict integer after `####` (the embedded demo task) | `arithmetic` |
+| `fill_correct` | 1 / 0: the completion fills the template in `example["answer"]` (the embedded demo task) | `fill` |
 | `step_penalty` | `-(NFE)/50` | `speed` |
 | `distill` | mean teacher log-prob of the completion (needs a `Teacher`) | `distill` |
 
@@ -21,7 +22,7 @@ part does not apply to a row):
 import numpy as np
 
 from dultra_jax.rewards.registry import REWARDS, RewardFn, RewardInputs, compute_rewards, get_reward, register
-from dultra_jax.rewards import arithmetic, code, distill, fmt, math, speed  # noqa: E402,F401  (register the parts)
+from dultra_jax.rewards import arithmetic, code, distill, fill, fmt, math, speed  # noqa: E402,F401  (register the parts)
 from dultra_jax.rewards.code import CodeResult, check_program, check_programs, extract_program
 from dultra_jax.rewards.distill import Teacher
 from dultra_jax.rewards.math import extract_answer, is_correct

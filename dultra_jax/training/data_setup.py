@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig
-from dultra_jax.data import arithmetic
+from dultra_jax.data import arithmetic, fill
 from dultra_jax.data.pipeline import make_train_iterator
 from dultra_jax.data.tasks import THINKING, get_task, load_task_records
 from dultra_jax.data.tokenizer import decode_completion, load_tokenizer, stop_token_ids
@@ -30,9 +30,9 @@ DATA_KEYS = {"task", "task_options", "examples", "generator", "path", "split", "
 REWARD_KEYS = {"weights", "options", "teacher_path", "teacher_weight", "teacher_dtype"}
 # The reward part whose positive value means "correct", per task kind.
 CORRECTNESS = {"math": "math_correct", "code": "code_correct", "exact": "exact_match",
-               "arithmetic": "arithmetic_correct"}
+               "arithmetic": "arithmetic_correct", "fill": "fill_correct"}
 # Built-in record generators: `data.generator = {"name", "split", "n"}`.
-GENERATORS = {"arithmetic": arithmetic.records}
+GENERATORS = {"arithmetic": arithmetic.records, "fill": fill.records}
 
 
 def generate_records(spec: Mapping[str, Any]) -> list[dict]:

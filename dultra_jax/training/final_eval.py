@@ -1,31 +1,58 @@
-"""The end-of-run comparison: named rows (a rule on the initial or the trained parameters)
-evaluated on held-out records, written as `results.json`, `pareto.png` and a logged table.
+"""The end-of-run comparison: named rows and sweeps (a rule on the initial or the trained
+parameters) evaluated on held-out records, written as `results.json`, `pareto.png` and a logged
+table.
 
 Config (`final_eval`):
   generator / path, split, limit: the held-out records (as in `data`).
   rows: `{name: {"params": "initial" | "trained", "rule": str, <knob>: value}}`, e.g.
-        `{"factor": {"params": "initial", "rule": "factor", "factor": 1.0}}`.
-  seeds, batch_size: decoding seeds (token temperature 0, spec section 8) and rows per batch.
+        `{"factor": {"params": "initial", "rule": "factor", "factor": 1.0}}`: the headline points.
+  sweeps: `{name: {"params": ..., "rule": str, "values": [knob values]}}`, e.g.
+        `{"factor": {"params": "initial", "rule": "factor", "values": [0.5, 1, 2]}}`: one curve
+        each (the knob is the rule's `evaluation.SWEEP_KEYS` entry). A setting shared by a row
+        and a sweep is decoded once.
+  seeds, batch_size: decoding seeds (token temperature 0) and rows per batch; the batch is
+        rounded up to a multiple of the mesh's batch devices (filler rows are ignored), so one
+        config runs on 1, 4 or 8 devices.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 
 from dultra_jax import evaluation
-from dultra_jax.config import ConfigError
+from dultra_jax.config import PLANNER_RULES, ConfigError, DecodeConfig
 from dultra_jax.data.tasks import load_task_records
+from dultra_jax.sharding import BATCH_AXES
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 64  # rows per batch when `final_eval.batch_size` is unset
-KEYS = {"generator", "path", "split", "limit", "rows", "seeds", "batch_size"}
+KEYS = {"generator", "path", "split", "limit", "rows", "sweeps", "seeds", "batch_size"}
 ROW_KEYS = {"params", "rule", "factor", "threshold", "steps", "entropy_bound"}
+SWEEP_KEYS = {"params", "rule", "values"}
+
+
+class Point(NamedTuple):
+    """One decoded setting of the comparison: a rule and its knob value (None: the rule's
+    default) on one parameter group."""
+
+    params: str
+    rule: str
+    value: float | int | None
+
+
+class Plan(NamedTuple):
+    """What `check` read and validated: the records, the headline rows and the sweeps."""
+
+    records: list[dict]
+    rows: dict[str, Point]
+    sweeps: dict[str, list[Point]]
 
 
 def _records(spec: Mapping[str, Any], task) -> list[dict]:
@@ -38,37 +65,75 @@ def _records(spec: Mapping[str, Any], task) -> list[dict]:
     raise ConfigError("final_eval needs `generator` or `path`")
 
 
-def check(spec: Mapping[str, Any], task, param_groups=("initial", "trained")
-          ) -> tuple[list[dict], dict[str, list[tuple[str, str, float | None]]]]:
-    """Validates `spec` and reads its records; the trainer calls it at start-up, so that a typo
-    fails before training, not after it.
+def _rule(where: str, rule: Any) -> str | None:
+    """The sweep knob of `rule` (ConfigError naming `where` for an unknown rule)."""
+    if rule not in evaluation.SWEEP_KEYS:
+        raise ConfigError(f"{where}.rule={rule!r} is unknown; use one of {', '.join(evaluation.SWEEP_KEYS)}")
+    return evaluation.SWEEP_KEYS[rule]
 
-    Returns:
-      `(records, {params group: [(row name, rule, knob value or None)]})`.
-    """
+
+def check(spec: Mapping[str, Any], task, param_groups=("initial", "trained")) -> Plan:
+    """Validates `spec` and reads its records; the trainer calls it at start-up, so that a typo
+    fails before training, not after it."""
     unknown = sorted(set(spec) - KEYS)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join('final_eval.' + k for k in unknown)}")
-    groups: dict[str, list[tuple[str, str, float | None]]] = {}
+        raise ConfigError(f"unknown config key(s) {', '.join('final_eval.' + k for k in unknown)}; "
+                          f"known: {', '.join(sorted(KEYS))}")
+    rows: dict[str, Point] = {}
     for name, row in dict(spec.get("rows") or {}).items():
         row = dict(row)
         unknown = sorted(set(row) - ROW_KEYS)
         if unknown or row.get("params") not in param_groups or "rule" not in row:
             raise ConfigError(f"final_eval.rows.{name}: needs `params` ({' or '.join(param_groups)}) and `rule`, "
                               f"optionally one of {', '.join(sorted(ROW_KEYS - {'params', 'rule'}))}; got {row}")
-        if row["rule"] not in evaluation.SWEEP_KEYS:
-            raise ConfigError(f"final_eval.rows.{name}.rule={row['rule']!r} is unknown; use one of "
-                              f"{', '.join(evaluation.SWEEP_KEYS)}")
-        knob = evaluation.SWEEP_KEYS[row["rule"]]
-        groups.setdefault(row["params"], []).append((name, row["rule"], row.get(knob) if knob else None))
-    if not groups:
-        raise ConfigError("final_eval.rows is empty: name at least one row")
-    return _records(spec, task), groups
+        knob = _rule(f"final_eval.rows.{name}", row["rule"])
+        rows[name] = Point(row["params"], row["rule"], row.get(knob) if knob else None)
+    sweeps: dict[str, list[Point]] = {}
+    for name, sweep in dict(spec.get("sweeps") or {}).items():
+        sweep = dict(sweep)
+        where = f"final_eval.sweeps.{name}"
+        if set(sweep) != SWEEP_KEYS or sweep["params"] not in param_groups:
+            raise ConfigError(f"{where}: needs exactly `params` ({' or '.join(param_groups)}), `rule` and "
+                              f"`values`; got {sweep}")
+        knob = _rule(where, sweep["rule"])
+        values = list(sweep["values"])
+        if knob is None or not values or len(set(values)) != len(values):
+            raise ConfigError(f"{where}.values={values}: give distinct values of the rule's knob "
+                              f"({knob or 'rule ' + repr(sweep['rule']) + ' has none'})")
+        sweeps[name] = [Point(sweep["params"], sweep["rule"], v) for v in values]
+    if not rows and not sweeps:
+        raise ConfigError("final_eval.rows and final_eval.sweeps are empty: name at least one row")
+    return Plan(_records(spec, task), rows, sweeps)
+
+
+def batch_rows(batch_size: int, mesh) -> int:
+    """`batch_size` rounded up to a multiple of the mesh's batch devices (`('data', 'fsdp')`)."""
+    if batch_size <= 0:
+        raise ConfigError(f"final_eval.batch_size={batch_size} must be positive")
+    devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
+    return -(-batch_size // devices) * devices
+
+
+def _resolved(point: Point, decode: DecodeConfig) -> Point:
+    """`point` with its knob's default filled in (the value the rule uses), so that e.g.
+    `factor` with no value and `factor` 1.0 are one setting."""
+    knob = evaluation.SWEEP_KEYS[point.rule]
+    config = DecodeConfig(rule=point.rule, prompt_length=decode.prompt_length, gen_length=decode.gen_length,
+                          block_length=decode.block_length,
+                          **({knob: point.value} if knob and point.value is not None else {}))
+    return point._replace(value=evaluation.effective_value(config))
+
+
+def _entry(row: Mapping[str, Any], point: Point) -> dict[str, Any]:
+    return {"accuracy": row["accuracy"], "accuracy_stderr": row["accuracy_stderr"], "nfe": row["nfe"],
+            "tpf": row["tpf"], "tpf_non_eos": row["tpf_non_eos"], "tokens_per_s": row["tokens_per_s"],
+            "rule": point.rule, "params": point.params, "sweep_value": row["sweep_value"], "n": row["n"],
+            "seeds": row["seeds"]}
 
 
 def compare(spec: Mapping[str, Any], params_by_group: Mapping[str, Any], model, tokenizer, task, decode,
-            stop_ids, workdir: str, mesh=None, plan=None) -> dict[str, dict[str, float]]:
-    """Evaluates every row and writes `results.json` / `pareto.png` into `workdir`.
+            stop_ids, workdir: str, mesh=None, plan: Plan | None = None) -> dict[str, Any]:
+    """Evaluates every row and sweep and writes `results.json` / `pareto.png` into `workdir`.
 
     Args:
       params_by_group: `{"initial": params, "trained": params}`.
@@ -76,40 +141,70 @@ def compare(spec: Mapping[str, Any], params_by_group: Mapping[str, Any], model, 
       plan: what `check(spec, task)` returned at start-up (its records are not read twice);
         None checks here.
     Returns:
-      `{row name: {"accuracy": percent, "accuracy_stderr", "nfe", "tpf", "tpf_non_eos",
-      "tokens_per_s", "rule", "params"}}`.
+      What `results.json` holds: `{row name: entry, ..., "sweeps": {sweep name: [entry per
+      value, in the config's order]}}`, each entry `{"accuracy": percent, "accuracy_stderr",
+      "nfe", "tpf", "tpf_non_eos", "tokens_per_s", "rule", "params", "sweep_value", "n", "seeds"}`.
     """
-    records, groups = plan if plan is not None else check(spec, task, tuple(params_by_group))
-
-    results: dict[str, dict[str, Any]] = {}
-    for group, members in groups.items():
+    plan = plan if plan is not None else check(spec, task, tuple(params_by_group))
+    rows = {name: _resolved(point, decode) for name, point in plan.rows.items()}
+    sweeps = {name: [_resolved(p, decode) for p in points] for name, points in plan.sweeps.items()}
+    points = list(dict.fromkeys([*rows.values(), *(p for points in sweeps.values() for p in points)]))
+    batch_size = batch_rows(int(spec.get("batch_size", BATCH_SIZE)), mesh)
+    measured: dict[Point, dict[str, Any]] = {}
+    for group in dict.fromkeys(p.params for p in points):
+        members = [p for p in points if p.params == group]
         summary = evaluation.evaluate(
-            params_by_group[group], model, tokenizer, records, task,
-            rules_and_sweeps=[(rule, [value]) for _, rule, value in members],
+            params_by_group[group], model, tokenizer, plan.records, task,
+            rules_and_sweeps=[(p.rule, [p.value]) for p in members],
             seeds=tuple(spec.get("seeds", (0,))), gen_length=decode.gen_length, block_length=decode.block_length,
-            prompt_length=decode.prompt_length, batch_size=int(spec.get("batch_size", BATCH_SIZE)), temperature=0.0,
+            prompt_length=decode.prompt_length, batch_size=batch_size, temperature=0.0,
             out_dir=os.path.join(workdir, "eval", group), progress=False, mesh=mesh, stop_ids=stop_ids, plot=False)
-        for (name, rule, _), row in zip(members, summary["rows"]):
-            assert row["rule"] == rule, (row["rule"], rule)
-            results[name] = {"accuracy": row["accuracy"], "accuracy_stderr": row["accuracy_stderr"],
-                             "nfe": row["nfe"], "tpf": row["tpf"], "tpf_non_eos": row["tpf_non_eos"],
-                             "tokens_per_s": row["tokens_per_s"], "rule": rule, "params": group,
-                             "sweep_value": row["sweep_value"], "n": row["n"]}
+        for point, row in zip(members, summary["rows"]):
+            assert (row["rule"], row["sweep_value"]) == (point.rule, point.value), (row, point)
+            measured[point] = _entry(row, point)
     # Baselines first, slowest first, then the trained rows (config dicts do not keep key order).
-    results = dict(sorted(results.items(), key=lambda item: (item[1]["params"] == "trained", -item[1]["nfe"])))
+    ordered = sorted(rows.items(), key=lambda item: (item[1].params == "trained", -measured[item[1]]["nfe"]))
+    results: dict[str, Any] = {name: measured[point] for name, point in ordered}
+    results["sweeps"] = {name: [measured[p] for p in points] for name, points in sweeps.items()}
     if jax.process_index() == 0:  # every process holds the same results; one writes them
         with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        plot_rows = [{**r, "rule": name, "sweep_value": None} for name, r in results.items()]
-        evaluation.plot_pareto(plot_rows, os.path.join(workdir, "pareto.png"),
-                               title=f"{task.name}: accuracy vs NFE on {len(records)} held-out problems")
-    log.info("final evaluation on %d held-out records:\n%s", len(records), format_table(results))
+            json.dump(evaluation.json_ready(results), f, indent=2, allow_nan=False)
+        plot_comparison(results, os.path.join(workdir, "pareto.png"),
+                        title=f"{task.name}: accuracy vs NFE on {len(plan.records)} held-out problems "
+                              f"x {len(tuple(spec.get('seeds', (0,))))} seed(s)")
+    log.info("final evaluation on %d held-out records:\n%s", len(plan.records), format_table(results))
     return results
 
 
-def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """A Markdown table of the rows: accuracy (percent), mean NFE, tokens per forward."""
-    lines = ["| row | params | accuracy % | NFE | tokens / forward |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['params']} | {r['accuracy']:.1f} | {r['nfe']:.2f} | {r['tpf']:.2f} |")
+def headline_rows(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The named rows of `results` (everything but `sweeps`)."""
+    return {name: row for name, row in results.items() if name != "sweeps"}
+
+
+def plot_comparison(results: Mapping[str, Any], path: str, title: str | None = None) -> None:
+    """`pareto.png`: one curve per sweep (labelled with its knob values; dashed for a baseline
+    rule on the trained parameters), the headline rows as large markers, the Pareto front of
+    every point, NFE on a log axis."""
+    curves = [{**r, "rule": name, "dashed": r["params"] == "trained" and r["rule"] not in PLANNER_RULES}
+              for name, sweep in results.get("sweeps", {}).items() for r in sweep]
+    points = [{**r, "rule": name, "sweep_value": None} for name, r in headline_rows(results).items()]
+    evaluation.plot_pareto(curves, path, title=title, highlight=points, log_nfe=True)
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """A Markdown table of the rows, then of every sweep point: accuracy (percent, +- its standard
+    error), mean NFE, tokens per forward (all generated tokens, and without EOS padding)."""
+    lines = ["| row | params | rule | accuracy % | NFE | tokens / forward | non-EOS tokens / forward |",
+             "|---|---|---|---|---|---|---|"]
+
+    def line(name: str, r: Mapping[str, Any]) -> str:
+        stderr = "" if r.get("accuracy_stderr") is None else f" ± {r['accuracy_stderr']:.1f}"
+        knob = evaluation.SWEEP_KEYS.get(r["rule"])
+        rule = r["rule"] + ("" if knob is None or r.get("sweep_value") is None else f" {knob}={r['sweep_value']:g}")
+        return (f"| {name} | {r['params']} | {rule} | {r['accuracy']:.1f}{stderr} | {r['nfe']:.2f} | "
+                f"{r['tpf']:.2f} | {r['tpf_non_eos']:.2f} |")
+
+    lines += [line(name, r) for name, r in headline_rows(results).items()]
+    for name, sweep in results.get("sweeps", {}).items():
+        lines += [line(f"sweep {name}", r) for r in sweep]
     return "\n".join(lines)

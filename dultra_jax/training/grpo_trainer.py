@@ -225,9 +225,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     rows_name = f"batch rows = data.prompts_per_step ({prompts_per_step}) * rl.group_size ({run.rl.group_size})"
     check_batch(rows_name, rows, mesh)
     check_groups_stay_whole(rows_name, rows, run.rl.group_size, mesh)
-    if config.get("final_eval"):  # at start-up, not after training (e.g. 100 rows on 8 TPU cores)
+    if config.get("final_eval"):  # at start-up, not after training
         from dultra_jax.training import final_eval
-        check_batch("final_eval.batch_size", int(config.final_eval.get("batch_size", final_eval.BATCH_SIZE)), mesh)
+        final_eval.batch_rows(int(config.final_eval.get("batch_size", final_eval.BATCH_SIZE)), mesh)
 
     params, model = build_model(run.model_section, mesh=mesh, seed=run.seed)
     decode = run.decode

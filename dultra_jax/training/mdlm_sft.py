@@ -235,7 +235,16 @@ def _arithmetic_task() -> SFTTask:
                    block_length=A.BLOCK_LENGTH)
 
 
-SFT_TASKS: dict[str, Callable[[], SFTTask]] = {"arithmetic": _arithmetic_task}
+def _fill_task() -> SFTTask:
+    from dultra_jax.data import fill as F
+
+    return SFTTask(name="fill", tokenizer=F.build_tokenizer(), make_problems=F.make_problems,
+                   encode=F.encode_example, check=F.check_answer, save_tokenizer=F.build_tokenizer,
+                   mask_token=F.MASK_TOKEN, prompt_length=F.PROMPT_LENGTH, response_length=F.GEN_LENGTH,
+                   block_length=F.BLOCK_LENGTH)
+
+
+SFT_TASKS: dict[str, Callable[[], SFTTask]] = {"arithmetic": _arithmetic_task, "fill": _fill_task}
 
 
 def get_sft_task(name: str) -> SFTTask:

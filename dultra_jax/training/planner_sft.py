@@ -9,7 +9,7 @@ EOS padding]` each step builds a partially decoded canvas:
     the answer (`b0 = min(lo, L - block_length)`, `b1 = max(hi, b0 + block_length)`);
   - `"aligned"`: one of the response's `Lr // block_length` blocks (`Lp + b * block_length`),
     uniformly: exactly the blocks the rollout decodes, so that no planner input straddles two
-    blocks as none does at inference (`configs/planner_init.py`, the demo's planner, uses it);
+    blocks as none does at inference;
 * `t ~ U(0, 1)`; `n = max(1, ceil(t * block size))` of the block's positions, chosen uniformly,
   are masked, and so is *every* position after the block;
 * candidates = the block's masked positions (the suffix is not a candidate);

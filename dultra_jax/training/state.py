@@ -89,11 +89,13 @@ def make_optimizer(optim: OptimConfig, total_steps: int, updates_per_step: int =
     """
     per_step = learning_rate_schedule(optim, total_steps)
     schedule = per_step if updates_per_step == 1 else (lambda count: per_step(count // updates_per_step))
-    return optax.chain(
-        optax.clip_by_global_norm(optim.grad_clip),
-        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                    weight_decay=optim.weight_decay, mask=lambda tree: jax.tree.map(lambda x: x.ndim > 1, tree)),
-    )
+    steps = [optax.clip_by_global_norm(optim.grad_clip),
+             optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                         weight_decay=optim.weight_decay, mask=lambda tree: jax.tree.map(lambda x: x.ndim > 1, tree))]
+    if optim.backbone_lr_scale != 1.0:  # AdamW's step is linear in the rate: scaling it scales the rate
+        backbone = lambda tree: {k: jax.tree.map(lambda _: k != PLANNER_KEY, v) for k, v in tree.items()}  # noqa: E731
+        steps.append(optax.masked(optax.scale(optim.backbone_lr_scale), backbone))
+    return optax.chain(*steps)
 
 
 def create_train_state(params: Params, tx: optax.GradientTransformation, optim: OptimConfig, rl: RLConfig,
