@@ -1,4 +1,5 @@
-"""The embedded demo task: short, verifiable arithmetic chains with worked solutions.
+"""A character-level task (the embedded demo's before `fill`): short, verifiable arithmetic chains
+with worked solutions.
 
 A problem adds and subtracts four one-digit numbers from left to right; the completion works it
 out one step per operation, then states the answer after GSM8K's `####` marker:
