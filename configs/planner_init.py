@@ -8,7 +8,7 @@ Loads the base HF directory (`model.path`, default `runs/demo_pretrain/hf`, the 
 head, trains only the planner to imitate the factor rule (f = 1) on the frozen backbone's
 predictions, and exports an HF directory with the planner (`export_dir`, default `WORKDIR/hf`).
 The reference uses AdamW lr 1e-5 for ~100k steps; the demo uses a larger learning rate to get
-there in about three minutes on 2 CPU cores.
+there in under two minutes on 2 CPU cores (400 steps, 0.17 s each).
 """
 
 import ml_collections

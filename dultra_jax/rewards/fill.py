@@ -1,5 +1,5 @@
 """`fill_correct`: the demo task's check (`dultra_jax.data.fill.check_answer`): every copy copied,
-every letter in the alphabet, the `*` slots a permutation of it."""
+every free letter one of a-d, every `##` pair two different letters of e-h."""
 
 import numpy as np
 
