@@ -4,12 +4,12 @@ import ml_collections
 
 
 def planner() -> ml_collections.ConfigDict:
-    """The dUltra planner head (spec section 2)."""
+    """The dUltra planner head (`dultra_jax/models/planner.py`)."""
     return ml_collections.ConfigDict(dict(num_head_layers=1, freq_dim=256, adaln_eps=1e-4))
 
 
 def llada_8b_model() -> ml_collections.ConfigDict:
-    """LLaDA-8B-Instruct shapes and ids (spec section 1), planner included, bf16 as the reference.
+    """LLaDA-8B-Instruct shapes and ids (`dultra_jax/models/llada.py`), planner included, bf16 as the reference.
 
     `path` is the HF directory to load (None: random init with these shapes).
     """
@@ -33,7 +33,7 @@ def tiny_model() -> ml_collections.ConfigDict:
 
 
 def rl(**overrides) -> ml_collections.ConfigDict:
-    """GRPO as the reference (spec section 5)."""
+    """GRPO as the reference dUltra code runs it (`dultra_jax/rl/grpo.py`)."""
     section = ml_collections.ConfigDict(dict(group_size=12, advantage="mean", advantage_min_clip=0.0,
                                              eps_low=0.2, eps_high=1.0, beta=0.0, num_iterations=1))
     section.update(overrides)

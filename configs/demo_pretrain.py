@@ -6,9 +6,9 @@ A 4-layer, D=128 bidirectional transformer over the task's 12-token character vo
 (`dultra_jax.data.fill`), trained from scratch for 500 steps with LLaDA's SFT loss on `[template
 (32) | fill (32)]` rows whose free letters and linked pairs are drawn uniformly, so the model
 learns the distribution of correct fills (every free letter and every pair of different letters
-equally likely) rather than one canonical fill. At the end the backbone is exported as an HF directory (`export_dir`,
-default `WORKDIR/hf`) with the tokenizer, and held-out problems are decoded greedily with
-`low_confidence` (one token per step).
+equally likely) rather than one canonical fill. At the end the backbone is exported as an HF
+directory (`export_dir`, default `WORKDIR/hf`) with the tokenizer, and held-out problems are
+decoded greedily with `low_confidence` (one token per step).
 """
 
 import ml_collections

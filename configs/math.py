@@ -1,7 +1,7 @@
-"""GRPO on GSM8K as the reference dUltra setup (spec section 5, reference section 1.7).
+"""GRPO on GSM8K as the reference dUltra setup (README "Deliberate differences from the reference").
 
     python launch/train.py --config=configs/math.py --workdir=DIR \
-        --config.model.path=/path/to/LLaDA-8B-Instruct [--config.data.path=.../gsm8k/train.jsonl]
+        --config.model.path=/path/to/LLaDA-8B-Instruct --config.data.path=/path/to/gsm8k/train.jsonl
 
 LLaDA-8B-Instruct (+ planner, freshly initialised when the directory has none), G = 12 rollouts
 per prompt, lr 5e-6 constant, AdamW(0.9, 0.99, wd 0.1), grad clip 1.0, gen 256, block 32, token
@@ -23,7 +23,7 @@ def get_config(arg=None):
         decode=common.decode(temperature=0.1),
         rl=common.rl(),
         optim=common.optim(),
-        data=dict(task="gsm8k", path="../shared/data/gsm8k/train.jsonl", split=None, mode="thinking",
+        data=dict(task="gsm8k", path=ml_collections.FieldReference(None, field_type=str), split=None, mode="thinking",
                   prompts_per_step=1, shuffle_seed=42),
         rewards=dict(weights={"math_correct": 1.0, "math_format": 1.0, "think_format": 0.5, "step_penalty": 0.1},
                      teacher_path=ml_collections.FieldReference(None, field_type=str), teacher_weight=1.0),

@@ -1,4 +1,4 @@
-r"""Planner initialisation (spec section 7) of the demo base model on the template-filling task.
+r"""Planner initialisation (`dultra_jax/training/planner_sft.py`) of the demo base model on the template-filling task.
 
     python launch/init_planner.py --config=configs/planner_init.py --workdir=runs/demo_planner \
         [--config.model.path=runs/demo_pretrain/hf]

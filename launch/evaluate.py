@@ -1,7 +1,7 @@
 r"""Evaluates a model on a task: accuracy, NFE, tokens per forward and tokens/s over rules, sweeps and seeds.
 
     python launch/evaluate.py --model=HF_DIR_OR_WORKDIR --task=gsm8k \
-        --data=../shared/data/gsm8k/test.jsonl --out=/tmp/eval \
+        --data=/path/to/gsm8k/test.jsonl --out=/tmp/eval \
         --rules=planner_bernoulli,factor,threshold,low_confidence \
         --factors=0.5,0.8,1.0,1.2,1.5 --thresholds=0.9 --seeds=42,123,456,789,1000 \
         --gen_length=256 --block_length=32

@@ -1,5 +1,5 @@
-r"""Planner initialisation (spec section 7): train a fresh dUltra planner on a frozen backbone to
-imitate the Fast-dLLM factor rule, and export an HF directory with it.
+r"""Planner initialisation (`dultra_jax/training/planner_sft.py`): train a fresh dUltra planner on a
+frozen backbone to imitate the Fast-dLLM factor rule, and export an HF directory with it.
 
     python launch/init_planner.py --config=configs/planner_init.py --workdir=DIR \
         [--config.model.path=BASE_HF_DIR] [--config.x.y=value ...]

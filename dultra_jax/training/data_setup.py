@@ -82,7 +82,8 @@ class TrainData:
             records = load_task_records(self.task, data["path"], data.get("split"), data_dir=data.get("data_dir"),
                                         limit=data.get("limit"))
         else:
-            raise ConfigError("data needs `examples` or `path`")
+            raise ConfigError("data needs `path` (--config.data.path=FILE: a JSONL, JSON or Parquet file, a directory "
+                              "of split files or tfds:NAME:SPLIT), `generator` or `examples`")
         tokenizer_dir = data.get("tokenizer") or model_path
         self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         if self.tokenizer is None and not all("prompt_ids" in r for r in records):

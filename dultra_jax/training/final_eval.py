@@ -117,10 +117,9 @@ def batch_rows(batch_size: int, mesh) -> int:
 def _resolved(point: Point, decode: DecodeConfig) -> Point:
     """`point` with its knob's default filled in (the value the rule uses), so that e.g.
     `factor` with no value and `factor` 1.0 are one setting."""
-    knob = evaluation.SWEEP_KEYS[point.rule]
-    config = DecodeConfig(rule=point.rule, prompt_length=decode.prompt_length, gen_length=decode.gen_length,
-                          block_length=decode.block_length,
-                          **({knob: point.value} if knob and point.value is not None else {}))
+    setting = evaluation.Setting(point.rule, evaluation.SWEEP_KEYS[point.rule], point.value)
+    config = setting.decode_config(prompt_length=decode.prompt_length, gen_length=decode.gen_length,
+                                   block_length=decode.block_length)
     return point._replace(value=evaluation.effective_value(config))
 
 
