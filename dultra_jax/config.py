@@ -33,7 +33,7 @@ def parse_dtype(name: str, key: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class PlannerConfig:
-    """The dUltra unmasking planner head (spec section 2)."""
+    """The dUltra unmasking planner head."""
 
     num_head_layers: int = 1
     freq_dim: int = 256  # sinusoidal timestep features
@@ -163,10 +163,10 @@ KNOB_FIELDS = ("factor", "threshold", "entropy_bound", "steps")
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """Static description of one semi-autoregressive decoding (spec section 3).
+    """Static description of one semi-autoregressive decoding.
 
     A rule-specific knob left at None takes the rule's default; setting one that the chosen rule
-    does not read is an error (spec section 9: no silently ignored flags).
+    does not read is an error (no silently ignored flags).
 
     Attributes:
       rule: one of `RULES`.
@@ -179,7 +179,7 @@ class DecodeConfig:
       forced_logprob: how the action log-prob of `planner_bernoulli` scores a step whose only
         reveal is the best candidate, which the at-least-one rule forces when the draws pick
         nothing: `reference` gives it `log p_i` like any draw (the reference's choice);
-        `exact` uses the outcome's true probability, `prod_{j != i} (1 - p_j)` (spec section 4).
+        `exact` uses the outcome's true probability, `prod_{j != i} (1 - p_j)`.
       threshold: confidence threshold of the `threshold` rule (default 0.9).
       factor: `f` of the `factor` rule (default 1.0), or the multiplier on planner
         probabilities of the planner rules (default 1.0, swept at evaluation).
@@ -335,7 +335,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """GRPO (spec section 5).
+    """GRPO.
 
     Attributes:
       group_size: G rollouts per prompt.

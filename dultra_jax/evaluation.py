@@ -1,4 +1,4 @@
-"""Evaluation (spec section 8): accuracy, NFE, tokens per forward and wall tokens/s over rules,
+"""Evaluation (the paper's protocol): accuracy, NFE, tokens per forward and wall tokens/s over rules,
 sweeps and seeds, with the samples, a summary and an accuracy-versus-NFE Pareto plot on disk.
 
     params, model, source_dir = build.load_model_source("/ckpt/dUltra-8B", mesh=make_mesh(), dtype="bfloat16")
@@ -11,7 +11,7 @@ A *setting* is one rule with one value of its sweep knob (`SWEEP_KEYS`: `factor`
 and planner rules, `threshold` for `threshold`, `steps` for `low_confidence` / `random`,
 `entropy_bound` for `entropy_bound`; `ass` has none). A sweep value of None means the rule's
 default (threshold 0.9, factor 1.0, steps = gen_length: one token per step); the planner rules'
-default sweep is spec section 8's factors {0.5, 0.8, 1.0, 1.2, 1.5}.
+default sweep is the paper's factors {0.5, 0.8, 1.0, 1.2, 1.5}.
 
 Every setting decodes every record once per seed, in fixed-shape batches (the last one padded, its
 filler rows ignored); a deterministic setting (`DecodeConfig.deterministic`: greedy tokens and a
@@ -67,7 +67,7 @@ SWEEP_KEYS: dict[str, str | None] = {
     "low_confidence": "steps", "random": "steps", "entropy_bound": "entropy_bound", "ass": None,
 }
 assert set(SWEEP_KEYS) == set(RULES)
-DEFAULT_FACTORS = (0.5, 0.8, 1.0, 1.2, 1.5)  # spec section 8, planner rules
+DEFAULT_FACTORS = (0.5, 0.8, 1.0, 1.2, 1.5)  # the paper's sweep, planner rules
 DEFAULT_SEEDS = (42, 123, 456, 789, 1000)
 
 SAMPLE_FIELDS = ("index", "rule", "sweep_key", "sweep_value", "seed", "prompt", "completion", "reference",

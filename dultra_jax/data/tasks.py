@@ -1,7 +1,7 @@
 """Tasks by name: prompt builder, reference answer, reward weights and the per-row reward fields.
 
     task = get_task("gsm8k", mode="thinking")
-    records = load_task_records(task, "../shared/data/gsm8k/train.jsonl")
+    records = load_task_records(task, "/path/to/gsm8k/train.jsonl")
     task.build_prompt(records[0])      # [{"role": "system", ...}, {"role": "user", ...}] or text
     task.reference(records[0])         # "72"
     task.example_fields(records[0])    # {"answer": "72"}: what the rewards read, all str
@@ -13,7 +13,7 @@ reference implementation (chinsengi/dUltra-os) where it has them; see each const
 
 Reward names are those of the reward registry (`dultra_jax.rewards`): `math_correct`,
 `math_format`, `think_format`, `code_correct`, `code_fence`, `step_penalty`, `distill`,
-`exact_match`. Default weights follow spec section 6: math 1.0 / format 1.0 / think tags 0.5 (thinking
+`exact_match`. Default weights follow the reference: math 1.0 / format 1.0 / think tags 0.5 (thinking
 mode only) / code 3.0 / fence 1.0 / step penalty 0.1. `distill` is never on by default: the config
 adds it (`reward_weights={"distill": 1.0}`) when a teacher is configured.
 

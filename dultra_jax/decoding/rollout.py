@@ -1,10 +1,10 @@
-"""The rollout: semi-autoregressive denoising as one jitted `lax.while_loop` (spec section 3).
+"""The rollout: semi-autoregressive denoising as one jitted `lax.while_loop`.
 
 The canvas is `[prompt (Lp, left-padded) | gen (Lg)]`. Each row works on its current block (the
 first block of its generation that still has masks), moves on as soon as that block is done, and
 is frozen once nothing is masked: a frozen row spends no NFE. Every iteration of the loop is one
 NFE for each active row: a backbone + planner forward, a rule's choice, the reveal, and the
-action's log-probability (spec section 4), computed by `action_log_prob`, which the trainer's
+action's log-probability, computed by `action_log_prob`, which the trainer's
 replay reuses.
 
 Each row counts its own steps (`nfe`), so a trajectory is fully described by the final tokens
@@ -127,7 +127,7 @@ def planner_log_probs(unmask_logits: jax.Array, factor: float | jax.Array):
     """`(log p, log(1 - p))` of the reveal probability `p = clip(factor * sigmoid(z), 0, 1)`.
 
     With factor 1 both come from log-sigmoids of the logit (exact, no log(0)); a factor > 1 can
-    push p to 1, where clipping keeps the logs defined (spec section 9): log(1 - p) is -inf there,
+    push p to 1, where clipping keeps the logs defined: log(1 - p) is -inf there,
     with a zero gradient. A traced factor (the rollout's `Knobs`, never differentiated) computes
     both and selects.
     """
@@ -150,7 +150,7 @@ def planner_log_probs(unmask_logits: jax.Array, factor: float | jax.Array):
 def action_log_prob(token_logits: jax.Array, unmask_logits: jax.Array | None, x0: jax.Array,
                     candidates: jax.Array, reveal: jax.Array, config: DecodeConfig,
                     knobs: rules.Knobs | None = None) -> jax.Array:
-    """Log-probability of one step's action (spec section 4), `[B]` float32.
+    """Log-probability of one step's action, `[B]` float32.
 
     `sum_{reveal} [log p + log q(x0)] + sum_{candidates \\ reveal} log(1 - p)`, with q the
     softmax of the token logits at `config.logprob_temp` and p the planner probability; rules

@@ -1,4 +1,4 @@
-"""Unmasking rules (spec section 3): which masked positions of the current block to reveal.
+"""Unmasking rules: which masked positions of the current block to reveal.
 
 Every rule is a pure function `rule(view, rng, config) -> (reveal [B, Lb] bool, score [B, Lb])`
 of one step's `StepView` (block-local arrays). `score` ranks the candidates for the at-least-one
@@ -101,8 +101,8 @@ def planner_bernoulli(view: StepView, rng: jax.Array, config: DecodeConfig):
 def planner_topk(view: StepView, rng: jax.Array, config: DecodeConfig):
     """The `k = floor(sum p)` most probable candidates (deterministic inference mode).
 
-    p is the unclipped `factor * sigmoid(z)` (spec section 3; with factor > 1 the sum exceeds the
-    clipped one); k is clamped to the number of candidates (spec section 9), so non-candidates
+    p is the unclipped `factor * sigmoid(z)` (with factor > 1 the sum exceeds the
+    clipped one); k is clamped to the number of candidates, so non-candidates
     never move.
     """
     p = jnp.where(view.candidates, view.unmask_probs, 0.0)

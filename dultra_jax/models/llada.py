@@ -1,4 +1,4 @@
-"""LLaDA masked diffusion LM backbone (spec section 1), with the dUltra planner as an optional part.
+"""LLaDA masked diffusion LM backbone, with the dUltra planner as an optional part.
 
 Parameter paths mirror the HF LLaDA names: `wte`, `blocks` (stacked `[n_layers, ...]` leaves when
 `scan_layers`, else `blocks/{i}`), `ln_f`, `ff_out` (untied LM head), and `planner/...`.
@@ -23,7 +23,7 @@ class LLaDABlock(nnx.Module):
         d, f = config.d_model, config.mlp_hidden_size
         q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         kw = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype)
-        # Output projections use std / sqrt(2) (LLaDA's "mitchell" init, spec section 2).
+        # Output projections use std / sqrt(2) (LLaDA's "mitchell" init).
         self.attn_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=config.weight_dtype)
         self.q_proj = Linear(d, q_dim, **kw)
         self.k_proj = Linear(d, kv_dim, **kw)

@@ -1,4 +1,4 @@
-"""dUltra unmasking planner head (spec section 2): a per-position Bernoulli unmask logit.
+"""dUltra unmasking planner head: a per-position Bernoulli unmask logit.
 
     temb  = TimestepEmbedder(t)[:, None] + mask_embedding[is_candidate]      [B, L, D]
     h     = AdaLN_1(h_last, temb); f = LLaDABlock(h); f = AdaLN_2(f, temb)
@@ -21,7 +21,7 @@ _xavier = jax.nn.initializers.xavier_uniform()
 
 
 def timestep_features(t: jax.Array, dim: int) -> jax.Array:
-    """Sinusoidal features of `t` `[B]` -> `[B, dim]` float32, cosines first (spec section 2)."""
+    """Sinusoidal features of `t` `[B]` -> `[B, dim]` float32, cosines first."""
     half = dim // 2
     freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
     angles = t.astype(jnp.float32)[:, None] * freqs

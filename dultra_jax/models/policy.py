@@ -33,7 +33,7 @@ def bind(config: ModelConfig, params: Params) -> LLaDAModel:
 
 
 def default_positions(length: int) -> jax.Array:
-    """Absolute positions `[1, L]`; left padding takes positions too (spec section 1)."""
+    """Absolute positions `[1, L]`; left padding takes positions too."""
     return jnp.arange(length, dtype=jnp.int32)[None, :]
 
 
@@ -94,7 +94,7 @@ def planner_apply(params: Params, h_last: jax.Array, canvas: jax.Array, candidat
 
 
 def suppress_mask_logit(token_logits: jax.Array, mask_id: int) -> jax.Array:
-    """Sets the `[MASK]` logit to -inf: the model never proposes the mask token (spec section 1)."""
+    """Sets the `[MASK]` logit to -inf: the model never proposes the mask token."""
     return token_logits.at[..., mask_id].set(-jnp.inf)
 
 

@@ -1,4 +1,4 @@
-"""GRPO pieces (spec section 5): group advantages and the clipped per-step ratio loss.
+"""GRPO pieces: group advantages and the clipped per-step ratio loss.
 
 Losses return `(sum, denominator)`-style pieces so that accumulating them step by step inside the
 replay loop gives exactly the mean over the whole batch.

@@ -3,7 +3,7 @@
 A row's canvas before its step k is "revealed iff unmask_step < k" (tokens never change once
 revealed), the step's action is "reveal the positions with unmask_step == k, with the final
 tokens", and its log-probability comes from `rollout.action_log_prob`: the very function the
-rollout used, so replay with the rollout's parameters reproduces `step_logps` (spec section 4).
+rollout used, so replay with the rollout's parameters reproduces `step_logps`.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class TrainData:
             raise ConfigError(f"data.task={data.get('task')!r}: {e}") from None
         self.weights = dict(rewards.get("weights") or self.task.reward_weights)
         if self.weights.get("think_format") and self.task.mode != THINKING:
-            # spec section 6: the think-tag reward belongs to the thinking prompts, which ask for them
+            # The think-tag reward belongs to the thinking prompts, which ask for them
             raise ConfigError(f"rewards.weights.think_format={self.weights['think_format']} applies to "
                               f"data.mode='{THINKING}' only, but data.task={data['task']!r} prompts in "
                               f"{self.task.mode!r} mode; set rewards.weights.think_format=0")

@@ -1,4 +1,4 @@
-"""The GRPO training loop (DESIGN section 4): data -> G rollouts per prompt -> rewards ->
+"""The GRPO training loop: data -> G rollouts per prompt -> rewards ->
 advantages -> sharded update -> metrics -> Orbax checkpoint, resumable from the latest step.
 
 `train(config, workdir)` is the whole job; `launch/train.py` only parses flags and calls it.

@@ -1,4 +1,4 @@
-"""Planner initialisation (spec section 7): supervised imitation of the Fast-dLLM factor rule.
+"""Planner initialisation: supervised imitation of the Fast-dLLM factor rule.
 
 The backbone is frozen; only `params["planner"]` trains. From an SFT row `[prompt | solution +
 EOS padding]` each step builds a partially decoded canvas:

@@ -3,7 +3,7 @@
 The update replays every recorded denoising step with gradients. It takes `value_and_grad` of
 one step's loss *inside* a `lax.fori_loop` over the steps and accumulates float32 gradients, so
 peak memory is that of one forward + backward whatever the number of steps, and steps beyond
-the batch's largest NFE are never computed (spec section 5; DESIGN section 4).
+the batch's largest NFE are never computed.
 """
 
 from __future__ import annotations
