@@ -245,11 +245,8 @@ def random_prompts(model: ModelConfig, batch: int, length: int, seed: int) -> tu
 
 
 def warm_rollout(params, prompts, valid, rng, config, model: ModelConfig) -> None:
-    """Compiles everything `rollout` runs, on the same shapes and configs, without decoding: the
-    loop starts on a finished carry (the timed calls count any compilation they still trigger)."""
+    """Compiles everything `rollout` runs, on the same shapes and configs, without decoding
+    (ahead of time; the timed calls count any compilation they still trigger)."""
     from dultra_jax.decoding import rollout as rollout_lib
 
-    state, knobs, config = rollout_lib.start_rollout(prompts, valid, rng, config, model)
-    state = state.replace(done=jnp.ones_like(state.done))
-    final = rollout_lib.rollout_loop(params, state, model=model, config=config, knobs=knobs)
-    jax.block_until_ready(rollout_lib.to_trajectory(final, config))
+    rollout_lib.compile_rollout(params, prompts, valid, rng, config, model)

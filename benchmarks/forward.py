@@ -13,8 +13,9 @@ H200, A100 and TPU v4 to v6), the achieved FLOP/s over it is the MFU. The last l
 one JSON object (`{"benchmark": "forward", ...}`) with every figure.
 
 Model FLOPs per forward are `common.forward_flops` (every matmul of a full forward, attention
-included, multiply-adds counting 2; norms and activations left out). A GPU run of the issue's
-shape: `--configs=llada_1b --dtype=bfloat16 --length=288 --matmul_size=8192`.
+included, multiply-adds counting 2; norms and activations left out). A GPU run at the reference
+shape (Lp 32 + gen 256 = 288 positions):
+`--configs=llada_1b --dtype=bfloat16 --length=288 --matmul_size=8192`.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ Every rule runs once per `--caches` mode (`decode.cache`: `none` recomputes the 
 `prefix` / `dual` use the block KV cache, `dultra_jax/decoding/cache.py`). When `none` ran first,
 each cached run also reports `token_agreement_vs_none` (share of generated tokens equal to the
 exact rollout's on the same prompts and key), `rows_identical_vs_none`, and
-`per_nfe_speedup_vs_none` (exact time per NFE / cached time per NFE). The issue's shape is
-`--models=small --gen_length=256 --block_length=32 --caches=none,prefix,dual`, and on a GPU
+`per_nfe_speedup_vs_none` (exact time per NFE / cached time per NFE). The reference shape (gen 256,
+block 32) is `--models=small --gen_length=256 --block_length=32 --caches=none,prefix,dual`, and on a GPU
 `--models=llada_1b --dtype=bfloat16` with the same lengths (`llada_1b`: LLaDA's layout at 1.2B params,
 benchmarks/common.py). The last line printed is one JSON object (`{"benchmark": "rollout", ...}`) with
 every figure.
@@ -46,7 +46,7 @@ every figure.
 `--models` defaults to `tiny` alone, which finishes in 1 to 2 minutes on 2 CPU cores (mostly
 compiling: two programs per rule). `small` is for accelerators (`--models=tiny,small`): on 2 idle
 CPU cores one of its batched forwards takes ~0.2 s at the default shape and ~0.6 s at the
-issue's (Lp 32, gen 256), where `--rules=low_confidence --iters=1` with all three caches takes
+reference shape (Lp 32, gen 256), where `--rules=low_confidence --iters=1` with all three caches takes
 11 minutes.
 """
 

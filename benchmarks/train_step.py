@@ -52,7 +52,7 @@ Models (random init, with a planner; `tiny` and `small` from benchmarks/common.p
   bench   the default: `small` with D 256, 4 layers, 4 heads, F 704 (V 4096; ~6.5M params).
   small   ~35M params (V 4096, D 512, 8 layers, 8 heads, F 1408).
   small_llada_vocab, llada_1b   LLaDA's vocabulary on `small`'s body; LLaDA's layout at 1.2B
-          params. The issue's GPU run: `--model=llada_1b --dtype=bfloat16 --prompt_length=32
+          params. On a GPU, the reference shape: `--model=llada_1b --dtype=bfloat16 --prompt_length=32
           --gen_length=256 --block_length=32 --steps=8,32,128`.
 
 `bench` is the default because `small` is too slow for 2 CPU cores: at B=4, Lp=64, Lg=128 one
@@ -76,8 +76,9 @@ from absl import app, flags
 from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig, OptimConfig, RLConfig
 from dultra_jax.decoding.rollout import Trajectory
 from dultra_jax.models import policy
-from dultra_jax.rl.logprob import replay_logps
-from dultra_jax.training.state import create_train_state, grpo_update, make_optimizer
+from dultra_jax.rl.grpo import replay_logps
+from dultra_jax.training.grpo import grpo_update
+from dultra_jax.training.state import create_state, make_optimizer
 
 if __package__:
     from benchmarks import common
@@ -178,7 +179,7 @@ def bench_steps(model: ModelConfig, params, num_steps: int, iters: int, seed: in
     replay = jax.jit(replay_logps, static_argnames=("model", "config"))
     trajectory = trajectory.replace(step_logps=replay(params, trajectory, model=model, config=decode))
     advantages = jax.random.normal(jax.random.key(seed + 1), (batch,), jnp.float32)
-    state = jax.jit(lambda p: create_train_state(p, tx, optim, rl, jax.random.key(seed)))(params)
+    state = jax.jit(lambda p: create_state(p, tx, optim.train, seed, keep_reference=rl.beta > 0))(params)
 
     update = jax.jit(functools.partial(grpo_update, model=model, decode=decode, rl=rl, tx=tx), donate_argnums=(0,))
     start = time.perf_counter()

@@ -13,7 +13,7 @@ same `--batch` random prompts of `--prompt_length` tokens (unpadded: every promp
 valid, so padding masks play no part) are then decoded to `--gen_length` tokens in blocks of
 `--block_length`, in one run on the same machine, by:
 
-  torch   `torch_rollout` below, written from the spec the way the reference implementations work
+  torch   `torch_rollout` below, written from docs/algorithm.md the way the reference implementations work
           (LLaDA `generate`, Fast-dLLM): `torch.no_grad()`, a Python `for` loop over blocks and a
           Python loop over steps; every step is a full forward over the whole canvas
           `[prompt | gen]` with the LM head (and the mask-logit suppression, argmax and softmax)
@@ -49,7 +49,7 @@ that a busy second on a shared host hits both alike; every JAX call ends with
 `torch.get_num_threads()` is left at its default (unless `--torch_threads` is given) and
 reported, and a jitted `jnp.dot` and a `torch.mm` of 1024^3 (f32) are timed in the same run as a
 yardstick. The last line printed is one JSON object (`{"benchmark": "vs_torch", ...}`) with every
-figure; `targets` checks the issue's goals (no cache: identical tokens and >= 1.5x; `dual`: >= 3x).
+figure; `targets` checks the speed targets (no cache: identical tokens and >= 1.5x; `dual`: >= 3x).
 
 With random-init weights no token is confident, so `threshold` and `factor` reveal one token per
 step like `low_confidence` (every rule takes `gen_length` NFEs per row and times alike; only
@@ -58,9 +58,9 @@ reason the cached modes' agreement is low here: near-uniform distributions make 
 and ranking sensitive to the cache's stale keys/values; it says nothing about accuracy with
 trained weights.
 
-Defaults and run time. The issue's shape is gen 256 and block 32 (batch and prompt: ours). The defaults
+Defaults and run time. The reference shape is gen 256 and block 32 (batch and prompt: this script's). The defaults
 keep the model (`small`), batch, prompt and block but generate 64 tokens (two blocks) with
-`low_confidence` only: 1.5 minutes on 2 idle CPU cores. The issue's shape takes 7 minutes with
+`low_confidence` only: 1.5 minutes on 2 idle CPU cores. The reference shape takes 7 minutes with
 `small` and 17 with `small_llada_vocab` (PyTorch's rollout is most of it):
 
     python benchmarks/vs_torch.py --gen_length=256
@@ -85,8 +85,8 @@ head over the canvas and takes the softmax and argmax of all `B * L * V` logits;
 the block only. With `small`'s V 4,096 the LM head is small (4.8 GFLOP over the canvas, 0.5 on
 the block): ours does 59.0 GFLOP to PyTorch's 69.4 (15% less) and is 1.09x faster. With LLaDA's
 V 126,464 it is the larger part (149.2 GFLOP over the canvas, 16.6 on the block, plus a softmax
-over 146M logits): ours does 75.1 GFLOP to PyTorch's 213.8, and is 3.57x faster. The issue's
-1.5x without a cache therefore holds where the LM head matters (LLaDA's own vocabulary; for
+over 146M logits): ours does 75.1 GFLOP to PyTorch's 213.8, and is 3.57x faster. The 1.5x
+target without a cache therefore holds where the LM head matters (LLaDA's own vocabulary; for
 LLaDA-8B itself the LM head is ~6% of a full-canvas forward, so the no-cache gain there is of
 that order) and not for the 4k-vocabulary `small`, where both sides do the same f32 matmuls
 through equally fast BLAS. On an oversubscribed host PyTorch's OpenMP threads can starve (one
@@ -118,7 +118,7 @@ else:  # run as `python benchmarks/vs_torch.py`: the script's folder is on sys.p
     import common
 
 TORCH_RULES = ("low_confidence", "threshold", "factor", "planner_topk")
-# The issue's goals: (cache mode, minimum end-to-end speedup over PyTorch, identical tokens required).
+# The speed targets: (cache mode, minimum end-to-end speedup over PyTorch, identical tokens required).
 TARGETS = {"none": (1.5, True), "dual": (3.0, False)}
 
 _MODEL = flags.DEFINE_enum("model", "small", list(common.MODEL_NAMES),
@@ -129,7 +129,7 @@ _CACHES = flags.DEFINE_list("caches", ["none", "dual"],
                             f"Our KV-cache modes (DecodeConfig.cache): any of {', '.join(CACHE_MODES)}.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows B.")
 _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 32, "Prompt tokens per row Lp (all valid, no padding).")
-_GEN_LENGTH = flags.DEFINE_integer("gen_length", 64, "Generated tokens per row Lg (the issue's shape: 256).")
+_GEN_LENGTH = flags.DEFINE_integer("gen_length", 64, "Generated tokens per row Lg (the reference shape: 256).")
 _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Semi-autoregressive block length.")
 _ITERS = flags.DEFINE_integer("iters", 1, "Timed rounds (each: one PyTorch rollout, one of ours per cache).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and the prompts.")
@@ -307,7 +307,7 @@ def bench_rule(rule: str, caches: list[str], model: ModelConfig, params, torch_m
 
 
 def check_targets(results: list[dict]) -> dict:
-    """The issue's goals per (rule, cache): speedup over PyTorch (and identical tokens without cache)."""
+    """The speed targets per (rule, cache): speedup over PyTorch (and identical tokens without cache)."""
     targets = {}
     for r in results:
         if r["cache"] not in TARGETS:

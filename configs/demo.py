@@ -31,6 +31,8 @@ earlier version with one linked `*` after a `?`; README "The embedded demo"):
   is 2..32, and at 1.0 the planner was still at the factor rule's 29 NFE after 20 steps.
 """
 
+import os
+
 import ml_collections
 
 from configs import common
@@ -43,7 +45,9 @@ THRESHOLDS = (0.95, 0.9, 0.8, 0.7, 0.5)
 def get_config(arg=None):
     del arg
     model = common.tiny_model()
-    model.update(dict(path="assets/demo", dtype="float32", param_dtype="float32", remat=False))
+    # The asset beside this file's directory, so the config works from any working directory.
+    asset = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "demo"))
+    model.update(dict(path=asset, dtype="float32", param_dtype="float32", remat=False))
     initial = lambda rule, **knob: dict(params="initial", rule=rule, **knob)  # noqa: E731
     trained = lambda rule, **knob: dict(params="trained", rule=rule, **knob)  # noqa: E731
     return ml_collections.ConfigDict(dict(

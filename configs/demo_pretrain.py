@@ -14,6 +14,7 @@ decoded greedily with `low_confidence` (one token per step).
 import ml_collections
 
 from configs import common
+from dultra_jax.config import SFTEvalConfig, as_config_dict
 from dultra_jax.data import fill as F
 
 
@@ -38,12 +39,9 @@ def get_config(arg=None):
                            b2=0.98, weight_decay=0.01, grad_clip=1.0, train="all"),
         data=dict(task="fill", split="train", num_examples=100_000, start=0, batch_size=128,
                   prompt_length=F.PROMPT_LENGTH, response_length=F.GEN_LENGTH),
-        eval=dict(split="heldout", num_examples=256, start=0, batch_size=128, rules=("low_confidence",),
-                  every=200, every_examples=128,
-                  steps=ml_collections.FieldReference(None, field_type=int),
-                  block_length=ml_collections.FieldReference(None, field_type=int)),
+        eval=as_config_dict(SFTEvalConfig, num_examples=256, batch_size=128, rules=("low_confidence",), every=200),
         mesh=common.mesh(),
-        checkpoint=dict(every=200, keep=2, async_save=True),
+        checkpoint=common.checkpoint(every=200, keep=2),
         total_steps=500,
         seed=0,
         log_every=25,

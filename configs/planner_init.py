@@ -1,4 +1,4 @@
-r"""Planner initialisation (`dultra_jax/training/planner_sft.py`) of the demo base model on the template-filling task.
+r"""Planner initialisation (`dultra_jax/training/planner_init.py`) of the demo base model on the template-filling task.
 
     python launch/init_planner.py --config=configs/planner_init.py --workdir=runs/demo_planner \
         [--config.model.path=runs/demo_pretrain/hf]
@@ -11,17 +11,23 @@ The reference uses AdamW lr 1e-5 for ~100k steps; the demo uses a larger learnin
 there in under two minutes on 2 CPU cores (400 steps, 0.17 s each).
 """
 
+import os
+
 import ml_collections
 
 from configs import common
 from configs.demo_pretrain import demo_model
+from dultra_jax.config import PlannerEvalConfig, as_config_dict
 from dultra_jax.data import fill as F
 
 
 def get_config(arg=None):
     del arg
     model = demo_model()
-    model.path = "runs/demo_pretrain/hf"   # configs/demo_pretrain.py; its config.json sets the shape
+    # configs/demo_pretrain.py's export (its config.json sets the shape) under the repository's runs/,
+    # wherever the command runs from.
+    model.path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "runs",
+                                               "demo_pretrain", "hf"))
     model.planner = common.planner()
     return ml_collections.ConfigDict(dict(
         model=model,
@@ -29,12 +35,10 @@ def get_config(arg=None):
                            weight_decay=0.01, grad_clip=1.0, train="planner"),
         data=dict(task="fill", split="train", num_examples=50_000, start=0, batch_size=64,
                   prompt_length=F.PROMPT_LENGTH, response_length=F.GEN_LENGTH, block_length=F.BLOCK_LENGTH),
-        eval=dict(split="heldout", num_examples=256, start=0, batch_size=128,
-                  rules=("factor", "planner_bernoulli", "planner_topk"), agreement_batches=8,
-                  steps=ml_collections.FieldReference(None, field_type=int),
-                  block_length=ml_collections.FieldReference(None, field_type=int)),
+        eval=as_config_dict(PlannerEvalConfig, num_examples=256, batch_size=128,
+                            rules=("factor", "planner_bernoulli", "planner_topk"), agreement_batches=8),
         mesh=common.mesh(),
-        checkpoint=dict(every=200, keep=2, async_save=True),
+        checkpoint=common.checkpoint(every=200, keep=2),
         total_steps=400,
         seed=0,
         log_every=25,

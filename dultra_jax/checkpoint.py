@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from dultra_jax.interop.safetensors_io import CheckpointError
+from dultra_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

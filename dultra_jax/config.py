@@ -7,20 +7,20 @@ dataclasses made here, so a typo or an inconsistent value fails at start-up with
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import types
+import typing
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import ml_collections
+
+from dultra_jax.errors import ConfigError  # re-exported; errors.py holds every user error
 
 _DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
     "float16": jnp.float16,
 }
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or inconsistent; the message names the key."""
 
 
 def parse_dtype(name: str, key: str) -> Any:
@@ -66,7 +66,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: bool = False
-    # Spec section 1: the reference attends to left padding; we mask padding keys by default.
+    # docs/algorithm.md section 9: the reference attends to left padding; we mask padding keys by default.
     mask_padding: bool = True
 
     def __post_init__(self):
@@ -116,31 +116,16 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _unknown_keys(given: Mapping[str, Any], known: set[str], prefix: str) -> None:
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                          f"known keys: {', '.join(sorted(known))}")
-
-
 def model_config_from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict,
                            prefix: str = "model.") -> ModelConfig:
-    """Builds a `ModelConfig` from a (ConfigDict) mapping, rejecting unknown keys by name.
+    """Builds a `ModelConfig` from a model section, rejecting unknown keys by name.
 
     `planner` may be None (no planner head) or a mapping of `PlannerConfig` fields. Keys that
     belong to the loader rather than the architecture (`path`) are ignored here.
     """
-    cfg = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
+    cfg = _plain(cfg)
     cfg.pop("path", None)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    _unknown_keys(cfg, fields, prefix)
-    planner = cfg.get("planner", PlannerConfig())
-    if isinstance(planner, Mapping):
-        planner = dict(planner)
-        _unknown_keys(planner, {f.name for f in dataclasses.fields(PlannerConfig)}, prefix + "planner.")
-        planner = PlannerConfig(**planner)
-    cfg["planner"] = planner
-    return ModelConfig(**cfg)
+    return from_config(ModelConfig, cfg, prefix)
 
 
 def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
@@ -325,7 +310,7 @@ class DecodeConfig:
 def decode_config_from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict,
                             prefix: str = "decode.") -> DecodeConfig:
     """`DecodeConfig` from a (ConfigDict) mapping; unknown keys are errors naming the key."""
-    return dataclass_from_dict(DecodeConfig, cfg, prefix)
+    return from_config(DecodeConfig, cfg, prefix)
 
 
 ADVANTAGES = ("mean", "mean_std", "leave_one_out")
@@ -438,8 +423,299 @@ class MeshConfig:
     tensor: int = 1
 
 
-def dataclass_from_dict(cls, cfg: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str):
-    """`cls(**cfg)` for a flat config section, with unknown keys reported by name."""
-    cfg = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
-    _unknown_keys(cfg, {f.name for f in dataclasses.fields(cls)}, prefix)
-    return cls(**cfg)
+# ---------------------------------------------------------------------- training sections
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The `data` section of GRPO training: the task, where its records come from, and batching.
+
+    Records come from `examples` (inline), `generator` (`{"name", "split", "n"}`, a built-in
+    generator) or `path` (a JSONL, JSON or Parquet file, a directory of split files, or
+    `tfds:NAME:SPLIT`; with `split`, `data_dir`, `limit`). `tokenizer` is a directory (default
+    `model.path`; none for records with `prompt_ids`). `prompts_per_step` is the global number of
+    prompts per step (each rolled out `rl.group_size` times); `shuffle_seed` defaults to `seed`.
+    """
+
+    task: str
+    task_options: Mapping[str, Any] | None = None
+    examples: Sequence[Mapping[str, Any]] | None = None
+    generator: Mapping[str, Any] | None = None
+    path: str | None = None
+    split: str | None = None
+    data_dir: str | None = None
+    limit: int | None = None
+    tokenizer: str | None = None
+    mode: str | None = None
+    prompts_per_step: int = 1
+    shuffle_seed: int | None = None
+
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardsConfig:
+    """The `rewards` section: `weights` (default: the task's), per-reward `options`, and the
+    distillation teacher (`teacher_path`, `teacher_weight`, `teacher_dtype`)."""
+
+    weights: Mapping[str, float] | None = None
+    options: Mapping[str, Mapping[str, Any]] | None = None
+    teacher_path: str | None = None
+    teacher_weight: float = 1.0
+    teacher_dtype: str = "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinalEvalConfig:
+    """The `final_eval` section: the end-of-run comparison (`training.final_eval`).
+
+    Held-out records from `generator` or `path` (+ `split`, `limit`); `rows` and `sweeps` name the
+    settings (checked by `final_eval.check`); `seeds` and `batch_size` (rounded up to the mesh).
+    """
+
+    generator: Mapping[str, Any] | None = None
+    path: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    rows: Mapping[str, Mapping[str, Any]] | None = None
+    sweeps: Mapping[str, Mapping[str, Any]] | None = None
+    seeds: Sequence[int] = (0,)
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ConfigError(f"final_eval.batch_size={self.batch_size!r} must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+    """A GRPO training config (`launch/train.py`): `model` is the model section (`path` + fields
+    of `ModelConfig`, read by `interop.build.build_model`)."""
+
+    model: Mapping[str, Any]
+    decode: DecodeConfig
+    data: DataConfig
+    total_steps: int
+    rl: RLConfig = RLConfig()
+    optim: OptimConfig = OptimConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    seed: int = 0
+    final_eval: FinalEvalConfig | None = None
+
+    def __post_init__(self):
+        _check_total_steps(self.total_steps)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTDataConfig:
+    """The `data` section of the SFT trainers: `task` (an SFT task: "arithmetic", "fill"), the
+    problems `[start, start + num_examples)` of `split`, `batch_size` rows per step, and the row
+    widths (None: the task's own)."""
+
+    task: str = "arithmetic"
+    split: str = "train"
+    num_examples: int = 10000
+    start: int = 0
+    batch_size: int
+    prompt_length: int | None = None
+    response_length: int | None = None
+
+    def __post_init__(self):
+        for key in ("batch_size", "num_examples", "prompt_length", "response_length"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"data.{key}={value!r} must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlannerDataConfig(SFTDataConfig):
+    """Planner initialisation's `data`: also `block_length` (None: the task's) and `corruption`,
+    "span" (the reference's) or "aligned"."""
+
+    block_length: int | None = None
+    corruption: str = "span"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.corruption not in CORRUPTIONS:
+            raise ConfigError(f"data.corruption={self.corruption!r} is not one of {', '.join(CORRUPTIONS)}")
+
+
+CORRUPTIONS = ("span", "aligned")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTEvalConfig:
+    """The `eval` section of the SFT trainers: held-out decoding of `rules` on `num_examples`
+    problems of `split` after training (greedy tokens; `steps` for scheduled rules, `block_length`
+    None: the task's), and every `every` steps (0: never) on the first `every_examples` of them."""
+
+    split: str = "heldout"
+    start: int = 0
+    num_examples: int = 0
+    batch_size: int | None = None
+    rules: Sequence[str] = ()
+    steps: int | None = None
+    block_length: int | None = None
+    every: int = 0
+    every_examples: int = 128
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlannerEvalConfig(SFTEvalConfig):
+    """Planner initialisation's `eval`: also `agreement_batches` held-out batches scored for
+    agreement with the factor rule."""
+
+    agreement_batches: int = 0
+
+
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+MASK_EPS = 1e-3  # LLaDA's `eps` of the masking probability `t ~ U(eps, 1)`
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTConfig:
+    """What the SFT trainers share: checkpoints are cheap beside GRPO's (every 500 steps), metrics
+    are means over `log_every` steps, the result is exported as an HF directory (`export_dir`,
+    None: `WORKDIR/hf`) in `export_dtype`."""
+
+    model: Mapping[str, Any]
+    data: SFTDataConfig
+    total_steps: int
+    optim: OptimConfig = OptimConfig()
+    eval: SFTEvalConfig = SFTEvalConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig(every=500, keep=2)
+    seed: int = 0
+    log_every: int = 50
+    export_dir: str | None = None
+    export_dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_total_steps(self.total_steps)
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ConfigError(f"export_dtype={self.export_dtype!r} must be float32, bfloat16 or float16")
+        if not isinstance(self.log_every, int) or self.log_every <= 0:
+            raise ConfigError(f"log_every={self.log_every} must be positive")
+        every = self.eval.every
+        if every < 0 or (every and every % self.log_every):
+            raise ConfigError(f"eval.every={every} must be 0 (off) or a multiple of log_every={self.log_every}")
+        if self.checkpoint.every % self.log_every:  # a resume would log a row averaging part of its window
+            raise ConfigError(f"checkpoint.every={self.checkpoint.every} must be a multiple of "
+                              f"log_every={self.log_every}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainConfig(SFTConfig):
+    """Masked-diffusion SFT (`launch/pretrain.py`): `mask_eps` is the `eps` of `t ~ U(eps, 1)`."""
+
+    mask_eps: float = MASK_EPS
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.mask_eps < 1:
+            raise ConfigError(f"mask_eps={self.mask_eps} must be in (0, 1)")
+        if self.optim.train != "all":
+            raise ConfigError(f"optim.train={self.optim.train!r}: pre-training trains the whole backbone ('all')")
+        if self.model.get("planner") is not None:
+            raise ConfigError("model.planner must be None for pre-training (the planner is initialised by "
+                              "launch/init_planner.py afterwards)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlannerInitConfig(SFTConfig):
+    """Planner initialisation (`launch/init_planner.py`): `factor` is the imitated rule's f."""
+
+    data: PlannerDataConfig
+    eval: PlannerEvalConfig = PlannerEvalConfig()
+    factor: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model.get("path"):
+            raise ConfigError("model.path must name the base HF directory whose planner is initialised")
+        if self.model.get("planner", PlannerConfig()) is None:
+            raise ConfigError("model.planner is None; planner initialisation needs a planner section")
+        if self.optim.train != "planner":
+            raise ConfigError(f"optim.train={self.optim.train!r}: planner initialisation trains the planner only "
+                              "(set optim.train='planner')")
+        if self.factor <= 0:
+            raise ConfigError(f"factor={self.factor} must be positive")
+
+
+def _check_total_steps(total_steps: Any) -> None:
+    if not isinstance(total_steps, int) or total_steps < 0:
+        raise ConfigError(f"total_steps={total_steps!r} must be an integer >= 0")
+
+
+# ------------------------------------------------------------------- ConfigDict <-> dataclass
+
+
+def _plain(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+def _section_type(hint: Any) -> type | None:
+    """The dataclass a field holds (`X` or `X | None`), else None."""
+    candidates = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+
+def from_config(cls: type, cfg: Mapping[str, Any] | ml_collections.ConfigDict | None, prefix: str = ""):
+    """`cls` built from a config (section), nested sections included: the one place where config
+    keys are checked. Unknown and missing keys are `ConfigError`s naming the dotted key
+    (`prefix` + name); each dataclass validates its own values."""
+    values = _plain(cfg)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"known: {', '.join(sorted(fields))}")
+    missing = [prefix + name for name, f in fields.items() if name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"config is missing {', '.join(missing)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        section = _section_type(hints[name])
+        if section is not None and isinstance(value, Mapping):
+            values[name] = from_config(section, value, f"{prefix}{name}.")
+    return cls(**values)
+
+
+def as_config_dict(cls: type, **overrides: Any) -> ml_collections.ConfigDict:
+    """A `ConfigDict` of `cls`'s defaults with `overrides`, for config files: the defaults are
+    stated once, in the dataclass. A None default becomes a typed `FieldReference`, so that a
+    command-line override (`--config.decode.steps=8`) can set it."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+    section = {}
+    for name, f in fields.items():
+        if name in overrides:
+            value = overrides[name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            continue  # a required field the caller did not give
+        if dataclasses.is_dataclass(value):
+            value = as_config_dict(type(value), **{k.name: getattr(value, k.name) for k in dataclasses.fields(value)})
+        elif value is None:
+            value = _none_reference(hints[name])
+        section[name] = value
+    return ml_collections.ConfigDict(section)
+
+
+def _none_reference(hint: Any) -> ml_collections.FieldReference:
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    kind = kinds[0]
+    if dataclasses.is_dataclass(kind) or typing.get_origin(kind) in (Mapping, dict) or kind in (Mapping, dict):
+        kind = ml_collections.ConfigDict
+    elif typing.get_origin(kind) is not None:  # Sequence[...] and other generics
+        kind = typing.get_origin(kind)
+    return ml_collections.FieldReference(None, field_type=kind)

@@ -52,13 +52,11 @@ from absl import flags
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dultra_jax.errors import DistributedError  # re-exported; errors.py holds every user error
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
-
-
-class DistributedError(ValueError):
-    """Inconsistent multi-process settings; the message names the flag."""
 
 
 def cluster_from_env(environ: Mapping[str, str] | None = None) -> str | None:

@@ -1,7 +1,7 @@
 """Evaluation (the paper's protocol): accuracy, NFE, tokens per forward and wall tokens/s over rules,
 sweeps and seeds, with the samples, a summary and an accuracy-versus-NFE Pareto plot on disk.
 
-    params, model, source_dir = build.load_model_source("/ckpt/dUltra-8B", mesh=make_mesh(), dtype="bfloat16")
+    params, model, source_dir = restore.load_model_source("/ckpt/dUltra-8B", mesh=make_mesh(), dtype="bfloat16")
     summary = evaluate(params, model, load_tokenizer(source_dir), records, get_task("gsm8k"),
                        rules_and_sweeps={"planner_bernoulli": None, "threshold": [0.9]},
                        seeds=(42, 123, 456, 789, 1000), gen_length=256, block_length=32,
@@ -20,7 +20,7 @@ other seed repeats those results (its tokens/s counts the decoded seed). The rol
 factor, threshold, entropy_bound and steps, so one compile serves a rule's whole sweep over them;
 one untimed warm-up batch per compile keeps compilation out of the wall time. Batch `j` of seed
 `s` uses `fold_in(key(s), j)`, the same for every setting (common random numbers). Correctness is
-the task's correctness reward (`training.data_setup.CORRECTNESS`: `math_correct` for math,
+the task's correctness reward (`data.tasks.CORRECTNESS`: `math_correct` for math,
 `code_correct` for code, `exact_match` for `exact`, `fill_correct` for the demo task) being
 positive.
 
@@ -38,6 +38,12 @@ Devices: params and batches are sharded over `mesh` when one is given (every dev
 With several processes (`jax.distributed`) a mesh is required: each process feeds its rows of
 every batch and scores those rows, the tokens and verdicts are gathered to every process, every
 process returns the same summary, and process 0 alone writes the files.
+
+`evaluate` in pieces: `plan_settings` (the arguments checked, the settings resolved),
+`prepare_batches` (records encoded and placed once), `decode_setting` (warm-up, decoding and
+`score_batch` for one setting over the seeds) and `write_outputs`. `model_source.evaluate_source` is
+`launch/evaluate.py`'s one call (a model source, a task and its data file, per-knob sweeps), and
+`summary_table` its printout, through `format_table`, the one table.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ import jax
 import numpy as np
 
 from dultra_jax.config import PLANNER_RULES, RULES, ConfigError, DecodeConfig, ModelConfig
+from dultra_jax.data.tasks import CORRECTNESS
 from dultra_jax.decoding.rollout import Trajectory, check_prompts, rollout
+from dultra_jax.sharding import all_rows, batch_sharding, check_batch, global_rows, local_rows, process_row_range
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +84,6 @@ SUMMARY_COLUMNS = ("rule", "sweep_key", "sweep_value", "accuracy", "accuracy_std
                    "nfe", "tpf", "tpf_non_eos", "tokens_per_s", "non_eos_tokens_per_s", "wall_s", "warmup_s",
                    "n", "seeds")
 SAMPLES_FILE, SUMMARY_JSON, SUMMARY_CSV, PARETO_PNG = "samples.jsonl", "summary.json", "summary.csv", "pareto.png"
-
-
-# ------------------------------------------------------------------------------------- loading
-
-
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -325,19 +328,15 @@ def write_outputs(summary: Mapping[str, Any], out_dir: str, plot: bool = True) -
 def _gather_rows(trajectory: Trajectory, mesh) -> Trajectory:
     """The whole batch's `tokens` and `num_steps` on every process, in global row order, from a
     rollout whose rows are sharded over several processes (what scoring reads)."""
-    from dultra_jax.training.grpo_trainer import all_rows, local_rows
-
     rows = all_rows(local_rows({"tokens": trajectory.tokens, "num_steps": trajectory.num_steps}, mesh), mesh)
     return trajectory.replace(**rows)
 
 
 def _correctness_part(task) -> str:
-    from dultra_jax.training.data_setup import CORRECTNESS
-    try:
-        return CORRECTNESS[task.kind]
-    except KeyError:
+    if task.correctness_part is None:
         raise ConfigError(f"task {task.name!r} of kind {task.kind!r} has no correctness reward; known kinds: "
-                          f"{', '.join(CORRECTNESS)}") from None
+                          f"{', '.join(CORRECTNESS)}")
+    return task.correctness_part
 
 
 def score_completions(task, completions: Sequence[str], examples: Sequence[Mapping[str, Any]], nfe,
@@ -360,14 +359,184 @@ def _score_own_rows(task, completions: Sequence[str], examples: Sequence[Mapping
     (`mine`; a single process feeds them all) and the verdicts are gathered in row order, so a
     code task runs each completion's tests once, not once per process. With several processes
     every one must call it (a collective). Returns `[n]` bool."""
-    from dultra_jax.training.grpo_trainer import all_rows
-
     own = np.flatnonzero((rows >= mine.start) & (rows < mine.stop))
     verdicts = np.zeros(mine.stop - mine.start, bool)
     if own.size:
         verdicts[rows[own] - mine.start] = score_completions(
             task, [completions[r] for r in own], [examples[r] for r in own], np.asarray(nfe)[own], reward_options)
     return all_rows(verdicts, mesh)[rows]
+
+
+@dataclasses.dataclass
+class EvalBatches:
+    """The records encoded once, as every setting and seed decodes them.
+
+    Attributes:
+      host: `make_eval_batches`' batches (every row of each batch, on every process).
+      device: per batch `(prompt_tokens, prompt_valid)` placed for the rollout: sharded over the
+        mesh's batch axes (with several processes, each feeds its own rows).
+      mine: the rows of each batch this process feeds (and scores).
+      field_keys: the record fields the correctness reward reads.
+      references: the task's reference answer of each record, by record index.
+      num_records: records evaluated (the batches' valid rows).
+    """
+
+    host: list[dict[str, np.ndarray]]
+    device: list[tuple[jax.Array, jax.Array]]
+    mine: slice
+    field_keys: list[str]
+    references: dict[int, Any]
+    num_records: int
+
+
+def plan_settings(model: ModelConfig, task, rules_and_sweeps, *, seeds: Sequence[int], batch_size: int,
+                  common: Mapping[str, Any], decode_overrides: Mapping[str, Any] | None = None,
+                  mesh=None) -> tuple[list[Setting], list[DecodeConfig]]:
+    """Checks `evaluate`'s arguments and returns its settings (default knobs resolved, so every
+    row and sample names the value used) with their `DecodeConfig`s; `common` holds the decode
+    fields every setting shares. ConfigError for a bad argument (see `evaluate`)."""
+    if jax.process_count() > 1 and mesh is None:
+        raise ConfigError(f"evaluate on {jax.process_count()} processes needs `mesh`: each process feeds its "
+                          "devices' rows of every batch")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds={list(seeds)}: give one or more distinct seeds")
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size={batch_size} must be positive")
+    settings = sweep_settings(rules_and_sweeps)
+    overrides = dict(decode_overrides or {})
+    reserved = {"rule", *common, *(k for k in SWEEP_KEYS.values() if k)} - {"eos_token_id"}
+    if reserved & set(overrides):
+        raise ConfigError(f"decode_overrides: {sorted(reserved & set(overrides))} are set by evaluate's own "
+                          "arguments and the sweeps")
+    decodes = [s.decode_config(**{**common, **overrides}) for s in settings]
+    for decode in decodes:
+        decode.check_model(model)
+    settings = [dataclasses.replace(s, value=effective_value(d)) for s, d in zip(settings, decodes)]
+    if len(set(settings)) != len(settings):
+        raise ConfigError(f"a setting is given twice once defaults are resolved: {[s.label for s in settings]}")
+    _correctness_part(task)
+    if mesh is not None:
+        check_batch("batch_size", batch_size, mesh)
+    return settings, decodes
+
+
+def prepare_batches(records: Sequence[Mapping[str, Any]], task, tokenizer, model: ModelConfig,
+                    decode: DecodeConfig, *, batch_size: int, mode: str | None = None, mesh=None) -> EvalBatches:
+    """Encodes `records` into fixed-shape batches once and places their prompts on the devices
+    (`mesh`'s batch sharding; with several processes each process feeds its own rows)."""
+    from dultra_jax.data.pipeline import make_eval_batches  # grain: only evaluation needs it
+
+    host = list(make_eval_batches(records, task, tokenizer, prompt_length=decode.prompt_length,
+                                  batch_size=batch_size, mode=mode, pad_id=model.pad_token_id))
+    sharding = None if mesh is None else batch_sharding(mesh)
+    mine = slice(0, batch_size) if mesh is None else process_row_range(mesh, batch_size)
+    device = []
+    for batch in host:
+        tokens, valid = check_prompts(batch["prompt_tokens"], batch["prompt_valid"], model, decode)
+        if jax.process_count() > 1:  # every process encodes every batch and feeds its own rows
+            device.append(tuple(global_rows(np.asarray(x)[mine], mesh) for x in (tokens, valid)))
+        else:
+            device.append((jax.device_put(tokens, sharding), jax.device_put(valid, sharding)))
+    field_keys = [k for k in host[0] if host[0][k].dtype == object and k not in ("prompt_text", "prompt_messages")]
+    references = {int(batch["index"][i]): task.reference(records[int(batch["index"][i])])
+                  for batch in host for i in np.flatnonzero(batch["row_valid"])}
+    return EvalBatches(host=host, device=device, mine=mine, field_keys=field_keys, references=references,
+                       num_records=sum(int(np.sum(b["row_valid"])) for b in host))
+
+
+def _decode_batch(params, model: ModelConfig, decode: DecodeConfig, tokens, valid, rng, mesh):
+    """One timed rollout of a placed batch: `(trajectory, seconds)`; with several processes the
+    tokens and step counts of every row are gathered to every process."""
+    start = time.perf_counter()
+    trajectory = jax.block_until_ready(rollout(params, tokens, valid, rng, decode, model))
+    seconds = time.perf_counter() - start
+    if jax.process_count() > 1:
+        trajectory = _gather_rows(trajectory, mesh)
+    return trajectory, seconds
+
+
+def score_batch(trajectory: Trajectory, batch: Mapping[str, np.ndarray], batches: EvalBatches, task, tokenizer,
+                stop_ids: Sequence[int], *, setting: Setting, seed: int, mesh=None,
+                reward_options: Mapping[str, Mapping] | None = None):
+    """Scores one decoded batch's valid rows: `(correct [n] bool, row metrics, samples)`, the
+    samples being the `SAMPLE_FIELDS` dicts of samples.jsonl in row order. With several
+    processes every one must call it (the verdicts are gathered)."""
+    from dultra_jax.data.tokenizer import decode_completion
+
+    rows = np.flatnonzero(batch["row_valid"])
+    metrics = row_metrics(trajectory, stop_ids, batch["row_valid"])
+    completions = [decode_completion(tokenizer, t, stop_ids) for t in np.asarray(trajectory.tokens)[rows]]
+    examples = [{k: batch[k][i] for k in batches.field_keys} for i in rows]
+    correct = _score_own_rows(task, completions, examples, metrics["nfe"], rows, batches.mine, mesh, reward_options)
+    samples = []
+    for r, i in enumerate(rows):
+        index = int(batch["index"][i])
+        samples.append({"index": index, "rule": setting.rule, "sweep_key": setting.key, "sweep_value": setting.value,
+                        "seed": seed, "prompt": str(batch["prompt_text"][i]), "completion": completions[r],
+                        "reference": batches.references[index], "correct": bool(correct[r]),
+                        "nfe": int(metrics["nfe"][r]), "non_eos_tokens": int(metrics["non_eos"][r])})
+    return correct, metrics, samples
+
+
+def decode_setting(params, model: ModelConfig, setting: Setting, decode: DecodeConfig, batches: EvalBatches,
+                   seeds: Sequence[int], *, task, tokenizer, stop_ids: Sequence[int], samples_file, progress,
+                   compiled: set, mesh=None, reward_options: Mapping[str, Mapping] | None = None) -> dict[str, Any]:
+    """Decodes and scores every batch under one setting for every seed; returns its summary row
+    (`summarize_setting`) and writes its samples to `samples_file`.
+
+    The first setting of each compiled rollout (`compiled` holds their `without_knobs()` configs)
+    first decodes an untimed warm-up batch; a deterministic setting decodes the first seed only
+    and repeats its results for the others. `progress` is the tqdm bar (one tick per batch).
+    """
+    warmup_s = 0.0
+    if decode.without_knobs() not in compiled:  # warm-up: compiles the rollout (untimed)
+        start = time.perf_counter()
+        tokens0, valid0 = batches.device[0]
+        jax.block_until_ready(rollout(params, tokens0, valid0, jax.random.fold_in(jax.random.key(seeds[0]), 0),
+                                      decode, model))
+        warmup_s = time.perf_counter() - start
+        compiled.add(decode.without_knobs())
+    correct, nfe, non_eos, wall_s = [], [], [], 0.0
+    decoded_seeds = 1 if decode.deterministic else len(seeds)
+    for seed in seeds[:decoded_seeds]:
+        seed_correct, seed_nfe, seed_non_eos, seed_samples = [], [], [], []
+        keys = [jax.random.fold_in(jax.random.key(seed), j) for j in range(len(batches.host))]
+        for batch, (tokens, valid), rng in zip(batches.host, batches.device, keys):
+            trajectory, seconds = _decode_batch(params, model, decode, tokens, valid, rng, mesh)
+            wall_s += seconds
+            ok, metrics, samples = score_batch(trajectory, batch, batches, task, tokenizer, stop_ids, setting=setting,
+                                               seed=seed, mesh=mesh, reward_options=reward_options)
+            _write_samples(samples_file, samples)
+            seed_samples += samples
+            seed_correct.append(ok)
+            seed_nfe.append(metrics["nfe"])
+            seed_non_eos.append(metrics["non_eos"])
+            progress.update(1)
+        correct.append(np.concatenate(seed_correct))
+        nfe.append(np.concatenate(seed_nfe))
+        non_eos.append(np.concatenate(seed_non_eos))
+        progress.set_postfix(acc=f"{100 * np.mean(correct):.1f}", nfe=f"{np.mean(nfe):.1f}")
+    for seed in seeds[decoded_seeds:]:  # the key is unused: every seed decodes these tokens
+        correct.append(correct[0])
+        nfe.append(nfe[0])
+        non_eos.append(non_eos[0])
+        _write_samples(samples_file, [{**sample, "seed": seed} for sample in seed_samples])
+        progress.update(len(batches.host))
+    return summarize_setting(setting, np.stack(correct), np.stack(nfe), np.stack(non_eos), decode.gen_length,
+                             wall_s, warmup_s, timed_seeds=decoded_seeds)
+
+
+def _write_samples(samples_file, samples: Sequence[Mapping[str, Any]]) -> None:
+    for sample in samples:
+        samples_file.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    samples_file.flush()
+
+
+def _log_row(setting: Setting, row: Mapping[str, Any]) -> None:
+    stderr = row["accuracy_stderr"]
+    log.info("%s: accuracy %.2f%% (stderr %s) NFE %.2f TPF %.2f (non-EOS %.2f) %.1f tokens/s (warm-up %.1fs)",
+             setting.label, row["accuracy"], "n/a" if stderr is None else f"{stderr:.2f}", row["nfe"], row["tpf"],
+             row["tpf_non_eos"], row["tokens_per_s"] or 0.0, row["warmup_s"])
 
 
 def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[str, Any]], task, *,
@@ -379,7 +548,8 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
     """Decodes `records` under every setting and seed, scores them and writes the outputs.
 
     Args:
-      params, model: the policy (`load_model_source` / `build_model`); params may be sharded.
+      params, model: the policy (`training.restore.load_model_source` / `build_model`); params
+        may be sharded.
       tokenizer: the HF tokenizer (None when the records carry `prompt_ids`; completions are then
         space-separated ids).
       records, task: the records the task uses (`load_task_records`) and the `data.tasks.Task`.
@@ -410,68 +580,19 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
     """
     from tqdm.auto import tqdm
 
-    from dultra_jax.data.pipeline import make_eval_batches
-    from dultra_jax.data.tokenizer import decode_completion, stop_token_ids
+    from dultra_jax.data.tokenizer import stop_token_ids
 
-    multi_process = jax.process_count() > 1
-    if multi_process and mesh is None:
-        raise ConfigError(f"evaluate on {jax.process_count()} processes needs `mesh`: each process feeds its "
-                          "devices' rows of every batch")
     seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds={seeds}: give one or more distinct seeds")
-    if batch_size <= 0:
-        raise ConfigError(f"batch_size={batch_size} must be positive")
-    settings = sweep_settings(rules_and_sweeps)
-    overrides = dict(decode_overrides or {})
-    reserved = {"rule", "prompt_length", "gen_length", "block_length", "temperature", "max_steps",
-                *(k for k in SWEEP_KEYS.values() if k)}
-    if reserved & set(overrides):
-        raise ConfigError(f"decode_overrides: {sorted(reserved & set(overrides))} are set by evaluate's own "
-                          "arguments and the sweeps")
     common = dict(prompt_length=prompt_length, gen_length=gen_length, block_length=block_length,
                   temperature=temperature, max_steps=max_steps, eos_token_id=model.eos_token_id)
-    common.update(overrides)
-    decodes = [s.decode_config(**common) for s in settings]
-    for decode in decodes:
-        decode.check_model(model)
-    # Resolve default knobs so every row and sample names the value actually used.
-    settings = [dataclasses.replace(s, value=effective_value(d)) for s, d in zip(settings, decodes)]
-    if len(set(settings)) != len(settings):
-        raise ConfigError(f"a setting is given twice once defaults are resolved: {[s.label for s in settings]}")
-    _correctness_part(task)
-    if mesh is not None:
-        from dultra_jax.sharding import check_batch
-        check_batch("batch_size", batch_size, mesh)
+    settings, decodes = plan_settings(model, task, rules_and_sweeps, seeds=seeds, batch_size=batch_size,
+                                      common=common, decode_overrides=decode_overrides, mesh=mesh)
     if stop_ids is None:
         extra = (model.eos_token_id,) + ((model.eot_token_id,) if model.eot_token_id is not None else ())
         stop_ids = stop_token_ids(tokenizer, extra=extra)
     stop_ids = tuple(int(i) for i in stop_ids)
-
-    # Encode once; every setting and seed reuses the device batches.
-    batches = list(make_eval_batches(records, task, tokenizer, prompt_length=prompt_length, batch_size=batch_size,
-                                     mode=mode, pad_id=model.pad_token_id))
-    sharding, mine = None, slice(0, batch_size)
-    if mesh is not None:
-        from dultra_jax.sharding import batch_sharding, process_row_range
-        sharding = batch_sharding(mesh)
-        mine = process_row_range(mesh, batch_size)
-    device_batches = []
-    for batch in batches:
-        tokens, valid = check_prompts(batch["prompt_tokens"], batch["prompt_valid"], model, decodes[0])
-        if multi_process:  # every process encodes every batch and feeds its own rows
-            from dultra_jax.training.grpo_trainer import global_rows
-            device_batches.append(tuple(global_rows(np.asarray(x)[mine], mesh) for x in (tokens, valid)))
-        else:
-            device_batches.append((jax.device_put(tokens, sharding), jax.device_put(valid, sharding)))
-    field_keys = [k for k in batches[0] if batches[0][k].dtype == object
-                  and k not in ("prompt_text", "prompt_messages")]
-    num_records = sum(int(np.sum(b["row_valid"])) for b in batches)
-    references = {}
-    for batch in batches:
-        for i in np.flatnonzero(batch["row_valid"]):
-            index = int(batch["index"][i])
-            references[index] = task.reference(records[index])
+    batches = prepare_batches(records, task, tokenizer, model, decodes[0], batch_size=batch_size, mode=mode,
+                              mesh=mesh)
 
     # With several processes the rollout's rows are gathered to every process, each scores the rows
     # it fed, and the verdicts are gathered too; process 0 alone writes.
@@ -479,85 +600,106 @@ def evaluate(params, model: ModelConfig, tokenizer, records: Sequence[Mapping[st
     if writer:
         os.makedirs(out_dir, exist_ok=True)
     summary: dict[str, Any] = {
-        "task": task.name, "mode": mode or task.mode, "num_records": num_records, "seeds": seeds,
+        "task": task.name, "mode": mode or task.mode, "num_records": batches.num_records, "seeds": seeds,
         "gen_length": gen_length, "block_length": block_length, "prompt_length": prompt_length,
         "batch_size": batch_size, "temperature": temperature, "max_steps": max_steps,
         "decode_overrides": dict(decode_overrides or {}), "stop_ids": list(stop_ids),
         "correctness_reward": _correctness_part(task),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "rows": []}
     samples_path = os.path.join(out_dir, SAMPLES_FILE)
-    log.info("evaluating %s on %d records: %d setting(s) x %d seed(s), %d batch(es) of %d", task.name, num_records,
-             len(settings), len(seeds), len(batches), batch_size)
-    bar = tqdm(total=len(settings) * len(seeds) * len(batches), disable=not (progress and writer), file=sys.stderr,
-               unit="batch", dynamic_ncols=True)
+    log.info("evaluating %s on %d records: %d setting(s) x %d seed(s), %d batch(es) of %d", task.name,
+             batches.num_records, len(settings), len(seeds), len(batches.host), batch_size)
+    bar = tqdm(total=len(settings) * len(seeds) * len(batches.host), disable=not (progress and writer),
+               file=sys.stderr, unit="batch", dynamic_ncols=True)
     files: dict[str, str] = {"samples": samples_path}
     try:
         with open(samples_path if writer else os.devnull, "w") as samples_file:
-            compiled = set()  # the rollouts' static configs (`DecodeConfig.without_knobs`) warmed up
+            compiled: set = set()  # the rollouts' static configs (`DecodeConfig.without_knobs`) warmed up
             for setting, decode in zip(settings, decodes):
                 bar.set_description(setting.label)
-                warmup_s = 0.0
-                if decode.without_knobs() not in compiled:  # warm-up: compiles the rollout (untimed)
-                    start = time.perf_counter()
-                    tokens0, valid0 = device_batches[0]
-                    warmup_key = jax.random.fold_in(jax.random.key(seeds[0]), 0)
-                    jax.block_until_ready(rollout(params, tokens0, valid0, warmup_key, decode, model))
-                    warmup_s = time.perf_counter() - start
-                    compiled.add(decode.without_knobs())
-                correct, nfe, non_eos, wall_s = [], [], [], 0.0
-                decoded_seeds = 1 if decode.deterministic else len(seeds)
-                for seed in seeds[:decoded_seeds]:
-                    seed_correct, seed_nfe, seed_non_eos, seed_samples = [], [], [], []
-                    keys = [jax.random.fold_in(jax.random.key(seed), j) for j in range(len(batches))]
-                    for batch, (tokens, valid), rng in zip(batches, device_batches, keys):
-                        start = time.perf_counter()
-                        trajectory = jax.block_until_ready(rollout(params, tokens, valid, rng, decode, model))
-                        wall_s += time.perf_counter() - start
-                        if multi_process:
-                            trajectory = _gather_rows(trajectory, mesh)
-                        rows = np.flatnonzero(batch["row_valid"])
-                        metrics = row_metrics(trajectory, stop_ids, batch["row_valid"])
-                        out_tokens = np.asarray(trajectory.tokens)[rows]
-                        completions = [decode_completion(tokenizer, t, stop_ids) for t in out_tokens]
-                        examples = [{k: batch[k][i] for k in field_keys} for i in rows]
-                        ok = _score_own_rows(task, completions, examples, metrics["nfe"], rows, mine, mesh,
-                                             reward_options)
-                        for r, i in enumerate(rows):
-                            index = int(batch["index"][i])
-                            sample = {"index": index, "rule": setting.rule, "sweep_key": setting.key,
-                                      "sweep_value": setting.value, "seed": seed,
-                                      "prompt": str(batch["prompt_text"][i]), "completion": completions[r],
-                                      "reference": references[index], "correct": bool(ok[r]),
-                                      "nfe": int(metrics["nfe"][r]), "non_eos_tokens": int(metrics["non_eos"][r])}
-                            samples_file.write(json.dumps(sample, ensure_ascii=False) + "\n")
-                            seed_samples.append(sample)
-                        samples_file.flush()
-                        seed_correct.append(ok)
-                        seed_nfe.append(metrics["nfe"])
-                        seed_non_eos.append(metrics["non_eos"])
-                        bar.update(1)
-                    correct.append(np.concatenate(seed_correct))
-                    nfe.append(np.concatenate(seed_nfe))
-                    non_eos.append(np.concatenate(seed_non_eos))
-                    bar.set_postfix(acc=f"{100 * np.mean(correct):.1f}", nfe=f"{np.mean(nfe):.1f}")
-                for seed in seeds[decoded_seeds:]:  # the key is unused: every seed decodes these tokens
-                    correct.append(correct[0])
-                    nfe.append(nfe[0])
-                    non_eos.append(non_eos[0])
-                    for sample in seed_samples:
-                        samples_file.write(json.dumps({**sample, "seed": seed}, ensure_ascii=False) + "\n")
-                    bar.update(len(batches))
-                row = summarize_setting(setting, np.stack(correct), np.stack(nfe), np.stack(non_eos), gen_length,
-                                        wall_s, warmup_s, timed_seeds=decoded_seeds)
+                row = decode_setting(params, model, setting, decode, batches, seeds, task=task, tokenizer=tokenizer,
+                                     stop_ids=stop_ids, samples_file=samples_file, progress=bar, compiled=compiled,
+                                     mesh=mesh, reward_options=reward_options)
                 summary["rows"].append(row)
                 if writer:
                     files.update(write_outputs(summary, out_dir, plot=plot))
-                stderr = row["accuracy_stderr"]
-                log.info("%s: accuracy %.2f%% (stderr %s) NFE %.2f TPF %.2f (non-EOS %.2f) %.1f tokens/s "
-                         "(warm-up %.1fs)", setting.label, row["accuracy"],
-                         "n/a" if stderr is None else f"{stderr:.2f}", row["nfe"], row["tpf"], row["tpf_non_eos"],
-                         row["tokens_per_s"] or 0.0, warmup_s)
+                _log_row(setting, row)
     finally:
         bar.close()
     summary["files"] = files
     return summary
+
+
+# ---------------------------------------------------------------------- from a model source
+
+
+def rule_sweeps(rules: Sequence[str], sweeps: Mapping[str, Sequence[float | int]]) -> dict[str, list]:
+    """`{rule: values}` for `evaluate` from one value list per knob (`sweeps`, keyed by the
+    `SWEEP_KEYS` values: factor, threshold, steps, entropy_bound): each rule takes its knob's
+    list, an empty or absent one its default (`[None]`). ConfigError `rules: ...` for an unknown
+    or missing rule."""
+    unknown = [r for r in rules if r not in SWEEP_KEYS]
+    if unknown or not rules:
+        raise ConfigError(f"rules: unknown rule(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                          f"use one of {', '.join(SWEEP_KEYS)}")
+    result = {}
+    for rule in rules:
+        knob = SWEEP_KEYS[rule]
+        result[rule] = (list(sweeps.get(knob) or ()) if knob else []) or [None]
+    sweep_settings(result)
+    return result
+
+
+def summary_table(summary: Mapping[str, Any], params: str = "model") -> str:
+    """The summary as text: a header line, the Markdown table of `format_table`
+    (one sweep per rule; `params` names the model in its params column), then one line per setting,
+    its label and decoding tokens/s (compilation excluded), and the output files."""
+    sweeps: dict[str, list] = {}
+    for row in summary["rows"]:
+        sweeps.setdefault(row["rule"], []).append({**row, "params": params})
+    lines = [f"{summary['task']}: {summary['num_records']} records x {len(summary['seeds'])} seed(s), "
+             f"gen {summary['gen_length']}, block {summary['block_length']}",
+             format_table({"sweeps": sweeps}),
+             "tokens/s of each setting (decoding, compilation excluded):"]
+    lines += [f"{Setting(r['rule'], r['sweep_key'], r['sweep_value']).label} {r['tokens_per_s'] or 0:.1f}"
+              for r in summary["rows"]]
+    if summary.get("files"):
+        lines.append("outputs: " + ", ".join(sorted(summary["files"].values())))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------ the comparison table and plot
+
+
+def headline_rows(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The named rows of `results` (everything but `sweeps`)."""
+    return {name: row for name, row in results.items() if name != "sweeps"}
+
+
+def plot_comparison(results: Mapping[str, Any], path: str, title: str | None = None) -> None:
+    """`pareto.png`: one curve per sweep (labelled with its knob values; dashed for a baseline
+    rule on the trained parameters), the headline rows as large markers, the Pareto front of
+    every point, NFE on a log axis."""
+    curves = [{**r, "rule": name, "dashed": r["params"] == "trained" and r["rule"] not in PLANNER_RULES}
+              for name, sweep in results.get("sweeps", {}).items() for r in sweep]
+    points = [{**r, "rule": name, "sweep_value": None} for name, r in headline_rows(results).items()]
+    plot_pareto(curves, path, title=title, highlight=points, log_nfe=True)
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """A Markdown table of the rows, then of every sweep point: accuracy (percent, +- its standard
+    error), mean NFE, tokens per forward (all generated tokens, and without EOS padding)."""
+    lines = ["| row | params | rule | accuracy % | NFE | tokens / forward | non-EOS tokens / forward |",
+             "|---|---|---|---|---|---|---|"]
+
+    def line(name: str, r: Mapping[str, Any]) -> str:
+        stderr = "" if r.get("accuracy_stderr") is None else f" ± {r['accuracy_stderr']:.1f}"
+        knob = SWEEP_KEYS.get(r["rule"])
+        rule = r["rule"] + ("" if knob is None or r.get("sweep_value") is None else f" {knob}={r['sweep_value']:g}")
+        return (f"| {name} | {r['params']} | {rule} | {r['accuracy']:.1f}{stderr} | {r['nfe']:.2f} | "
+                f"{r['tpf']:.2f} | {r['tpf_non_eos']:.2f} |")
+
+    lines += [line(name, r) for name, r in headline_rows(results).items()]
+    for name, sweep in results.get("sweeps", {}).items():
+        lines += [line(f"sweep {name}", r) for r in sweep]
+    return "\n".join(lines)

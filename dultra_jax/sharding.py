@@ -8,19 +8,20 @@ sharded over `('data', 'fsdp')`. Shardings come from regex rules on the paramete
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any, Callable, Sequence
+import zlib
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from dultra_jax.errors import ShardingError  # re-exported; errors.py holds every user error
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-
-
-class ShardingError(ValueError):
-    """A shape does not divide the mesh; the message names the array, the dim and the axis."""
 
 
 # First match wins. Specs name the trailing dims; leading (stacked-layer) dims are unsharded.
@@ -58,6 +59,15 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
         raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))} multiply to {int(np.prod(sizes))}, "
                             f"but there are {len(devices)} devices")
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def describe(mesh: Mesh) -> str:
+    """One line for start-up logs: backend, devices, processes and the mesh's axis sizes, e.g.
+    `cpu: 8 devices (TFRT_CPU) in 1 process, mesh data=1 fsdp=8 tensor=1`."""
+    devices = mesh.devices.flat[0]
+    axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    return (f"{jax.default_backend()}: {mesh.devices.size} device(s) ({devices.device_kind}) in "
+            f"{jax.process_count()} process(es), mesh {axes}")
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -148,3 +158,64 @@ def check_groups_stay_whole(name: str, rows: int, group_size: int, mesh: Mesh,
                             f"processes' rows, so each device's {per_device} rows must be whole groups of "
                             f"{group_size}; change the batch or the mesh so that rows per device are a multiple of "
                             f"{group_size}")
+
+
+# ------------------------------------------------------------------- rows across processes
+# Each process holds its own rows of a batch (`process_row_range`); these helpers move rows
+# between host numpy arrays and row-sharded global arrays.
+
+
+def global_rows(local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """This process's rows `[B_local, ...]` as its part of a global array sharded by rows."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local)
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """`global_rows` of every entry of a dict of per-process rows."""
+    return {k: global_rows(v, mesh) for k, v in local.items()}
+
+
+def local_rows(tree: Any, mesh: Mesh) -> Any:
+    """The rows of row-sharded global arrays that this process holds, as host numpy arrays."""
+    def one(x):
+        local = multihost_utils.global_array_to_host_local_array(x, mesh, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+        return np.asarray(local)
+
+    return jax.tree.map(one, tree)
+
+
+def all_rows(tree: Any, mesh: Mesh) -> Any:
+    """Every process's host rows in global row order: leaves `[B_local, ...] -> [B, ...]`.
+
+    Metrics that average over rows (rewards, accuracy, NFE) must see the whole batch, not only
+    process 0's rows. The rows travel as raw bytes (`uint8 [B_local, row bytes]`) through a
+    row-sharded global array that is then replicated, so float64 rewards, NaN and bools arrive
+    bit for bit and in the rollout's row order: the means equal a single process's exactly.
+    With one process the tree is returned unchanged.
+    """
+    if jax.process_count() == 1:
+        return tree
+
+    def one(x):
+        x = np.ascontiguousarray(x)
+        raw = x.reshape(x.shape[0], -1).view(np.uint8)
+        full = multihost_utils.process_allgather(global_rows(raw, mesh), tiled=True)
+        return np.ascontiguousarray(full).view(x.dtype).reshape((-1,) + x.shape[1:])
+
+    return jax.tree.map(one, tree)
+
+
+def check_same_on_all_processes(value: Any, what: str) -> None:
+    """Raises if a JSON-able host value differs between processes (a no-op for one process).
+
+    Orbax's `JsonSave` writes only process 0's copy and every process restores that copy, which is
+    right only when all processes hold the same value (the grain iterator's state is a batch
+    index, advanced in lockstep).
+    """
+    if jax.process_count() == 1:
+        return
+    digest = np.uint32(zlib.crc32(json.dumps(value, sort_keys=True).encode()))
+    digests = multihost_utils.process_allgather(digest)
+    if len(set(digests.tolist())) != 1:
+        raise RuntimeError(f"{what} differs between processes ({value!r} on process {jax.process_index()}); "
+                           f"a checkpoint holds one copy")

@@ -11,14 +11,10 @@ TPU / Slurm / Open MPI environment). `data.batch_size` is the GLOBAL batch; proc
 metrics, the JSON summary and the HF directory.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dultra_jax import distributed
-from dultra_jax.checkpoint import quiet_orbax_logs
-from dultra_jax.config import ConfigError
-from dultra_jax.interop.safetensors_io import CheckpointError
-from dultra_jax.sharding import ShardingError
+from dultra_jax import cli, distributed
 from dultra_jax.training.mdlm_sft import pretrain
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pre-training config file.", lock_config=True)
@@ -26,16 +22,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _DISTRIBUTED = distributed.define_launcher_flags()
 
 
-def main(argv):
-    del argv
-    quiet_orbax_logs()
-    try:
-        distributed.initialize_from_flags(_DISTRIBUTED)  # before anything touches a JAX backend
-        pretrain(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, CheckpointError, ShardingError, distributed.DistributedError) as e:
-        raise SystemExit(f"pretrain.py: error: {e}") from None
+def main() -> None:
+    pretrain(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main, distributed_flags=_DISTRIBUTED)

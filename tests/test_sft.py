@@ -26,8 +26,11 @@ from dultra_jax.data import arithmetic as A
 from dultra_jax.interop.hf_llada import export_hf, load_hf
 from dultra_jax.interop.safetensors_io import CheckpointError
 from dultra_jax.models import policy
-from dultra_jax.models.build import build_model, load_model_source
-from dultra_jax.training import mdlm_sft, planner_sft
+from dultra_jax.data import sft as sft_data
+from dultra_jax.interop.build import build_model
+from dultra_jax.training import mdlm_sft
+from dultra_jax.training import planner_init
+from dultra_jax.training.restore import TOKENIZER_DIR, load_model_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +62,7 @@ def _rows(n=16, split="train"):
     tokenizer = A.build_tokenizer()
     problems = A.make_problems(split, n)
     examples = [A.encode_example(tokenizer, p) for p in problems]
-    rows = mdlm_sft.encode_rows(examples, A.PROMPT_LENGTH, A.GEN_LENGTH, A.PAD_ID, A.EOS_ID)
+    rows = sft_data.encode_rows(examples, A.PROMPT_LENGTH, A.GEN_LENGTH, A.PAD_ID, A.EOS_ID)
     return problems, {k: jnp.asarray(v) for k, v in rows.items()}
 
 
@@ -139,7 +142,7 @@ def test_pretrain_lowers_the_loss_and_exports_a_loadable_hf_dir(pretrained, tmp_
     # The workdir itself is a model source (launch/export.py, evaluate.py): its last checkpoint,
     # with the tokenizer files written at start-up, so that a mid-run export is complete too.
     restored, restored_config, source_dir = load_model_source(workdir)
-    assert restored_config == config and source_dir == os.path.join(workdir, mdlm_sft.TOKENIZER_DIR)
+    assert restored_config == config and source_dir == os.path.join(workdir, TOKENIZER_DIR)
     jax.tree.map(np.testing.assert_array_equal, restored, params)
     assert load_model_source(os.path.join(workdir, "checkpoints"))[2] == source_dir  # the folder itself, too
     again = export_hf(restored, restored_config, str(tmp_path / "again"), dtype="float32", source_dir=source_dir)
@@ -170,7 +173,7 @@ def test_left_padding_does_not_change_the_outputs(pretrained):
     outs = []
     for extra in (0, 5):
         prompt_length = A.PROMPT_LENGTH + extra
-        rows = mdlm_sft.encode_rows(examples, prompt_length, A.GEN_LENGTH, A.PAD_ID, A.EOS_ID)
+        rows = sft_data.encode_rows(examples, prompt_length, A.GEN_LENGTH, A.PAD_ID, A.EOS_ID)
         tokens = np.where(rows["response"], A.MASK_ID, rows["tokens"])
         logits, _ = policy.forward(params, jnp.asarray(tokens), model, valid=jnp.asarray(rows["valid"]))
         outs.append(np.asarray(logits)[:, extra:])
@@ -214,10 +217,10 @@ def test_resume_with_another_model_shape_names_the_key_and_the_array(pretrained,
 
 def test_sft_data_is_deterministic_and_covers_each_epoch():
     rows = {"x": np.arange(10)}
-    data = mdlm_sft.SFTData(rows, batch_size=4, seed=3)
+    data = sft_data.SFTData(rows, batch_size=4, seed=3)
     epoch = np.concatenate([data.batch(0)["x"], data.batch(1)["x"], data.batch(2)["x"][:2]])
     assert sorted(epoch.tolist()) == list(range(10))
-    again = mdlm_sft.SFTData(rows, batch_size=4, seed=3)
+    again = sft_data.SFTData(rows, batch_size=4, seed=3)
     np.testing.assert_array_equal(again.batch(7)["x"], data.batch(7)["x"])
 
 
@@ -265,7 +268,7 @@ def _numpy_factor_rule(confidence, candidates, factor):
 
 def _reference_collator(tokens, ends, t, scores, prompt_length, block_length, mask_id):
     """The reference's `dLLMDataCollator` (`mask_type="random"`) written out per row from its
-    description (spec section 7 and the reference notes), with the random draws given."""
+    description (docs/algorithm.md section 7), with the random draws given."""
     canvas, candidates = tokens.copy(), np.zeros((len(tokens), tokens.shape[1] - prompt_length), bool)
     length = tokens.shape[1]
     for b in range(len(tokens)):
@@ -291,7 +294,7 @@ def test_span_corruption_matches_the_reference_collator():
     t[4] = 0.0  # still one masked position
     scores = rng.uniform(size=(batch, lr)).astype(np.float32)
     canvas, positions, candidates, in_block = jax.jit(functools.partial(
-        planner_sft.span_canvas, prompt_length=lp, block_length=lb, mask_id=1))(tokens, ends, t, scores)
+        planner_init.span_canvas, prompt_length=lp, block_length=lb, mask_id=1))(tokens, ends, t, scores)
     want_canvas, want_candidates = _reference_collator(tokens, ends, t, scores, lp, lb, 1)
     np.testing.assert_array_equal(canvas, want_canvas)
     np.testing.assert_array_equal(candidates, want_candidates)
@@ -310,7 +313,7 @@ def test_planner_targets_equal_numpy_factor_rule(pretrained, factor, corruption)
     _, rows = _rows(16)
     decode = DecodeConfig(rule="factor", prompt_length=A.PROMPT_LENGTH, gen_length=A.GEN_LENGTH,
                           block_length=A.BLOCK_LENGTH, temperature=0.0, factor=factor)
-    example = jax.jit(lambda p, b, k: planner_sft.planner_example(p, b, k, model, decode, corruption))(
+    example = jax.jit(lambda p, b, k: planner_init.planner_example(p, b, k, model, decode, corruption))(
         params, {"tokens": rows["tokens"], "valid": rows["valid"]}, jax.random.key(3))
     ex = jax.tree.map(np.asarray, example)
     tokens = np.asarray(rows["tokens"])
@@ -359,7 +362,7 @@ def test_planner_bce_pos_weight():
     z = rng.standard_normal((3, 4)).astype(np.float32)
     candidates = np.array([[1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]], bool)
     targets = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 0, 0]], bool)
-    loss, pos_weight = planner_sft.planner_bce(jnp.asarray(z), jnp.asarray(targets), jnp.asarray(candidates))
+    loss, pos_weight = planner_init.planner_bce(jnp.asarray(z), jnp.asarray(targets), jnp.asarray(candidates))
     pos, neg = np.sum(candidates & targets), np.sum(candidates & ~targets)
     assert float(pos_weight) == pytest.approx(neg / pos)  # 6 negatives / 3 positives
     log_sig = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
@@ -367,7 +370,7 @@ def test_planner_bce_pos_weight():
     assert float(loss) == pytest.approx(per[candidates].mean(), rel=1e-5)
     # One class empty: plain BCE.
     all_pos = candidates.copy()
-    loss, pos_weight = planner_sft.planner_bce(jnp.asarray(z), jnp.asarray(all_pos), jnp.asarray(candidates))
+    loss, pos_weight = planner_init.planner_bce(jnp.asarray(z), jnp.asarray(all_pos), jnp.asarray(candidates))
     assert float(pos_weight) == 1.0
     assert float(loss) == pytest.approx(-log_sig(z)[candidates].mean(), rel=1e-5)
 
@@ -387,9 +390,9 @@ def test_init_planner_trains_only_the_planner_and_exports_it(pretrained, tmp_pat
     config.factor = 1.0
     config.data.corruption = "blocks"
     with pytest.raises(ConfigError, match="data.corruption='blocks' is not one of span, aligned"):
-        planner_sft.init_planner(config, str(tmp_path / "bad"))
+        planner_init.init_planner(config, str(tmp_path / "bad"))
     del config.data["corruption"]  # the default: the reference's spans
-    out = planner_sft.init_planner(config, str(tmp_path))
+    out = planner_init.init_planner(config, str(tmp_path))
 
     history = out["history"]
     assert {"loss", "pos_weight", "accuracy", "precision", "recall", "grad_norm"} <= set(history[-1])

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from configs import demo, tiny
-from dultra_jax.config import ConfigError, DecodeConfig
+from dultra_jax.config import ConfigError, DataConfig, DecodeConfig, GRPOConfig, RewardsConfig, from_config
 from dultra_jax.interop.hf_llada import load_hf
 from dultra_jax.sharding import ShardingError
 from dultra_jax.training.data_setup import TrainData
 from dultra_jax.interop.safetensors_io import CheckpointError
-from dultra_jax.training.grpo_trainer import restore_params, run_config, train
+from dultra_jax.training.grpo import train
+from dultra_jax.training.restore import restore_params
 from tests.helpers import one_device_env, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +122,8 @@ def test_config_errors_name_the_key(tmp_path, monkeypatch):
     bad.data.path = str(tmp_path / "no_such_file.jsonl")
     with pytest.raises(ConfigError, match=r"rewards.weights.think_format=0.5 applies to data.mode='thinking' only, "
                                           r"but data.task='gsm8k' prompts in 'non-thinking' mode"):
-        TrainData(bad.data, bad.rewards, tiny_config(), DecodeConfig(), prompts_per_step=1, seed=0)
+        TrainData(from_config(DataConfig, bad.data, "data."), from_config(RewardsConfig, bad.rewards, "rewards."),
+                  tiny_config(), DecodeConfig(), seed=0)
     bad = ml_collections.ConfigDict(config.to_dict())
     bad.data.prompts_per_step = 0
     with pytest.raises(ConfigError, match=r"data.prompts_per_step=0 must be a positive multiple of the 1 process"):
@@ -163,24 +165,23 @@ def test_section_values_are_checked_at_start_up(key, value, message):
     section, name = key.split(".")
     config[section][name] = value
     with pytest.raises(ConfigError, match=message):
-        run_config(config)
+        from_config(GRPOConfig, config)
 
 
 def test_reference_configs_validate_and_match_the_reference():
     from configs import code, math
     from dultra_jax.config import model_config_from_dict
     from dultra_jax.data.tasks import get_task
-    from dultra_jax.training.grpo_trainer import run_config
 
     for module, temperature in ((math, 0.1), (code, 0.5)):
-        run = run_config(module.get_config())
+        run = from_config(GRPOConfig, module.get_config())
         assert run.rl.group_size == 12 and run.rl.advantage == "mean" and run.rl.advantage_min_clip == 0.0
         assert (run.rl.eps_low, run.rl.eps_high, run.rl.beta, run.rl.num_iterations) == (0.2, 1.0, 0.0, 1)
         assert (run.optim.learning_rate, run.optim.schedule, run.optim.b1, run.optim.b2) == (5e-6, "constant", 0.9, 0.99)
         assert (run.optim.weight_decay, run.optim.grad_clip, run.optim.train) == (0.1, 1.0, "all")
         assert (run.decode.gen_length, run.decode.block_length, run.decode.temperature) == (256, 32, temperature)
         assert run.decode.rule == "planner_bernoulli" and run.decode.logprob_temperature == 1.0
-        model = model_config_from_dict(run.model_section)
+        model = model_config_from_dict(run.model)
         assert (model.n_layers, model.d_model, model.vocab_size, model.mask_token_id) == (32, 4096, 126464, 126336)
         data = module.get_config().data
         task = get_task(data.task, mode=data.mode, **dict(data.get("task_options") or {}))  # a valid mode and options

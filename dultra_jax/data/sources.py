@@ -34,14 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from dultra_jax.errors import DataError  # re-exported; errors.py holds every user error
+
 logger = logging.getLogger(__name__)
 
 TFDS_PREFIX = "tfds:"
 _FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
-
-
-class DataError(ValueError):
-    """A data file or source that cannot be used as asked (message names the path / field)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -123,6 +123,10 @@ STEP_PENALTY_WEIGHT = 0.1
 REWARD_NAMES = ("math_correct", "math_format", "think_format", "code_correct", "code_fence",
                 "step_penalty", "distill", "exact_match", "arithmetic_correct",
                 "fill_correct")
+# The reward part whose positive value means "correct", per task kind (accuracy in training
+# metrics and in evaluation).
+CORRECTNESS = {"math": "math_correct", "code": "code_correct", "exact": "exact_match",
+               "arithmetic": "arithmetic_correct", "fill": "fill_correct"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +181,11 @@ class Task:
         if self.filter_fn is None:
             return list(range(len(records)))
         return [i for i in range(len(records)) if self.keep(records[i])]
+
+    @property
+    def correctness_part(self) -> str | None:
+        """The reward part whose positive value means a correct completion (`CORRECTNESS`)."""
+        return CORRECTNESS.get(self.kind)
 
     def _check(self, example: Mapping[str, Any]) -> None:
         check_fields(example, self.required_fields, where=f"task {self.name!r}")

@@ -2,36 +2,109 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
-from dultra_jax.interop.safetensors_io import CheckpointError
+from dultra_jax.errors import CheckpointError, DataError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(directory: str | None) -> bool:
+    """Whether `directory` holds tokenizer files (`TOKENIZER_FILES`)."""
+    return directory is not None and any(os.path.exists(os.path.join(directory, f)) for f in TOKENIZER_FILES)
 
 
 def load_tokenizer(directory: str):
-    """The `transformers` tokenizer saved in `directory` (never downloads)."""
+    """The `transformers` tokenizer saved in `directory` (never downloads, never runs the
+    directory's remote code).
+
+    Raises:
+      CheckpointError naming `directory` when it has no tokenizer files or they (or the
+      `config.json` that `AutoTokenizer` also reads) cannot be loaded.
+    """
     import transformers  # heavy; only the paths that decode text need it
 
-    if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                    "tokenizer.model")):
+    if not has_tokenizer(directory):
         raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {directory}")
     # AutoTokenizer reads the directory's config.json and warns that `llada` is not a known model
-    # type; the tokenizer itself is complete, so silence that one call.
+    # type; the tokenizer itself is complete, so silence that one call. `trust_remote_code=False`:
+    # a config.json with an `auto_map` (LLaDA's) would otherwise ask on stdin whether to run it.
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:  # a malformed config.json or tokenizer file
+        raise CheckpointError(f"cannot load the tokenizer in {directory}: {e}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
 
 
 def encode_prompt(tokenizer, text: str, *, system: str | None = None, chat: bool = True) -> list[int]:
     """Token ids of a user turn rendered with the tokenizer's chat template (plain encoding when
-    the tokenizer has no template or `chat` is False), ending with the assistant header."""
+    the tokenizer has no template or `chat` is False), ending with the assistant header.
+
+    Raises:
+      DataError naming the characters of `text` (or `system`) that the tokenizer cannot encode.
+    """
     if chat and getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return tokenizer.encode(text, add_special_tokens=False)
+        with _naming_unknown_characters(tokenizer, (system or "") + text, "prompt"):
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    else:
+        with _naming_unknown_characters(tokenizer, text, "prompt"):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+    _check_no_unknown(tokenizer, ids, (system or "") + text, "prompt")
+    return list(ids)
+
+
+def unknown_characters(tokenizer, text: str) -> list[str]:
+    """The distinct characters of `text`, in order, that `tokenizer` cannot encode: its encoder
+    fails on them (a vocabulary without an unknown token) or maps them to its unknown token."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    unknown = []
+    for char in dict.fromkeys(text):
+        try:
+            ids = tokenizer.encode(char, add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+            unknown.append(char)
+            continue
+        if unk is not None and unk in ids:
+            unknown.append(char)
+    return unknown
+
+
+def _unknown_message(tokenizer, text: str, what: str) -> str | None:
+    unknown = unknown_characters(tokenizer, text)
+    if not unknown:
+        return None
+    shown = ", ".join(repr(c) for c in unknown[:20]) + (f" (and {len(unknown) - 20} more)" if len(unknown) > 20 else "")
+    name = getattr(tokenizer, "name_or_path", None) or "the model"
+    return f"{what} has characters the tokenizer of {name} does not know: {shown}"
+
+
+@contextlib.contextmanager
+def _naming_unknown_characters(tokenizer, text: str, what: str):
+    """Turns the tokenizers library's bare `Exception` on text it cannot encode into a DataError
+    naming the characters (any other failure is re-raised as it is)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception:
+        message = _unknown_message(tokenizer, text, what)
+        if message is None:
+            raise
+        raise DataError(message) from None
+
+
+def _check_no_unknown(tokenizer, ids, text: str, what: str) -> None:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        message = _unknown_message(tokenizer, text, what)
+        if message is not None:
+            raise DataError(message)
 
 
 def render_prompt(tokenizer, prompt) -> str:
@@ -52,8 +125,9 @@ def render_prompt(tokenizer, prompt) -> str:
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of already-rendered text; special tokens written in the text (the chat template's
     headers) are parsed as such and nothing is added. Equal to `apply_chat_template(tokenize=True)`
-    on the text `render_prompt` returns."""
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    on the text `render_prompt` returns. DataError names characters the tokenizer cannot encode."""
+    with _naming_unknown_characters(tokenizer, text, "text"):
+        return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def stop_token_ids(tokenizer, extra=()) -> tuple[int, ...]:

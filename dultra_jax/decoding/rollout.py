@@ -22,6 +22,7 @@ from flax import struct
 from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig
 from dultra_jax.decoding import cache as block_cache
 from dultra_jax.decoding import rules
+from dultra_jax.decoding.action import action_log_prob, planner_scores
 from dultra_jax.models import policy
 
 Params = policy.Params
@@ -111,78 +112,6 @@ def sample_tokens(token_logits: jax.Array, temperature: float, rng: jax.Array) -
     return jnp.argmax(token_logits + temperature * gumbel, axis=-1).astype(jnp.int32)
 
 
-def planner_scores(unmask_logits: jax.Array, factor: float | jax.Array) -> jax.Array:
-    """The planner's `p = factor * sigmoid(z)` as the rules read it, `[B, Lb]` float32: above 1 for
-    factor > 1, as in the reference (a Bernoulli draw reveals such a position surely, and
-    `planner_topk` takes `k = floor(sum p)` from these values)."""
-    return jax.nn.sigmoid(unmask_logits) * factor
-
-
-def reveal_probs(unmask_logits: jax.Array, factor: float | jax.Array) -> jax.Array:
-    """The planner's reveal probabilities `clip(factor * sigmoid(z), 0, 1)`, `[B, Lb]` float32."""
-    return jnp.clip(planner_scores(unmask_logits, factor), 0.0, 1.0)
-
-
-def planner_log_probs(unmask_logits: jax.Array, factor: float | jax.Array):
-    """`(log p, log(1 - p))` of the reveal probability `p = clip(factor * sigmoid(z), 0, 1)`.
-
-    With factor 1 both come from log-sigmoids of the logit (exact, no log(0)); a factor > 1 can
-    push p to 1, where clipping keeps the logs defined: log(1 - p) is -inf there,
-    with a zero gradient. A traced factor (the rollout's `Knobs`, never differentiated) computes
-    both and selects.
-    """
-    def exact():
-        return jax.nn.log_sigmoid(unmask_logits), jax.nn.log_sigmoid(-unmask_logits)
-
-    def clipped():
-        p = reveal_probs(unmask_logits, factor)
-        # Double `where`: the log's argument is moved off 0 where its -inf is selected, so the
-        # backward pass never forms 0 * inf (NaN) at positions whose other log the caller reads.
-        log_p = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
-        log_not_p = jnp.where(p < 1, jnp.log1p(-jnp.where(p < 1, p, 0.0)), -jnp.inf)
-        return log_p, log_not_p
-
-    if isinstance(factor, (int, float)):
-        return exact() if factor == 1.0 else clipped()
-    return tuple(jnp.where(factor == 1.0, e, c) for e, c in zip(exact(), clipped()))
-
-
-def action_log_prob(token_logits: jax.Array, unmask_logits: jax.Array | None, x0: jax.Array,
-                    candidates: jax.Array, reveal: jax.Array, config: DecodeConfig,
-                    knobs: rules.Knobs | None = None) -> jax.Array:
-    """Log-probability of one step's action, `[B]` float32.
-
-    `sum_{reveal} [log p + log q(x0)] + sum_{candidates \\ reveal} log(1 - p)`, with q the
-    softmax of the token logits at `config.logprob_temp` and p the planner probability; rules
-    without a planner score only the token term. The forced at-least-one token counts like any
-    revealed one (the reference's choice), unless `config.forced_logprob` is `exact`: then a step
-    that reveals only the best candidate `i` (highest p, ties: the first) scores the probability
-    of that outcome, drawn or forced: `p_i prod_{j != i} (1 - p_j) + prod_j (1 - p_j)`, which is
-    `prod_{j != i} (1 - p_j)`, so its `log p_i` term is dropped.
-
-    Args:
-      token_logits: `[B, Lb, V]` (mask logit -inf); unmask_logits: `[B, Lb]` or None.
-      x0: `[B, Lb]` tokens (only revealed positions matter); candidates, reveal: `[B, Lb]` bool.
-      knobs: the rollout's traced knobs (None: `config`'s factor, a Python float, as the
-        trainer's replay differentiates it).
-    """
-    logits = token_logits.astype(jnp.float32) / config.logprob_temp
-    log_q = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
-    total = jnp.sum(jnp.where(reveal, log_q, 0.0), axis=-1)
-    if config.uses_planner:
-        factor = config.rule_factor if knobs is None else knobs.factor
-        log_p, log_not_p = planner_log_probs(unmask_logits, factor)
-        scored_reveal = reveal
-        if config.forced_logprob == "exact":
-            # the best candidate as `rules.ensure_one` forces it (by the rule's score)
-            best = jnp.argmax(jnp.where(candidates, planner_scores(unmask_logits, factor), -jnp.inf), axis=-1)
-            only_best = (jnp.sum(reveal, axis=-1) == 1) & jnp.take_along_axis(reveal, best[:, None], axis=-1)[:, 0]
-            scored_reveal = reveal & ~only_best[:, None]
-        total += jnp.sum(jnp.where(scored_reveal, log_p, 0.0) + jnp.where(candidates & ~reveal, log_not_p, 0.0),
-                         axis=-1)
-    return total
-
-
 def evaluate_block(params: Params, canvas: jax.Array, valid: jax.Array, model: ModelConfig,
                    config: DecodeConfig, cache: block_cache.BlockCache | None = None):
     """One NFE on each row's current block (through the block KV cache when one is given).
@@ -269,6 +198,8 @@ def keep_going(state: RolloutState, config: DecodeConfig) -> jax.Array:
 
 
 def to_trajectory(state: RolloutState, config: DecodeConfig) -> Trajectory:
+    """The finished carry's `Trajectory` (slices of the canvas; `rollout` takes them inside its
+    jitted program)."""
     lp = config.prompt_length
     return Trajectory(tokens=state.canvas[:, lp:], unmask_step=state.unmask_step, num_steps=state.nfe,
                       step_logps=state.step_logps, prompt_tokens=state.canvas[:, :lp],
@@ -287,7 +218,23 @@ def _rollout_loop(params: Params, state: RolloutState, model: ModelConfig, confi
                               lambda s: denoise_step(params, s, model, config, knobs), state)
 
 
-# The final carry has the initial carry's structure, so the donated buffers hold the result.
+def _rollout(params: Params, prompt_tokens: jax.Array, prompt_valid: jax.Array, rng: jax.Array,
+             knobs: rules.Knobs, model: ModelConfig, config: DecodeConfig) -> Trajectory:
+    """`rollout` as one program: the initial carry, the loop and the trajectory's slices.
+
+    The slices belong inside: taken eagerly after the loop on arrays sharded over several
+    devices, each would be a program of its own, dispatched while the loop still runs, and on
+    XLA:CPU two programs with collectives running at once can deadlock. The carry (and its KV
+    cache) lives only inside the program, so nothing needs donating.
+    """
+    state = init_state(prompt_tokens, prompt_valid, rng, model, config)
+    return to_trajectory(_rollout_loop(params, state, model, config, knobs), config)
+
+
+rollout_jit = jax.jit(_rollout, static_argnames=("model", "config"))
+# The loop alone, carry in and carry out (benchmarks start it on a finished carry to compile
+# without decoding); the final carry has the initial carry's structure, so the donated buffers
+# hold the result.
 rollout_loop = jax.jit(_rollout_loop, static_argnames=("model", "config"), donate_argnames=("state",))
 init_state_jit = jax.jit(init_state, static_argnames=("model", "config"))
 denoise_step_jit = jax.jit(denoise_step, static_argnames=("model", "config"))
@@ -320,18 +267,33 @@ def check_prompts(prompt_tokens, prompt_valid, model: ModelConfig, config: Decod
     return prompt_tokens.astype(np.int32), prompt_valid
 
 
-def start_rollout(prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,
-                  model: ModelConfig) -> tuple[RolloutState, rules.Knobs, DecodeConfig]:
-    """`rollout`'s arguments to its loop: `(initial carry, knobs, static config)`. The knobs are
-    `config`'s, traced; the static config is `config.without_knobs()` (see `rollout`)."""
+def rollout_inputs(prompt_tokens, prompt_valid, config: DecodeConfig, model: ModelConfig):
+    """`(prompt_tokens, prompt_valid, knobs, static config)` as `rollout`'s program takes them:
+    host prompts checked and left-padded (`check_prompts`), the knobs `config`'s (traced), the
+    static config `config.without_knobs()` (see `rollout`)."""
     if isinstance(prompt_tokens, jax.Array) and prompt_tokens.shape[1] == config.prompt_length:
         config.check_model(model)  # device prompts (the trainer's) are already checked and padded
         if prompt_valid is None:
             prompt_valid = jnp.ones(prompt_tokens.shape, jnp.bool_)
     else:
         prompt_tokens, prompt_valid = check_prompts(prompt_tokens, prompt_valid, model, config)
-    knobs, config = rules.Knobs.of(config), config.without_knobs()
+    return prompt_tokens, prompt_valid, rules.Knobs.of(config), config.without_knobs()
+
+
+def start_rollout(prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,
+                  model: ModelConfig) -> tuple[RolloutState, rules.Knobs, DecodeConfig]:
+    """The arguments of `rollout_loop`: `(initial carry, knobs, static config)`."""
+    prompt_tokens, prompt_valid, knobs, config = rollout_inputs(prompt_tokens, prompt_valid, config, model)
     return init_state_jit(prompt_tokens, prompt_valid, rng, model=model, config=config), knobs, config
+
+
+def compile_rollout(params: Params, prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,
+                    model: ModelConfig) -> None:
+    """Compiles the program `rollout` runs for these arguments' shapes and shardings without
+    decoding anything (ahead of time; the next `rollout` call on them neither traces nor
+    compiles), for timings that exclude compilation."""
+    prompt_tokens, prompt_valid, knobs, config = rollout_inputs(prompt_tokens, prompt_valid, config, model)
+    rollout_jit.lower(params, prompt_tokens, prompt_valid, rng, knobs, model=model, config=config).compile()
 
 
 def rollout(params: Params, prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,
@@ -344,12 +306,12 @@ def rollout(params: Params, prompt_tokens, prompt_valid, rng: jax.Array, config:
         are left-padded here); prompt_valid: `[B, Lp']` bool or None (all valid).
       rng: PRNG key (token sampling and stochastic rules).
     Returns:
-      The `Trajectory`; one compile per (shapes, model, `config.without_knobs()`): the rules'
-      numeric knobs are traced inputs, so a sweep over factor / threshold / entropy bound / steps
-      reuses it. The carry is donated.
+      The `Trajectory`, computed by one jitted program (`_rollout`); one compile per (shapes,
+      model, `config.without_knobs()`): the rules' numeric knobs are traced inputs, so a sweep
+      over factor / threshold / entropy bound / steps reuses it.
     """
-    state, knobs, config = start_rollout(prompt_tokens, prompt_valid, rng, config, model)
-    return to_trajectory(rollout_loop(params, state, model=model, config=config, knobs=knobs), config)
+    prompt_tokens, prompt_valid, knobs, config = rollout_inputs(prompt_tokens, prompt_valid, config, model)
+    return rollout_jit(params, prompt_tokens, prompt_valid, rng, knobs, model=model, config=config)
 
 
 def rollout_python_loop(params: Params, prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,

@@ -56,7 +56,7 @@ class StepView:
       x0: `[B, Lb]` int32 proposed tokens (Gumbel-max at the sampling temperature).
       confidence: `[B, Lb]` float32 softmax probability of `x0` (EOSER-scaled when enabled).
       unmask_probs: `[B, Lb]` float32 planner probabilities with the factor applied, not clipped
-        (above 1 for factor > 1, as the reference's p; `rollout.planner_scores`), or None for rules
+        (above 1 for factor > 1, as the reference's p; `action.planner_scores`), or None for rules
         that do not use the planner.
       candidates: `[B, Lb]` bool, masked positions of the current block (False for done rows).
       block_step: `[B]` int32, steps this row has already spent in its current block.

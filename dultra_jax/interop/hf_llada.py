@@ -64,7 +64,7 @@ _PLANNER = (
 )
 _PLANNER_PREFIXES = ("mask_head.", "time_embedding.", "norm_out_1.", "norm_out_2.", "mask_embedding.",
                      "mask_linear.", "block_embedding.")
-# config.json fields of the dUltra planner (spec/checkpoints.md).
+# config.json fields of the dUltra planner (docs/algorithm.md section 1.4).
 _PLANNER_FIELDS = {"num_head_layers": 1, "use_adaln": True, "use_mask_embeddings": True,
                    "use_block_embeddings": False}
 # Tokenizer and remote-code files that travel with an export.
@@ -175,6 +175,26 @@ def hf_config_for(config: ModelConfig, base: dict[str, Any] | None = None, dtype
 # ----------------------------------------------------------------------------------------- load
 
 
+# `torch_dtype` (or transformers 5's `dtype`) values of config.json -> our dtype names.
+_TORCH_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+                 "half": "float16"}
+
+
+def checkpoint_dtype(directory: str) -> str | None:
+    """The dtype an HF directory's weights are meant to run in: its config.json's `torch_dtype`
+    (`dtype` in transformers 5) as a `ModelConfig` dtype name, or None when it names none.
+    CheckpointError for an unreadable config.json or a dtype we cannot run."""
+    hf = read_hf_config(directory)
+    value = hf.get("torch_dtype", hf.get("dtype"))
+    if value is None or value == "auto":
+        return None
+    name = str(value).removeprefix("torch.")
+    if name not in _TORCH_DTYPES:
+        raise CheckpointError(f"{os.path.join(directory, 'config.json')}: torch_dtype={value!r} is not one of "
+                              f"{', '.join(sorted(set(_TORCH_DTYPES)))}")
+    return _TORCH_DTYPES[name]
+
+
 def _is_planner_tensor(name: str) -> bool:
     return name.startswith(_PLANNER_PREFIXES)
 
@@ -251,14 +271,39 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
         own are carried through, and its tokenizer / remote-code files are copied (a directory
         without `config.json`, such as a pretrain workdir's `tokenizer/`, gives only its files).
       hf_config: base `config.json` dict when there is no source directory.
-    The directory is assembled under a temporary name and renamed into place when complete. In a
-    multi-process run every process must call this (tensors sharded over other processes are
-    gathered collectively); process 0 writes, and all return once the directory is in place, or
-    all raise if process 0 could not write it (its own error there, a CheckpointError elsewhere).
+      overwrite: replace an existing, non-empty `out_dir`.
+    Everything is validated first (`check_export_params`, `check_export_dir`, the shard plan);
+    the directory is then assembled under a temporary name and renamed into place when complete
+    (`_write_export`). In a multi-process run every process must call this (tensors sharded over
+    other processes are gathered collectively); process 0 writes, and all return once the
+    directory is in place, or all raise if process 0 could not write it (its own error there, a
+    CheckpointError elsewhere).
+    Raises:
+      CheckpointError naming a parameter that does not fit `config`, or `out_dir`.
     """
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(parse_dtype(dtype, "dtype"))
+    np_dtype = storage_dtype(dtype)
     if source_dir is not None and hf_config is None and os.path.exists(os.path.join(source_dir, "config.json")):
         hf_config = read_hf_config(source_dir)
+    table, flat = check_export_params(params, config)
+    check_export_dir(out_dir, overwrite)
+    shapes = leaf_shapes(policy.abstract_params(config))
+    sizes = [(e.hf_name, int(np.prod(hf_shape(e, shapes[e.path]))) * np_dtype.itemsize) for e in table]
+    shards = plan_shards(sizes, parse_size(max_shard_size))
+    _write_export(flat, table, shards, np_dtype, out_dir, hf_config_for(config, hf_config, dtype), source_dir)
+    return out_dir
+
+
+# Validation.
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of an export dtype name (bfloat16 through ml_dtypes)."""
+    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(parse_dtype(dtype, "dtype"))
+
+
+def check_export_params(params, config: ModelConfig) -> tuple[list[TensorMap], dict[str, Any]]:
+    """`(mapping table, {parameter path: leaf})` once every parameter of `config` is present with
+    its shape and nothing else is; CheckpointError naming the parameter otherwise."""
     table = tensor_map(config)
     shapes = leaf_shapes(policy.abstract_params(config))
     flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -271,60 +316,92 @@ def export_hf(params, config: ModelConfig, out_dir: str, *, dtype: str = "bfloat
     extra = set(flat) - {e.path for e in table}
     if extra:
         raise CheckpointError(f"parameter(s) {names_list(extra)} have no HF name for this config")
+    return table, flat
 
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise CheckpointError(f"export directory {out_dir} exists and is not empty (pass overwrite=True)")
+
+def check_export_dir(out_dir: str, overwrite: bool = False) -> None:
+    """An export may go to `out_dir`: it is absent, an empty directory, or (with `overwrite`) a
+    directory. CheckpointError `out_dir=...: ...` otherwise (argument names in backquotes, which
+    the launchers turn into their flags)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointError(f"out_dir={out_dir}: exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise CheckpointError(f"out_dir={out_dir}: the export directory exists and is not empty (pass "
+                              f"`overwrite=True` to replace it)")
     parent = os.path.dirname(os.path.abspath(out_dir))
-    writer = jax.process_index() == 0
-    # The writer's first error. It is held, not raised, until the end: the other processes keep
-    # calling the gathers of `_fetch`, so the writer must too, and then they all learn of it
-    # below instead of waiting for it at the barrier.
-    failure: Exception | None = None
-    tmp = None
+    ancestor = parent
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CheckpointError(f"out_dir={out_dir}: {ancestor} is not a directory")
 
-    def write(step):
-        nonlocal failure
-        if writer and failure is None:
-            try:
-                step()
-            except Exception as e:  # raised below, once every process knows
-                failure = e
 
-    def start():
-        nonlocal tmp
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
+# Conversion and writing.
 
+
+def _write_export(flat: dict[str, Any], table: list[TensorMap], shards: list[list[str]], np_dtype: np.dtype,
+                  out_dir: str, hf_json: dict[str, Any], source_dir: str | None) -> None:
+    """Converts the tensors shard by shard (`_fetch`: every process takes part in the gathers)
+    and has process 0 write them, the index, config.json and the source's files into a temporary
+    directory that replaces `out_dir` when complete.
+
+    The writer's first error is held, not raised, until the end: the other processes keep
+    calling the gathers of `_fetch`, so the writer must too, and then they all learn of it
+    instead of waiting for it at the final barrier.
+    """
+    writer = _Process0Writer(os.path.dirname(os.path.abspath(out_dir)))
     try:
-        write(start)
-        sizes = [(e.hf_name, int(np.prod(hf_shape(e, shapes[e.path]))) * np_dtype.itemsize) for e in table]
-        shards = plan_shards(sizes, parse_size(max_shard_size))
+        writer.run(writer.start)
         by_name = {e.hf_name: e for e in table}
         weight_map, total = {}, 0
         for k, names in enumerate(shards):
             file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {n: _fetch(flat[by_name[n].path], by_name[n], np_dtype) for n in names}
-            write(lambda: save_file(tensors, os.path.join(tmp, file)))
+            writer.run(lambda: save_file(tensors, os.path.join(writer.tmp, file)))
             total += sum(t.nbytes for t in tensors.values())
             weight_map.update({n: file for n in names})
-        write(lambda: _finish_export(tmp, out_dir, len(shards) > 1, weight_map, total,
-                                     hf_config_for(config, hf_config, dtype), source_dir))
+        writer.run(lambda: _finish_export(writer.tmp, out_dir, len(shards) > 1, weight_map, total, hf_json,
+                                          source_dir))
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        writer.discard()
         raise
-    if failure is not None and tmp is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if writer.failure is not None:
+        writer.discard()
     if jax.process_count() > 1:  # all return once process 0 has renamed the directory into place, or failed
-        written = bool(multihost_utils.broadcast_one_to_all(np.int32(failure is None)))
-        if not written and not writer:
+        written = bool(multihost_utils.broadcast_one_to_all(np.int32(writer.failure is None)))
+        if not written and not writer.active:
             raise CheckpointError(f"export to {out_dir} failed on process 0, the writer (its log has the error)")
-    if failure is not None:
-        raise failure
-    return out_dir
+    if writer.failure is not None:
+        raise writer.failure
+
+
+class _Process0Writer:
+    """Runs the writing steps of an export on process 0 only, into a temporary directory beside
+    the target, keeping the first error (`failure`) instead of raising it."""
+
+    def __init__(self, parent: str):
+        self.parent = parent
+        self.active = jax.process_index() == 0
+        self.failure: Exception | None = None
+        self.tmp: str | None = None
+
+    def run(self, step) -> None:
+        if self.active and self.failure is None:
+            try:
+                step()
+            except Exception as e:  # raised by `_write_export`, once every process knows
+                self.failure = e
+
+    def start(self) -> None:
+        os.makedirs(self.parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=".export-", dir=self.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _finish_export(tmp: str, out_dir: str, sharded: bool, weight_map: dict[str, str], total: int,

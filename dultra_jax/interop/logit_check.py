@@ -4,7 +4,7 @@ MaxText's lesson for checkpoint conversion: the acceptance test is the logits. `
 one policy evaluation (backbone + planner) on a fixed `[B, L]` batch of token ids and returns the
 *raw* token logits (the `[MASK]` logit is not suppressed) and, with a planner, the unmask logits
 for candidates = every position that holds the mask id, with the planner's `t` computed from the
-canvas as in the spec (`policy.policy_apply` does both). `read_tokens` reads and validates the
+canvas as in docs/algorithm.md section 1.2 (`policy.policy_apply` does both). `read_tokens` reads and validates the
 JSON token file that `launch/score.py` takes.
 """
 
@@ -21,26 +21,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from dultra_jax.config import ModelConfig
+from dultra_jax.errors import TokensError  # re-exported; errors.py holds every user error
 from dultra_jax.models import policy
 
 log = logging.getLogger(__name__)
 
 
-class TokensError(ValueError):
-    """A token file or array is malformed; the message names the file, the row and the value."""
-
-
-def read_token_lists(path: str) -> list[list[int]]:
-    """Reads a JSON file holding a non-empty list of non-empty token-id lists (rows may differ
-    in length). Raises `TokensError` naming `path` and the offending row or (row, position)."""
+def read_token_lists(source: str) -> list[list[int]]:
+    """Reads a non-empty list of non-empty token-id lists (rows may differ in length) from a JSON
+    file, or from inline JSON when `source` starts with `[` (`'[[9, 12, 7]]'`). Raises
+    `TokensError` naming the file (or "inline JSON") and the offending row or (row, position)."""
+    if source.lstrip().startswith("["):
+        try:
+            rows = json.loads(source)
+        except json.JSONDecodeError as e:
+            raise TokensError(f"inline JSON {source!r} is not valid JSON: {e}") from None
+        return check_token_lists(rows, "inline JSON")
     try:
-        with open(path) as f:
+        with open(source) as f:
             rows = json.load(f)
     except OSError as e:
-        raise TokensError(f"cannot read token file {path}: {e.strerror or e}") from None
+        raise TokensError(f"cannot read token file {source}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
-        raise TokensError(f"token file {path} is not valid JSON: {e}") from None
-    return check_token_lists(rows, f"token file {path}")
+        raise TokensError(f"token file {source} is not valid JSON: {e}") from None
+    return check_token_lists(rows, f"token file {source}")
+
+
+def _describe(source: str) -> str:
+    return "inline JSON" if source.lstrip().startswith("[") else f"token file {source}"
 
 
 def check_token_lists(rows, source: str) -> list[list[int]]:
@@ -56,23 +64,23 @@ def check_token_lists(rows, source: str) -> list[list[int]]:
     return rows
 
 
-def read_tokens(path: str, vocab_size: int | None = None) -> np.ndarray:
+def read_tokens(source: str, vocab_size: int | None = None) -> np.ndarray:
     """Reads a JSON list of equal-length token-id lists into an `[B, L]` int32 array.
 
     Args:
-      path: the JSON file.
+      source: the JSON file, or inline JSON (`read_token_lists`).
       vocab_size: when given, every id must lie in `[0, vocab_size)`.
     Raises:
-      TokensError naming `path` and the offending row (index and length) or id (row, position).
+      TokensError naming `source` and the offending row (index and length) or id (row, position).
     """
-    rows = read_token_lists(path)
+    rows = read_token_lists(source)
     for i, row in enumerate(rows):
         if len(row) != len(rows[0]):
-            raise TokensError(f"token file {path}: row {i} has length {len(row)}, but row 0 has length "
+            raise TokensError(f"{_describe(source)}: row {i} has length {len(row)}, but row 0 has length "
                               f"{len(rows[0])}; all rows must have the same length")
     tokens = np.asarray(rows, dtype=np.int64)
     if vocab_size is not None:
-        check_token_range(tokens, vocab_size, source=f"token file {path}")
+        check_token_range(tokens, vocab_size, source=_describe(source))
     return tokens.astype(np.int32)
 
 

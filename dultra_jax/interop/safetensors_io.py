@@ -16,6 +16,8 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from dultra_jax.errors import CheckpointError  # re-exported; errors.py holds every user error
+
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -25,10 +27,6 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or does not match the model; names the culprit."""
 
 
 class SafetensorsFile:

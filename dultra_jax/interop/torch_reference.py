@@ -1,7 +1,7 @@
 """Independent PyTorch reference of the LLaDA backbone and the dUltra planner head.
 
-Written from the project specs only (``spec/dultra.md`` sections 1-2, ``spec/checkpoints.md``,
-``spec/dultra_reference.md`` sections 1.3 and 6); it imports nothing from the rest of
+Written from the model description only (``docs/algorithm.md`` section 1: backbone, planner
+head, checkpoint layout); it imports nothing from the rest of
 ``dultra_jax`` so that parity tests (``tests/test_models.py``) and the PyTorch baseline of
 ``benchmarks/vs_torch.py`` compare two independent implementations.
 

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dultra_jax.config import ModelConfig
+
 
 def truncated_normal_init(std: float):
     """Truncated normal at +-3 std (LLaDA's "mitchell" init)."""
@@ -251,3 +253,53 @@ def run_layers_kv(layers, x: jax.Array, rope, valid, *, stacked: bool, cache: KV
         x, kv = apply(graphdef, state, x, layer_cache)
         kvs.append(kv)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+
+
+# ------------------------------------------------------------------- the LLaDA block
+
+
+class LLaDABlock(nnx.Module):
+    """Pre-norm Llama block with bidirectional attention and a SwiGLU MLP, no biases."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.d_model, config.mlp_hidden_size
+        q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        kw = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype)
+        # Output projections use std / sqrt(2) (LLaDA's "mitchell" init).
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=config.weight_dtype)
+        self.q_proj = Linear(d, q_dim, **kw)
+        self.k_proj = Linear(d, kv_dim, **kw)
+        self.v_proj = Linear(d, kv_dim, **kw)
+        self.attn_out = Linear(q_dim, d, kernel_init=truncated_normal_init(1 / math.sqrt(q_dim) / math.sqrt(2)), **kw)
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=config.weight_dtype)
+        self.ff_proj = Linear(d, f, **kw)
+        self.up_proj = Linear(d, f, **kw)
+        self.ff_out = Linear(f, d, kernel_init=truncated_normal_init(1 / math.sqrt(f) / math.sqrt(2)), **kw)
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None,
+                 query_positions: jax.Array | None = None) -> jax.Array:
+        """`x` `[B, L, D]`, `rope` tables `[B|1, L, Dh]`, `valid` `[B, L]` key mask or None.
+
+        Returns `[B, L, D]`, or `[B, K, D]` at `query_positions` `[B, K]` (only those rows run
+        after the keys/values)."""
+        return self.with_kv(x, rope, valid, query_positions=query_positions)[0]
+
+    def with_kv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None,
+                cache: KV | None = None, positions: jax.Array | None = None,
+                query_positions: jax.Array | None = None):
+        """The block, also returning its attention keys/values (`layers.self_attention_kv`):
+        `x` `[B, W, D]` is the whole sequence, or with `cache` a window at `positions` `[B, W]`."""
+        attn, kv = self_attention_kv(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
+                                     n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                                     rope=rope, valid=valid, cache=cache, positions=positions,
+                                     query_positions=query_positions)
+        if query_positions is not None:
+            x = gather_positions(x, query_positions)
+        x = x + attn
+        return x + swiglu(self.ff_proj, self.up_proj, self.ff_out, self.ff_norm(x)), kv
+
+
+def make_blocks(config: ModelConfig, n: int, rngs: nnx.Rngs, stacked: bool):
+    """`n` LLaDA blocks, stacked (scan over layers) or as an `nnx.List`."""
+    return make_layers(lambda r: LLaDABlock(config, rngs=r), n, rngs, stacked)

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
-from dultra_jax.models.layers import KV, Embed, Linear, layer_norm_no_affine, run_layers, run_layers_kv
-from dultra_jax.models.llada import make_blocks
+from dultra_jax.models.layers import KV, Embed, Linear, layer_norm_no_affine, make_blocks, run_layers, run_layers_kv
 
 _xavier = jax.nn.initializers.xavier_uniform()
 

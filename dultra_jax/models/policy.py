@@ -15,6 +15,25 @@ from dultra_jax.models.layers import gather_positions
 from dultra_jax.models.llada import LLaDAModel
 
 Params = pure.Params
+PLANNER_KEY = "planner"  # the planner head's parameters: `params["planner"]`; the rest is the backbone
+
+
+def partition_params(params: Params, train: str) -> tuple[Params, Params]:
+    """Splits parameters into `(trained, frozen)` by group: "all", "planner" or "backbone"."""
+    planner = {k: v for k, v in params.items() if k == PLANNER_KEY}
+    backbone = {k: v for k, v in params.items() if k != PLANNER_KEY}
+    if train == "all":
+        return dict(params), {}
+    if train == "planner":
+        if not planner:
+            raise ValueError("optim.train='planner' but the model has no planner head")
+        return planner, backbone
+    return backbone, planner
+
+
+def merge_params(trained: Params, frozen: Params) -> Params:
+    """The inverse of `partition_params`."""
+    return {**frozen, **trained}
 
 
 def abstract_params(config: ModelConfig) -> Params:
@@ -23,7 +42,7 @@ def abstract_params(config: ModelConfig) -> Params:
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
-    """Randomly initialised parameters (spec init); jit it with `out_shardings` to shard."""
+    """Randomly initialised parameters (docs/algorithm.md section 1); jit it with `out_shardings` to shard."""
     return pure.init_params(LLaDAModel, config, rng)
 
 

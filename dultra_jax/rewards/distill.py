@@ -18,6 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dultra_jax.data.tokenizer import load_tokenizer
+from dultra_jax.interop.hf_teacher import load_teacher
+from dultra_jax.models.teacher import score_jit
 from dultra_jax.rewards.registry import RewardInputs, register
 
 
@@ -64,9 +67,6 @@ class Teacher:
         the storage dtype (default: `dtype`); `mesh` shards the parameters; `kwargs` set the other
         attributes.
         """
-        from dultra_jax.data.tokenizer import load_tokenizer
-        from dultra_jax.interop.hf_teacher import load_teacher
-
         params, config = load_teacher(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
         return cls(params=params, config=config, tokenizer=load_tokenizer(tokenizer_dir or path), **kwargs)
 
@@ -125,7 +125,6 @@ class Teacher:
 
     def token_logps(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[np.ndarray]:
         """Per row, the teacher log-probability of each completion token (float32)."""
-        from dultra_jax.models.teacher import score_jit
 
         out: list[np.ndarray] = []
         step = self.max_rows or max(1, len(prompt_ids))

@@ -1,7 +1,17 @@
-"""GRPO pieces: group advantages and the clipped per-step ratio loss.
+"""The GRPO objective of dUltra, in one place: group advantages, the replay of a trajectory's
+denoising steps under the current parameters, the clipped per-step ratio loss, and its gradient
+accumulated step by step with the update's metrics (docs/algorithm.md section 5).
 
-Losses return `(sum, denominator)`-style pieces so that accumulating them step by step inside the
-replay loop gives exactly the mean over the whole batch.
+Replay: a row's canvas before its step k is "revealed iff unmask_step < k" (tokens never change
+once revealed), the step's action is "reveal the positions with unmask_step == k, with the final
+tokens", and its log-probability is `decoding.action.action_log_prob`: the very function the
+rollout used, so replay with the rollout's parameters reproduces `step_logps`.
+
+The gradient takes `value_and_grad` of one step's loss *inside* a `lax.fori_loop` over the steps
+and accumulates float32 gradients, so peak memory is that of one forward + backward whatever the
+number of steps, and steps beyond the batch's largest NFE are never computed. Each step's loss is
+a sum divided by the batch's fixed denominator, so the accumulated loss is exactly the mean over
+the whole batch.
 """
 
 from __future__ import annotations
@@ -11,7 +21,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dultra_jax.config import RLConfig
+from dultra_jax.config import DecodeConfig, ModelConfig, RLConfig
+from dultra_jax.decoding.action import action_log_prob
+from dultra_jax.decoding.rollout import Trajectory, canvas_before_step, evaluate_block
+from dultra_jax.models import policy
+
+Params = policy.Params
 
 ADVANTAGE_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {}
 
@@ -73,3 +88,96 @@ def clipped_step_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Arra
         loss = loss + config.beta * (jnp.exp(log_ratio_ref) - log_ratio_ref - 1.0)
     clipped = taken & (clipped_obj < unclipped_obj)
     return jnp.where(taken, loss, 0.0), clipped
+
+
+# replay
+
+
+def trajectory_valid(trajectory: Trajectory) -> jax.Array:
+    """`[B, L]` key mask of the canvas: prompt padding False, every generated position True."""
+    return jnp.concatenate([trajectory.prompt_valid, jnp.ones(trajectory.tokens.shape, jnp.bool_)], axis=1)
+
+
+def replay_step_logp(params: policy.Params, trajectory: Trajectory, k: jax.Array, model: ModelConfig,
+                     config: DecodeConfig) -> jax.Array:
+    """Log-probability `[B]` of each row's step `k` (a scalar); 0 for rows with fewer steps."""
+    canvas = canvas_before_step(trajectory, k, model.mask_token_id)
+    positions, active, candidates, token_logits, unmask_logits, _ = evaluate_block(
+        params, canvas, trajectory_valid(trajectory), model, config)
+    gen_positions = positions - config.prompt_length
+    reveal = candidates & (policy.gather_positions(trajectory.unmask_step, gen_positions) == k)
+    x0 = policy.gather_positions(trajectory.tokens, gen_positions)
+    logp = action_log_prob(token_logits, unmask_logits, x0, candidates, reveal, config)
+    return jnp.where(active & (k < trajectory.num_steps), logp, 0.0)
+
+
+def replay_logps(params: policy.Params, trajectory: Trajectory, model: ModelConfig,
+                 config: DecodeConfig) -> jax.Array:
+    """All step log-probs `[B, T]`; steps past the batch's largest NFE are not computed."""
+    def body(k, logps):
+        return logps.at[:, k].set(replay_step_logp(params, trajectory, k, model, config))
+
+    return jax.lax.fori_loop(0, jnp.max(trajectory.num_steps), body, jnp.zeros_like(trajectory.step_logps))
+
+
+def old_logps_need_replay(config: DecodeConfig, num_iterations: int) -> bool:
+    """Whether the rollout's recorded `step_logps` cannot serve as the "old" log-probs of
+    `num_iterations` updates on one batch.
+
+    A rollout with a KV cache (`config.cache` not "none") records log-probs under stale keys and
+    values, which the exact replay of an update does not reproduce: the ratios would start away
+    from 1 and the clip would act on cache noise. With one update per batch the old log-probs are
+    the replay itself (`grpo_update`), and without a cache the recorded ones are exact.
+    """
+    return num_iterations > 1 and config.cache != "none"
+
+
+def exact_old_logps(params: policy.Params, trajectory: Trajectory, model: ModelConfig,
+                    config: DecodeConfig) -> tuple[Trajectory, jax.Array]:
+    """The trajectory with its `step_logps` replayed exactly with the rollout's `params` (as TRL
+    recomputes the old log-probs of a reused batch; see `old_logps_need_replay`), and the largest
+    gap between the recorded and the exact values over the steps taken."""
+    exact = replay_logps(params, trajectory, model, config)
+    taken = jnp.arange(exact.shape[1])[None, :] < trajectory.num_steps[:, None]
+    gap = jnp.max(jnp.where(taken, jnp.abs(exact - trajectory.step_logps), 0.0))
+    return trajectory.replace(step_logps=exact), gap
+
+
+def grpo_gradients(trainable: Params, frozen: Params, reference: Params | None, trajectory: Trajectory,
+                   advantages: jax.Array, *, model: ModelConfig, decode: DecodeConfig, rl: RLConfig):
+    """The GRPO loss of a batch of trajectories and its gradient with respect to `trainable`.
+
+    Args:
+      trainable, frozen: the parameter groups (the gradient is of `trainable` only).
+      reference: the frozen initial policy of the KL term, or None (`rl.beta == 0`).
+      trajectory: `B` rows from the rollout (its `step_logps` are the "old" log-probs when
+        `rl.num_iterations > 1`, and the reference of the `logp_gap` metric).
+      advantages: `[B]` float32.
+    Returns:
+      `(grads` float32 like `trainable`, `loss` scalar, `metrics)`: `clip_fraction` (clipped
+      steps / steps taken) and `logp_gap` (max |rollout - replayed| step log-prob).
+    """
+    rows, gen_length = trajectory.tokens.shape
+    denominator = float(rows * gen_length)  # the reference divides by rows and by Lg
+
+    def step_loss(trainable, k, ref_logp):
+        logp = replay_step_logp(policy.merge_params(trainable, frozen), trajectory, k, model, decode)
+        old = jax.lax.stop_gradient(logp) if rl.num_iterations == 1 else trajectory.step_logps[:, k]
+        taken = k < trajectory.num_steps
+        loss, clipped = clipped_step_loss(logp, old, advantages, taken, rl, ref_logp)
+        return jnp.sum(loss) / denominator, (logp, clipped, taken)
+
+    def body(k, carry):
+        grads, loss_sum, clipped_count, gap = carry
+        ref_logp = None if reference is None else replay_step_logp(reference, trajectory, k, model, decode)
+        (loss, (logp, clipped, taken)), step_grads = jax.value_and_grad(step_loss, has_aux=True)(
+            trainable, k, ref_logp)
+        grads = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), grads, step_grads)
+        step_gap = jnp.max(jnp.where(taken, jnp.abs(logp - trajectory.step_logps[:, k]), 0.0))
+        return grads, loss_sum + loss, clipped_count + jnp.sum(clipped), jnp.maximum(gap, step_gap)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+    grads, loss, clipped_count, gap = jax.lax.fori_loop(0, jnp.max(trajectory.num_steps), body, init)
+    metrics = {"clip_fraction": clipped_count / jnp.maximum(jnp.sum(trajectory.num_steps), 1), "logp_gap": gap}
+    return grads, loss, metrics

@@ -2,7 +2,7 @@
 parameters) evaluated on held-out records, written as `results.json`, `pareto.png` and a logged
 table.
 
-Config (`final_eval`):
+Config (`final_eval`, `config.FinalEvalConfig`):
   generator / path, split, limit: the held-out records (as in `data`).
   rows: `{name: {"params": "initial" | "trained", "rule": str, <knob>: value}}`, e.g.
         `{"factor": {"params": "initial", "rule": "factor", "factor": 1.0}}`: the headline points.
@@ -26,14 +26,13 @@ from typing import Any, Mapping, NamedTuple
 import jax
 
 from dultra_jax import evaluation
-from dultra_jax.config import PLANNER_RULES, ConfigError, DecodeConfig
+from dultra_jax.config import ConfigError, DecodeConfig, FinalEvalConfig, from_config
 from dultra_jax.data.tasks import load_task_records
 from dultra_jax.sharding import BATCH_AXES
+from dultra_jax.training.data_setup import generate_records
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 64  # rows per batch when `final_eval.batch_size` is unset
-KEYS = {"generator", "path", "split", "limit", "rows", "sweeps", "seeds", "batch_size"}
 ROW_KEYS = {"params", "rule", "factor", "threshold", "steps", "entropy_bound"}
 SWEEP_KEYS = {"params", "rule", "values"}
 
@@ -55,13 +54,11 @@ class Plan(NamedTuple):
     sweeps: dict[str, list[Point]]
 
 
-def _records(spec: Mapping[str, Any], task) -> list[dict]:
-    from dultra_jax.training.data_setup import generate_records
-
-    if spec.get("generator"):
-        return generate_records(spec["generator"])
-    if spec.get("path"):
-        return load_task_records(task, spec["path"], spec.get("split"), limit=spec.get("limit"))
+def _records(spec: FinalEvalConfig, task) -> list[dict]:
+    if spec.generator:
+        return generate_records(spec.generator, "final_eval.generator.")
+    if spec.path:
+        return load_task_records(task, spec.path, spec.split, limit=spec.limit)
     raise ConfigError("final_eval needs `generator` or `path`")
 
 
@@ -72,15 +69,17 @@ def _rule(where: str, rule: Any) -> str | None:
     return evaluation.SWEEP_KEYS[rule]
 
 
-def check(spec: Mapping[str, Any], task, param_groups=("initial", "trained")) -> Plan:
-    """Validates `spec` and reads its records; the trainer calls it at start-up, so that a typo
-    fails before training, not after it."""
-    unknown = sorted(set(spec) - KEYS)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join('final_eval.' + k for k in unknown)}; "
-                          f"known: {', '.join(sorted(KEYS))}")
+def _spec(spec: FinalEvalConfig | Mapping[str, Any]) -> FinalEvalConfig:
+    """The `final_eval` section as its dataclass (a plain mapping is checked key by key)."""
+    return spec if isinstance(spec, FinalEvalConfig) else from_config(FinalEvalConfig, spec, "final_eval.")
+
+
+def check(spec: FinalEvalConfig | Mapping[str, Any], task, param_groups=("initial", "trained")) -> Plan:
+    """Validates the rows and sweeps of `spec` and reads its records; the trainer calls it at
+    start-up, so that a typo fails before training, not after it."""
+    spec = _spec(spec)
     rows: dict[str, Point] = {}
-    for name, row in dict(spec.get("rows") or {}).items():
+    for name, row in dict(spec.rows or {}).items():
         row = dict(row)
         unknown = sorted(set(row) - ROW_KEYS)
         if unknown or row.get("params") not in param_groups or "rule" not in row:
@@ -89,7 +88,7 @@ def check(spec: Mapping[str, Any], task, param_groups=("initial", "trained")) ->
         knob = _rule(f"final_eval.rows.{name}", row["rule"])
         rows[name] = Point(row["params"], row["rule"], row.get(knob) if knob else None)
     sweeps: dict[str, list[Point]] = {}
-    for name, sweep in dict(spec.get("sweeps") or {}).items():
+    for name, sweep in dict(spec.sweeps or {}).items():
         sweep = dict(sweep)
         where = f"final_eval.sweeps.{name}"
         if set(sweep) != SWEEP_KEYS or sweep["params"] not in param_groups:
@@ -130,7 +129,7 @@ def _entry(row: Mapping[str, Any], point: Point) -> dict[str, Any]:
             "seeds": row["seeds"]}
 
 
-def compare(spec: Mapping[str, Any], params_by_group: Mapping[str, Any], model, tokenizer, task, decode,
+def compare(spec: FinalEvalConfig | Mapping[str, Any], params_by_group: Mapping[str, Any], model, tokenizer, task, decode,
             stop_ids, workdir: str, mesh=None, plan: Plan | None = None) -> dict[str, Any]:
     """Evaluates every row and sweep and writes `results.json` / `pareto.png` into `workdir`.
 
@@ -144,18 +143,19 @@ def compare(spec: Mapping[str, Any], params_by_group: Mapping[str, Any], model, 
       value, in the config's order]}}`, each entry `{"accuracy": percent, "accuracy_stderr",
       "nfe", "tpf", "tpf_non_eos", "tokens_per_s", "rule", "params", "sweep_value", "n", "seeds"}`.
     """
+    spec = _spec(spec)
     plan = plan if plan is not None else check(spec, task, tuple(params_by_group))
     rows = {name: _resolved(point, decode) for name, point in plan.rows.items()}
     sweeps = {name: [_resolved(p, decode) for p in points] for name, points in plan.sweeps.items()}
     points = list(dict.fromkeys([*rows.values(), *(p for points in sweeps.values() for p in points)]))
-    batch_size = batch_rows(int(spec.get("batch_size", BATCH_SIZE)), mesh)
+    batch_size = batch_rows(spec.batch_size, mesh)
     measured: dict[Point, dict[str, Any]] = {}
     for group in dict.fromkeys(p.params for p in points):
         members = [p for p in points if p.params == group]
         summary = evaluation.evaluate(
             params_by_group[group], model, tokenizer, plan.records, task,
             rules_and_sweeps=[(p.rule, [p.value]) for p in members],
-            seeds=tuple(spec.get("seeds", (0,))), gen_length=decode.gen_length, block_length=decode.block_length,
+            seeds=tuple(spec.seeds), gen_length=decode.gen_length, block_length=decode.block_length,
             prompt_length=decode.prompt_length, batch_size=batch_size, temperature=0.0,
             out_dir=os.path.join(workdir, "eval", group), progress=False, mesh=mesh, stop_ids=stop_ids, plot=False)
         for point, row in zip(members, summary["rows"]):
@@ -168,42 +168,8 @@ def compare(spec: Mapping[str, Any], params_by_group: Mapping[str, Any], model, 
     if jax.process_index() == 0:  # every process holds the same results; one writes them
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(evaluation.json_ready(results), f, indent=2, allow_nan=False)
-        plot_comparison(results, os.path.join(workdir, "pareto.png"),
+        evaluation.plot_comparison(results, os.path.join(workdir, "pareto.png"),
                         title=f"{task.name}: accuracy vs NFE on {len(plan.records)} held-out problems "
-                              f"x {len(tuple(spec.get('seeds', (0,))))} seed(s)")
-    log.info("final evaluation on %d held-out records:\n%s", len(plan.records), format_table(results))
+                              f"x {len(spec.seeds)} seed(s)")
+    log.info("final evaluation on %d held-out records:\n%s", len(plan.records), evaluation.format_table(results))
     return results
-
-
-def headline_rows(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The named rows of `results` (everything but `sweeps`)."""
-    return {name: row for name, row in results.items() if name != "sweeps"}
-
-
-def plot_comparison(results: Mapping[str, Any], path: str, title: str | None = None) -> None:
-    """`pareto.png`: one curve per sweep (labelled with its knob values; dashed for a baseline
-    rule on the trained parameters), the headline rows as large markers, the Pareto front of
-    every point, NFE on a log axis."""
-    curves = [{**r, "rule": name, "dashed": r["params"] == "trained" and r["rule"] not in PLANNER_RULES}
-              for name, sweep in results.get("sweeps", {}).items() for r in sweep]
-    points = [{**r, "rule": name, "sweep_value": None} for name, r in headline_rows(results).items()]
-    evaluation.plot_pareto(curves, path, title=title, highlight=points, log_nfe=True)
-
-
-def format_table(results: Mapping[str, Any]) -> str:
-    """A Markdown table of the rows, then of every sweep point: accuracy (percent, +- its standard
-    error), mean NFE, tokens per forward (all generated tokens, and without EOS padding)."""
-    lines = ["| row | params | rule | accuracy % | NFE | tokens / forward | non-EOS tokens / forward |",
-             "|---|---|---|---|---|---|---|"]
-
-    def line(name: str, r: Mapping[str, Any]) -> str:
-        stderr = "" if r.get("accuracy_stderr") is None else f" ± {r['accuracy_stderr']:.1f}"
-        knob = evaluation.SWEEP_KEYS.get(r["rule"])
-        rule = r["rule"] + ("" if knob is None or r.get("sweep_value") is None else f" {knob}={r['sweep_value']:g}")
-        return (f"| {name} | {r['params']} | {rule} | {r['accuracy']:.1f}{stderr} | {r['nfe']:.2f} | "
-                f"{r['tpf']:.2f} | {r['tpf_non_eos']:.2f} |")
-
-    lines += [line(name, r) for name, r in headline_rows(results).items()]
-    for name, sweep in results.get("sweeps", {}).items():
-        lines += [line(f"sweep {name}", r) for r in sweep]
-    return "\n".join(lines)

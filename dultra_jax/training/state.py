@@ -1,27 +1,20 @@
-"""Train state, optimiser, parameter groups and the GRPO update step.
-
-The update replays every recorded denoising step with gradients. It takes `value_and_grad` of
-one step's loss *inside* a `lax.fori_loop` over the steps and accumulates float32 gradients, so
-peak memory is that of one forward + backward whatever the number of steps, and steps beyond
-the batch's largest NFE are never computed.
-"""
+"""Train state, parameter groups, optimiser, the state's shardings and the optimiser step that
+every trainer shares (`apply_update`, `apply_gradients`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dultra_jax.config import DecodeConfig, ModelConfig, OptimConfig, RLConfig
-from dultra_jax.decoding.rollout import Trajectory
-from dultra_jax.models.policy import Params
-from dultra_jax.rl.grpo import clipped_step_loss
-from dultra_jax.rl.logprob import replay_step_logp
+from dultra_jax.config import OptimConfig
+from dultra_jax.models.policy import PLANNER_KEY, Params, merge_params, partition_params
+from dultra_jax.sharding import param_shardings
 
-PLANNER_KEY = "planner"
 
 
 @struct.dataclass
@@ -46,23 +39,6 @@ class TrainState:
     @property
     def params(self) -> Params:
         return merge_params(self.trainable, self.frozen)
-
-
-def partition_params(params: Params, train: str) -> tuple[Params, Params]:
-    """Splits parameters into `(trainable, frozen)` by group: "all", "planner" or "backbone"."""
-    planner = {k: v for k, v in params.items() if k == PLANNER_KEY}
-    backbone = {k: v for k, v in params.items() if k != PLANNER_KEY}
-    if train == "all":
-        return dict(params), {}
-    if train == "planner":
-        if not planner:
-            raise ValueError("optim.train='planner' but the model has no planner head")
-        return planner, backbone
-    return backbone, planner
-
-
-def merge_params(trainable: Params, frozen: Params) -> Params:
-    return {**frozen, **trainable}
 
 
 def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -98,13 +74,41 @@ def make_optimizer(optim: OptimConfig, total_steps: int, updates_per_step: int =
     return optax.chain(*steps)
 
 
-def create_train_state(params: Params, tx: optax.GradientTransformation, optim: OptimConfig, rl: RLConfig,
-                       rng: jax.Array) -> TrainState:
-    """A fresh state; jit it to keep the parameters' shardings for the optimiser state."""
-    trainable, frozen = partition_params(params, optim.train)
+def create_state(params: Params, tx: optax.GradientTransformation, train: str, seed: int,
+                 keep_reference: bool = False) -> TrainState:
+    """A fresh `TrainState` training the parameter group `train` ("all", "planner", "backbone"),
+    with `params` as the frozen KL reference when `keep_reference`; jit it with
+    `state_shardings` to place the optimiser moments like the parameters."""
+    trainable, frozen = partition_params(params, train)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                      opt_state=tx.init(trainable), rng=jax.random.key_data(rng),
-                      reference=params if rl.beta > 0 else None)
+                      opt_state=tx.init(trainable), rng=jax.random.key_data(jax.random.key(seed)),
+                      reference=params if keep_reference else None)
+
+
+def state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Shardings of every state leaf: parameter rules for parameters and their optimiser
+    moments, replicated for counters and the rng."""
+    replicated = NamedSharding(mesh, P())
+    trainable = param_shardings(state.trainable, mesh)
+    opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, state.opt_state, trainable,
+                                      transform_non_params=lambda _: replicated,
+                                      is_leaf=lambda x: isinstance(x, NamedSharding))
+    return TrainState(step=replicated, trainable=trainable, frozen=param_shardings(state.frozen, mesh),
+                      opt_state=opt_state, rng=replicated,
+                      reference=None if state.reference is None else param_shardings(state.reference, mesh))
+
+
+def checkpointed(state: TrainState) -> TrainState:
+    """What a checkpoint holds: the trained group, the optimiser state, the step and the rng.
+    The frozen group and the KL reference are the run's initial parameters, rebuilt from the
+    model source on resume (an 8B backbone is not rewritten with every planner checkpoint)."""
+    return state.replace(frozen={}, reference=None)
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """The step's random key: the run's key folded with the step, so a resumed run draws what an
+    uninterrupted one would (rollout sampling, SFT corruption)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
 def apply_update(state: TrainState, grads: Params, loss: jax.Array, tx: optax.GradientTransformation):
@@ -120,44 +124,13 @@ def apply_update(state: TrainState, grads: Params, loss: jax.Array, tx: optax.Gr
     return new_state, grad_norm, finite
 
 
-def grpo_update(state: TrainState, trajectory: Trajectory, advantages: jax.Array, *, model: ModelConfig,
-                decode: DecodeConfig, rl: RLConfig, tx: optax.GradientTransformation):
-    """One optimiser update from a batch of trajectories.
+def apply_gradients(state: TrainState, loss_fn: Callable[[Params], tuple[jax.Array, dict]],
+                    tx: optax.GradientTransformation):
+    """One optimiser step on `state.trainable` with `loss_fn(trainable) -> (loss, metrics)`.
 
-    Args:
-      trajectory: `B` rows from the rollout (its `step_logps` are the "old" log-probs when
-        `rl.num_iterations > 1`, and the reference for the `logp_gap` metric).
-      advantages: `[B]` float32.
-    Returns:
-      `(new_state, metrics)`: scalars `loss`, `grad_norm`, `clip_fraction`, `logp_gap` (max
-      |rollout - replayed| step log-prob), `skipped` (non-finite loss or gradient: no update).
+    Returns `(new_state, metrics)` with `loss`, `grad_norm` and `skipped` added (see
+    `apply_update`).
     """
-    rows, gen_length = trajectory.tokens.shape
-    denominator = float(rows * gen_length)  # the reference divides by rows and by Lg
-
-    def step_loss(trainable, k, ref_logp):
-        logp = replay_step_logp(merge_params(trainable, state.frozen), trajectory, k, model, decode)
-        old = jax.lax.stop_gradient(logp) if rl.num_iterations == 1 else trajectory.step_logps[:, k]
-        taken = k < trajectory.num_steps
-        loss, clipped = clipped_step_loss(logp, old, advantages, taken, rl, ref_logp)
-        return jnp.sum(loss) / denominator, (logp, clipped, taken)
-
-    def body(k, carry):
-        grads, loss_sum, clipped_count, gap = carry
-        ref_logp = None
-        if state.reference is not None:
-            ref_logp = replay_step_logp(state.reference, trajectory, k, model, decode)
-        (loss, (logp, clipped, taken)), step_grads = jax.value_and_grad(step_loss, has_aux=True)(
-            state.trainable, k, ref_logp)
-        grads = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), grads, step_grads)
-        step_gap = jnp.max(jnp.where(taken, jnp.abs(logp - trajectory.step_logps[:, k]), 0.0))
-        return grads, loss_sum + loss, clipped_count + jnp.sum(clipped), jnp.maximum(gap, step_gap)
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
-    grads, loss, clipped_count, gap = jax.lax.fori_loop(0, jnp.max(trajectory.num_steps), body, init)
-
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
     new_state, grad_norm, finite = apply_update(state, grads, loss, tx)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "logp_gap": gap, "skipped": ~finite,
-               "clip_fraction": clipped_count / jnp.maximum(jnp.sum(trajectory.num_steps), 1)}
-    return new_state, metrics
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite, **metrics}

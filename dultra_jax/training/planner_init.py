@@ -30,11 +30,8 @@ The backbone forward runs outside `value_and_grad` on the frozen parameters (the
 directory (`model.path`) with a fresh planner, train, log loss and agreement (accuracy, precision
 and recall of `sigmoid(logit) > 0.5` against the targets), measure held-out agreement and
 decoding, and export an HF directory with the planner (the base directory's tokenizer files
-travel with it).
+travel with it). The config is `config.PlannerInitConfig` (`configs/planner_init.py`).
 
-Config (`configs/planner_init.py`): as `mdlm_sft` (model, optim, data, eval, mesh, checkpoint,
-total_steps, seed, log_every, export_dir, export_dtype), plus `data.block_length`, `data.corruption`,
-`eval.agreement_batches` (held-out batches scored for agreement) and `factor` (the rule's f).
 Outputs in `workdir`: `checkpoints/` (planner + optimiser only), `metrics.jsonl`, `tensorboard/`,
 `planner_init_eval.json` and the HF directory (default `workdir/hf`).
 """
@@ -54,24 +51,18 @@ import numpy as np
 import optax
 from flax import struct
 
-from dultra_jax import checkpoint as ckpt_lib
-from dultra_jax import distributed
-from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig, model_config_to_dict
+from dultra_jax.config import CORRUPTIONS, ConfigError, DecodeConfig, ModelConfig, PlannerInitConfig, from_config
+from dultra_jax.data.sft import SFTTask, get_sft_task
 from dultra_jax.decoding import rules
 from dultra_jax.models import policy
-from dultra_jax.models.build import build_model
-from dultra_jax.sharding import check_batch, make_mesh
-from dultra_jax.training import mdlm_sft
-from dultra_jax.training.state import PLANNER_KEY, TrainState, make_optimizer, merge_params
+from dultra_jax.sharding import global_batch
+from dultra_jax.training import sft
+from dultra_jax.training.loop import setup, train_loop
+from dultra_jax.training.state import TrainState, apply_gradients, merge_params, step_key
 
 log = logging.getLogger(__name__)
 
 Params = policy.Params
-
-PLANNER_KEYS = mdlm_sft.COMMON_KEYS | {"factor"}
-PLANNER_DATA_KEYS = mdlm_sft.DATA_KEYS | {"block_length", "corruption"}
-PLANNER_EVAL_KEYS = mdlm_sft.EVAL_KEYS | {"agreement_batches"}
-
 
 @struct.dataclass
 class PlannerExample:
@@ -170,9 +161,6 @@ def corrupt_span(tokens: jax.Array, rng: jax.Array, *, prompt_length: int, block
                        mask_id=mask_id)
 
 
-CORRUPTIONS = ("span", "aligned")
-
-
 def factor_targets(token_logits: jax.Array, candidates: jax.Array, decode: DecodeConfig):
     """The factor rule's decisions on block-local logits.
 
@@ -200,7 +188,7 @@ def planner_example(params: Params, batch: dict[str, jax.Array], rng: jax.Array,
     Only the backbone of `params` is read (any planner entry is ignored), under `stop_gradient`:
     nothing here is differentiated.
     """
-    backbone = jax.lax.stop_gradient({k: v for k, v in params.items() if k != PLANNER_KEY})
+    backbone = jax.lax.stop_gradient({k: v for k, v in params.items() if k != policy.PLANNER_KEY})
     if corruption == "span":
         canvas, positions, candidates, in_block = corrupt_span(
             batch["tokens"], rng, prompt_length=decode.prompt_length, block_length=decode.block_length,
@@ -259,14 +247,14 @@ def planner_logits(params: Params, example: PlannerExample, model: ModelConfig) 
 def planner_update(state: TrainState, batch: dict[str, jax.Array], *, model: ModelConfig, decode: DecodeConfig,
                    tx: optax.GradientTransformation, corruption: str = "span"):
     """One planner step: the example from the frozen backbone, then BCE on the planner only."""
-    example = planner_example(state.frozen, batch, mdlm_sft.step_key(state), model, decode, corruption)
+    example = planner_example(state.frozen, batch, step_key(state), model, decode, corruption)
 
     def loss_fn(trainable):
         z = planner_logits(merge_params(trainable, state.frozen), example, model)
         loss, pos_weight = planner_bce(z, example.targets, example.candidates)
         return loss, {"pos_weight": pos_weight, **agreement(z, example.targets, example.candidates)}
 
-    return mdlm_sft.apply_gradients(state, loss_fn, tx)
+    return apply_gradients(state, loss_fn, tx)
 
 
 def planner_eval(params: Params, batch: dict[str, jax.Array], rng: jax.Array, *, model: ModelConfig,
@@ -278,35 +266,19 @@ def planner_eval(params: Params, batch: dict[str, jax.Array], rng: jax.Array, *,
     return {"loss": loss, "pos_weight": pos_weight, **agreement(z, example.targets, example.candidates)}
 
 
-def corruption_of(run: mdlm_sft.SFTRun) -> str:
-    """`data.corruption`: "span" (the reference's, default) or "aligned"."""
-    corruption = run.data.get("corruption", "span")
-    if corruption not in CORRUPTIONS:
-        raise ConfigError(f"data.corruption={corruption!r} is not one of {', '.join(CORRUPTIONS)}")
-    return corruption
-
-
-def target_decode_config(run: mdlm_sft.SFTRun, factor: float) -> DecodeConfig:
-    return DecodeConfig(rule="factor", prompt_length=int(run.data["prompt_length"]),
-                        gen_length=int(run.data["response_length"]), block_length=int(run.data["block_length"]),
-                        temperature=0.0, factor=factor)
-
-
-def heldout_agreement(params: Params, model: ModelConfig, task: mdlm_sft.SFTTask, run: mdlm_sft.SFTRun,
+def heldout_agreement(params: Params, model: ModelConfig, task: SFTTask, cfg: PlannerInitConfig,
                       decode: DecodeConfig, mesh) -> dict[str, float] | None:
     """Mean loss and agreement over `eval.agreement_batches` batches of the eval split."""
-    batches = int(run.eval.get("agreement_batches", 0))
+    batches = cfg.eval.agreement_batches
     if batches <= 0:
         return None
-    batch_size = int(run.data["batch_size"])
-    section = {**run.data, "split": run.eval["split"], "start": int(run.eval["start"]),
-               "num_examples": batches * batch_size}
-    _, rows = mdlm_sft.task_rows(task, section, model)
-    data = mdlm_sft.SFTData({k: rows[k] for k in ("tokens", "valid")}, batch_size, run.seed)
-    corruption = corruption_of(run)
-    evaluate = jax.jit(lambda p, b, k: planner_eval(p, b, k, model=model, decode=decode, corruption=corruption))
-    key = jax.random.key(run.seed + 1)
-    metrics = [evaluate(params, mdlm_sft.global_batch(data.local_batch(j), mesh), jax.random.fold_in(key, j))
+    section = dataclasses.replace(cfg.data, split=cfg.eval.split, start=cfg.eval.start,
+                                  num_examples=batches * cfg.data.batch_size)
+    data = sft.training_rows(task, section, model, cfg.seed, keys=("tokens", "valid"))
+    evaluate = jax.jit(lambda p, b, k: planner_eval(p, b, k, model=model, decode=decode,
+                                                    corruption=cfg.data.corruption))
+    key = jax.random.key(cfg.seed + 1)
+    metrics = [evaluate(params, global_batch(data.local_batch(j), mesh), jax.random.fold_in(key, j))
                for j in range(batches)]
     host = jax.device_get(metrics)
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -318,66 +290,42 @@ def init_planner(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
     Returns `{"history", "export_dir", "agreement" (held-out), "eval" (decoding), "train_time_s"}`.
     """
-    task = mdlm_sft.get_sft_task(str(config.data.get("task", "arithmetic")))
-    run = mdlm_sft.sft_run_config(config, top_keys=PLANNER_KEYS, data_keys=PLANNER_DATA_KEYS,
-                                  eval_keys=PLANNER_EVAL_KEYS, task=task)
-    base_dir = run.model_section.get("path")
-    if not base_dir:
-        raise ConfigError("model.path must name the base HF directory whose planner is initialised")
-    if run.model_section.get("planner") is None:
-        raise ConfigError("model.planner is None; planner initialisation needs a planner section")
-    if run.optim.train != "planner":
-        raise ConfigError(f"optim.train={run.optim.train!r}: planner initialisation trains the planner only "
-                          "(set optim.train='planner')")
-    factor = float(run.extra.get("factor", 1.0))
-    if factor <= 0:
-        raise ConfigError(f"factor={factor} must be positive")
-    corruption = corruption_of(run)
-    if int(run.data["response_length"]) % int(run.data["block_length"]):
-        raise ConfigError(f"data.response_length={run.data['response_length']} is not a multiple of "
-                          f"data.block_length={run.data['block_length']}")
-    ckpt_lib.make_workdir(workdir)
-    mesh = make_mesh(**dataclasses.asdict(run.mesh))
-    distributed.connect_cpu_collectives(mesh)  # multi-process CPU only: before the processes drift apart
-    check_batch(f"data.batch_size ({run.data['batch_size']})", int(run.data["batch_size"]), mesh)
-
-    params, model = build_model(run.model_section, mesh=mesh, seed=run.seed)
+    cfg = from_config(PlannerInitConfig, config)
+    task = get_sft_task(cfg.data.task)
+    cfg = dataclasses.replace(cfg, data=sft.with_task_defaults(cfg.data, task))
+    if cfg.data.response_length % cfg.data.block_length:
+        raise ConfigError(f"data.response_length={cfg.data.response_length} is not a multiple of "
+                          f"data.block_length={cfg.data.block_length}")
+    base_dir = cfg.model["path"]
+    run = setup(config, workdir, model_section=cfg.model, mesh=cfg.mesh, optim=cfg.optim,
+                total_steps=cfg.total_steps, seed=cfg.seed, check_mesh=sft.check_batch_size(cfg.data))
+    model = run.model
     task.check_model(model)
-    decode = target_decode_config(run, factor)
+    decode = DecodeConfig(rule="factor", prompt_length=cfg.data.prompt_length, gen_length=cfg.data.response_length,
+                          block_length=cfg.data.block_length, temperature=0.0, factor=cfg.factor)
     decode.check_model(model)
-    _, rows = mdlm_sft.task_rows(task, run.data, model)
-    data = mdlm_sft.SFTData({k: rows[k] for k in ("tokens", "valid")}, int(run.data["batch_size"]), run.seed)
+    data = sft.training_rows(task, cfg.data, model, cfg.seed, keys=("tokens", "valid"))
     log.info("init_planner: base %s, %d %s examples, batch %d, %d steps", base_dir, data.size, task.name,
-             data.batch_size, run.total_steps)
-
-    tx = make_optimizer(run.optim, run.total_steps)
-    make_state = lambda p: mdlm_sft.create_state(p, tx, "planner", run.seed)  # noqa: E731
-    shardings = mdlm_sft.state_shardings_for(jax.eval_shape(make_state, params), tx, mesh)
-    state = jax.jit(make_state, out_shardings=shardings)(params)
-    del params
-    update = mdlm_sft.jit_update(lambda s, b: planner_update(s, b, model=model, decode=decode, tx=tx,
-                                                             corruption=corruption),
-                                 shardings, mesh)
+             data.batch_size, cfg.total_steps)
+    update = sft.jit_batch_update(lambda s, b: planner_update(s, b, model=model, decode=decode, tx=run.tx,
+                                                              corruption=cfg.data.corruption), run)
 
     began = time.perf_counter()
-    config_json = {"config": config.to_dict(), "model": model_config_to_dict(model)}
-    state, history = mdlm_sft.run_training(state, update, data, run, workdir, mesh, config_json, "init_planner")
+    state, history = train_loop(run, sft.batch_step(update, data, run), total_steps=cfg.total_steps,
+                                checkpoint=cfg.checkpoint, name="init_planner", log_every=cfg.log_every,
+                                progress_keys=("loss", "accuracy", "precision", "recall"))
     train_time = time.perf_counter() - began
 
     params = state.params
-    export_dir = run.export_dir or os.path.join(workdir, "hf")
-    from dultra_jax.interop.hf_llada import export_hf
-
-    export_hf(params, model, export_dir, dtype=run.export_dtype, source_dir=base_dir, overwrite=True)
+    export_dir = sft.export(params, model, cfg, workdir, base_dir)
     log.info("init_planner: exported the model with its planner to %s", export_dir)
-
-    heldout = heldout_agreement(params, model, task, run, decode, mesh)
+    heldout = heldout_agreement(params, model, task, cfg, decode, run.mesh)
     if heldout is not None:
         log.info("init_planner held-out agreement: %s", " ".join(f"{k} {v:.4g}" for k, v in heldout.items()))
-    results = mdlm_sft.run_decode_eval(params, model, task, run, mesh, "init_planner")
-    summary = {"steps": run.total_steps, "train_time_s": train_time, "base_dir": base_dir, "export_dir": export_dir,
+    results = sft.run_decode_eval(params, model, task, cfg, run.mesh, "init_planner")
+    summary = {"steps": cfg.total_steps, "train_time_s": train_time, "base_dir": base_dir, "export_dir": export_dir,
                "final_train_metrics": history[-1] if history else None, "heldout_agreement": heldout,
                "eval": results}
-    mdlm_sft.write_json(os.path.join(workdir, "planner_init_eval.json"), summary)
+    sft.write_json(os.path.join(workdir, "planner_init_eval.json"), summary)
     return {"history": history, "export_dir": export_dir, "agreement": heldout, "eval": results,
             "train_time_s": train_time}
