@@ -17,8 +17,8 @@ tokens in blocks of `--block_length` two ways, in the same run and on the same i
 
 Rules take their defaults (`low_confidence` / `random`: one token per step; the planner rules use
 the planner head). Both ways are compiled first by a warm-up on the same shapes and configs (the
-while loop on an already finished carry, so it compiles without decoding; the Python loop for one
-step), and every XLA compilation during the timed calls is counted (`compiles_during_timing`,
+jitted rollout compiled ahead of time, `rollout.compile_rollout`, so nothing is decoded; the
+Python loop for one step), and every XLA compilation during the timed calls is counted (`compiles_during_timing`,
 expected 0). The two ways are then timed alternately, `--iters` calls each, every call ended with
 `block_until_ready`; per-second figures use the best call (the mean is reported too).
 

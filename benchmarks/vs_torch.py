@@ -31,8 +31,8 @@ lower position, and a row with candidates but no reveal reveals its best-scoring
 Lockstep blocks give the same tokens and per-row NFE as our per-row blocks (a row's trajectory
 does not depend on the others); only the count of batched forwards may differ.
 
-Timing: ours is compiled first, per cache mode, by running its loop on an already finished carry
-of the same shapes and configs (`compile_s`; `compiles_during_timing` counts XLA compilations in
+Timing: ours is compiled first, per cache mode, ahead of time on the same shapes and configs
+(`rollout.compile_rollout`, nothing decoded; `compile_s`; `compiles_during_timing` counts XLA compilations in
 the timed calls, expected 0); PyTorch is warmed up by one untimed forward on the canvas shape.
 Then `--iters` rounds, each one PyTorch rollout and one of ours per cache mode, alternated so
 that a busy second on a shared host hits both alike; every JAX call ends with

@@ -307,12 +307,6 @@ class DecodeConfig:
                               f"[0, {model.vocab_size})")
 
 
-def decode_config_from_dict(cfg: Mapping[str, Any] | ml_collections.ConfigDict,
-                            prefix: str = "decode.") -> DecodeConfig:
-    """`DecodeConfig` from a (ConfigDict) mapping; unknown keys are errors naming the key."""
-    return from_config(DecodeConfig, cfg, prefix)
-
-
 ADVANTAGES = ("mean", "mean_std", "leave_one_out")
 TRAINABLE = ("all", "planner", "backbone")
 SCHEDULES = ("constant", "cosine", "linear")

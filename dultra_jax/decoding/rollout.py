@@ -232,10 +232,6 @@ def _rollout(params: Params, prompt_tokens: jax.Array, prompt_valid: jax.Array, 
 
 
 rollout_jit = jax.jit(_rollout, static_argnames=("model", "config"))
-# The loop alone, carry in and carry out (benchmarks start it on a finished carry to compile
-# without decoding); the final carry has the initial carry's structure, so the donated buffers
-# hold the result.
-rollout_loop = jax.jit(_rollout_loop, static_argnames=("model", "config"), donate_argnames=("state",))
 init_state_jit = jax.jit(init_state, static_argnames=("model", "config"))
 denoise_step_jit = jax.jit(denoise_step, static_argnames=("model", "config"))
 
@@ -278,13 +274,6 @@ def rollout_inputs(prompt_tokens, prompt_valid, config: DecodeConfig, model: Mod
     else:
         prompt_tokens, prompt_valid = check_prompts(prompt_tokens, prompt_valid, model, config)
     return prompt_tokens, prompt_valid, rules.Knobs.of(config), config.without_knobs()
-
-
-def start_rollout(prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,
-                  model: ModelConfig) -> tuple[RolloutState, rules.Knobs, DecodeConfig]:
-    """The arguments of `rollout_loop`: `(initial carry, knobs, static config)`."""
-    prompt_tokens, prompt_valid, knobs, config = rollout_inputs(prompt_tokens, prompt_valid, config, model)
-    return init_state_jit(prompt_tokens, prompt_valid, rng, model=model, config=config), knobs, config
 
 
 def compile_rollout(params: Params, prompt_tokens, prompt_valid, rng: jax.Array, config: DecodeConfig,
