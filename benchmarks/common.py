@@ -19,8 +19,6 @@ import numpy as np
 from absl import flags
 
 from dultra_jax.config import ModelConfig, PlannerConfig
-from dultra_jax.models import policy
-from dultra_jax.sharding import path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,38 +162,6 @@ def define_dtype_flags() -> DtypeFlags:
         dtype=flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype."),
         param_dtype=flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
                                       "Storage dtype of the parameters (default: --dtype)."))
-
-
-def forward_flops(config: ModelConfig, batch: int, length: int) -> dict[str, float]:
-    """Analytic FLOPs of one full `policy_apply` on `[batch, length]` (multiply-adds count 2):
-
-        2 * N_mm * B * L                  every per-token matmul: the Linear kernels of the blocks,
-                                          the LM head and the planner block (embedding lookups: 0)
-      + 2 * B * N_row                     the planner's timestep MLP, once per row
-      + 4 * B * L^2 * D_attn * n_attn     QK^T and AV; D_attn = n_heads * head_dim, n_attn the
-                                          backbone's layers (+1 with the planner block)
-
-    `N_mm` and `N_row` are read off the parameter tree (every `.../kernel` leaf; those under
-    `planner/time_embedding/` are per row). Norms, RoPE, softmax and activations are left out, so
-    the figure slightly underestimates the work.
-    """
-    flat = jax.tree_util.tree_flatten_with_path(policy.abstract_params(config))[0]
-    per_token, per_row, total_params = 0, 0, 0
-    for path, leaf in flat:
-        name = path_str(path)
-        size = int(np.prod(leaf.shape))
-        total_params += size
-        if name.endswith("/kernel"):
-            if name.startswith("planner/time_embedding/"):
-                per_row += size
-            else:
-                per_token += size
-    n_attn = config.n_layers + (1 if config.has_planner else 0)
-    d_attn = config.n_heads * config.head_dim
-    matmul = 2.0 * per_token * batch * length + 2.0 * per_row * batch
-    attention = 4.0 * batch * length ** 2 * d_attn * n_attn
-    return {"params": total_params, "matmul_params": per_token, "matmul_flops": matmul,
-            "attention_flops": attention, "flops": matmul + attention}
 
 
 # Dense bfloat16 peak FLOP/s of one JAX device, from the vendors' data sheets (without sparsity).

@@ -12,7 +12,7 @@ device's data-sheet peak for the dtype is known (`common.PEAK_BF16_FLOPS`: bfloa
 H200, A100 and TPU v4 to v6), the achieved FLOP/s over it is the MFU. The last line printed is
 one JSON object (`{"benchmark": "forward", ...}`) with every figure.
 
-Model FLOPs per forward are `common.forward_flops` (every matmul of a full forward, attention
+Model FLOPs per forward are `forward_flops` (every matmul of a full forward, attention
 included, multiply-adds counting 2; norms and activations left out). A GPU run at the reference
 shape (Lp 32 + gen 256 = 288 positions):
 `--configs=llada_1b --dtype=bfloat16 --length=288 --matmul_size=8192`.
@@ -27,6 +27,7 @@ from absl import app, flags
 
 from dultra_jax.config import ModelConfig
 from dultra_jax.models import policy
+from dultra_jax.models.flops import forward_flops
 
 if __package__:
     from benchmarks import common
@@ -51,7 +52,7 @@ def bench_config(name: str, config: ModelConfig, batch: int, length: int, iters:
     canvas = jnp.asarray(canvas)
     apply = jax.jit(lambda p, c: policy.policy_apply(p, c, config))
     timing = common.time_fn(apply, params, canvas, iters=iters)
-    flops = common.forward_flops(config, batch, length)
+    flops = forward_flops(config, batch, length)
     return {"config": name, "batch": batch, "length": length, "dtype": config.dtype,
             "params": flops["params"], "flops_per_forward": flops["flops"],
             "attention_flops_per_forward": flops["attention_flops"], **timing.as_dict(),

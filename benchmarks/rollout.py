@@ -16,11 +16,14 @@ tokens in blocks of `--block_length` two ways, in the same run and on the same i
                 implementations run); the baseline.
 
 Rules take their defaults (`low_confidence` / `random`: one token per step; the planner rules use
-the planner head). Both ways are compiled first by a warm-up on the same shapes and configs (the
+the planner head). `--ways=while_loop` leaves the Python loop out (it doubles the run time). Every
+(cache mode, way) of a rule is compiled first by a warm-up on the same shapes and configs (the
 jitted rollout compiled ahead of time, `rollout.compile_rollout`, so nothing is decoded; the
-Python loop for one step), and every XLA compilation during the timed calls is counted (`compiles_during_timing`,
-expected 0). The two ways are then timed alternately, `--iters` calls each, every call ended with
-`block_until_ready`; per-second figures use the best call (the mean is reported too).
+Python loop for one step), and every XLA compilation during the timed calls is counted
+(`compiles_during_timing`, expected 0). The timed calls then take turns, `--iters` rounds each
+running every cache mode and way once, every call ended with `block_until_ready`, so a busy
+stretch of a shared host hits all of them alike; per-second figures use the best call (the
+mean is reported too).
 
 Per way, from the trajectory of the timed calls (same key every call, so the same trajectory):
 
@@ -30,13 +33,14 @@ Per way, from the trajectory of the timed calls (same key every call, so the sam
                       runs until the slowest row is done, so iterations = max row NFE
   mean_nfe            mean row NFE; tokens_per_forward = gen_length / mean_nfe
 
-and `speedup` = python_loop best seconds / while_loop best seconds; `s_per_loop_iter` is the time
+and (with both ways) `speedup` = python_loop best seconds / while_loop best seconds; `s_per_loop_iter` is the time
 per NFE (one batched forward).
 
 Every rule runs once per `--caches` mode (`decode.cache`: `none` recomputes the canvas every step;
 `prefix` / `dual` use the block KV cache, `dultra_jax/decoding/cache.py`). When `none` ran first,
 each cached run also reports `token_agreement_vs_none` (share of generated tokens equal to the
-exact rollout's on the same prompts and key), `rows_identical_vs_none`, and
+exact rollout's on the same prompts and key), `rows_identical_vs_none`,
+`batch_speedup_vs_none` (exact / cached best seconds for the whole batch) and
 `per_nfe_speedup_vs_none` (exact time per NFE / cached time per NFE). The reference shape (gen 256,
 block 32) is `--models=small --gen_length=256 --block_length=32 --caches=none,prefix,dual`, and on a GPU
 `--models=llada_1b --dtype=bfloat16` with the same lengths (`llada_1b`: LLaDA's layout at 1.2B params,
@@ -77,6 +81,8 @@ _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 32, "Prompt tokens per ro
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 64, "Generated tokens per row Lg.")
 _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 16, "Semi-autoregressive block length.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Token sampling temperature (0 = argmax).")
+_WAYS = flags.DEFINE_list("ways", ["while_loop", "python_loop"], "Ways to time: while_loop and/or python_loop "
+                         "(the Python loop doubles the run time; `speedup` needs both).")
 _ITERS = flags.DEFINE_integer("iters", 3, "Timed calls of each way (after the compiling warm-up).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters, the prompts and the rollout key.")
 _DTYPES = common.define_dtype_flags()
@@ -106,44 +112,58 @@ def trajectory_figures(trajectory: rollout_lib.Trajectory, model: ModelConfig, c
             "s_per_loop_iter": seconds / loop_iters}
 
 
-def bench_rule(name: str, model: ModelConfig, params, rule: str, cache: str, iters: int,
-               seed: int) -> tuple[dict, np.ndarray]:
-    """Times one (model, rule, cache); returns the figures and the generated tokens `[B, Lg]`."""
-    config = DecodeConfig(rule=rule, prompt_length=_PROMPT_LENGTH.value, gen_length=_GEN_LENGTH.value,
-                          block_length=_BLOCK_LENGTH.value, temperature=_TEMPERATURE.value,
-                          eos_token_id=model.eos_token_id, cache=cache)
-    prompts, valid = common.random_prompts(model, _BATCH.value, config.prompt_length, seed)
+def bench_rule(name: str, model: ModelConfig, params, rule: str, caches: list[str], iters: int,
+               seed: int) -> list[tuple[dict, np.ndarray]]:
+    """Times one (model, rule) under every cache mode; returns per mode the figures and the
+    generated tokens `[B, Lg]`. Every (mode, way) is compiled first; the timed calls then take
+    turns (each round runs every mode and way once), so a busy stretch on a shared host hits all
+    of them alike and their ratios hold up better than their absolute times."""
+    prompts, valid = common.random_prompts(model, _BATCH.value, _PROMPT_LENGTH.value, seed)
     rng = jax.random.key(seed + 1)
-    runs = {"while_loop": (rollout_lib.rollout, common.warm_rollout),
+    ways = {"while_loop": (rollout_lib.rollout, common.warm_rollout),
             "python_loop": (rollout_lib.rollout_python_loop, warm_python_loop)}
+    ways = {mode: ways[mode] for mode in MODES if mode in _WAYS.value}
+    configs = {cache: DecodeConfig(rule=rule, prompt_length=_PROMPT_LENGTH.value, gen_length=_GEN_LENGTH.value,
+                                   block_length=_BLOCK_LENGTH.value, temperature=_TEMPERATURE.value,
+                                   eos_token_id=model.eos_token_id, cache=cache) for cache in caches}
 
     compile_s = {}
-    for mode, (_, warm) in runs.items():
-        start = time.perf_counter()
-        warm(params, prompts, valid, rng, config, model)
-        compile_s[mode] = time.perf_counter() - start
+    for cache, config in configs.items():
+        for mode, (_, warm) in ways.items():
+            start = time.perf_counter()
+            warm(params, prompts, valid, rng, config, model)
+            compile_s[cache, mode] = time.perf_counter() - start
 
-    times = {mode: [] for mode in MODES}
+    times = {key: [] for key in compile_s}
     trajectories = {}
-    with common.CompileCounter() as compiles:
-        for _ in range(iters):  # alternate the two ways, so a busy second on a shared host hits both alike
-            for mode, (fn, _) in runs.items():
-                start = time.perf_counter()
-                trajectory = jax.block_until_ready(fn(params, prompts, valid, rng, config, model))
-                times[mode].append(time.perf_counter() - start)
-                trajectories[mode] = trajectory
+    compiles = {cache: 0 for cache in caches}
+    for _ in range(iters):
+        for cache, config in configs.items():
+            with common.CompileCounter() as counter:
+                for mode, (fn, _) in ways.items():
+                    start = time.perf_counter()
+                    trajectory = jax.block_until_ready(fn(params, prompts, valid, rng, config, model))
+                    times[cache, mode].append(time.perf_counter() - start)
+                    trajectories[cache, mode] = trajectory
+            compiles[cache] += counter.count
 
-    result = {"model": name, "rule": rule, "cache": cache, "batch": _BATCH.value, "prompt_length": config.prompt_length,
-              "gen_length": config.gen_length, "block_length": config.block_length,
-              "temperature": config.temperature, "compiles_during_timing": compiles.count}
-    for mode in MODES:
-        timing = common.Timing(compile_s[mode], tuple(times[mode]))
-        result[mode] = {**timing.as_dict(), **trajectory_figures(trajectories[mode], model, config, timing.best_s)}
-    result["speedup"] = result["python_loop"]["best_s"] / result["while_loop"]["best_s"]
-    result["speedup_mean"] = result["python_loop"]["mean_s"] / result["while_loop"]["mean_s"]
-    result["same_nfe"] = bool(np.array_equal(np.asarray(trajectories["while_loop"].num_steps),
-                                             np.asarray(trajectories["python_loop"].num_steps)))
-    return result, np.asarray(trajectories["while_loop"].tokens)
+    out = []
+    for cache, config in configs.items():
+        result = {"model": name, "rule": rule, "cache": cache, "batch": _BATCH.value,
+                  "prompt_length": config.prompt_length, "gen_length": config.gen_length,
+                  "block_length": config.block_length, "temperature": config.temperature,
+                  "compiles_during_timing": compiles[cache]}
+        for mode in ways:
+            timing = common.Timing(compile_s[cache, mode], tuple(times[cache, mode]))
+            result[mode] = {**timing.as_dict(),
+                            **trajectory_figures(trajectories[cache, mode], model, config, timing.best_s)}
+        if len(ways) == 2:
+            result["speedup"] = result["python_loop"]["best_s"] / result["while_loop"]["best_s"]
+            result["speedup_mean"] = result["python_loop"]["mean_s"] / result["while_loop"]["mean_s"]
+            result["same_nfe"] = bool(np.array_equal(np.asarray(trajectories[cache, "while_loop"].num_steps),
+                                                     np.asarray(trajectories[cache, "python_loop"].num_steps)))
+        out.append((result, np.asarray(trajectories[cache, "while_loop"].tokens)))
+    return out
 
 
 def compare_with_exact(result: dict, tokens: np.ndarray, exact: dict, exact_tokens: np.ndarray) -> None:
@@ -153,20 +173,26 @@ def compare_with_exact(result: dict, tokens: np.ndarray, exact: dict, exact_toke
     result["rows_identical_vs_none"] = int(np.sum(np.all(tokens == exact_tokens, axis=-1)))
     result["per_nfe_speedup_vs_none"] = (exact["while_loop"]["s_per_loop_iter"]
                                          / result["while_loop"]["s_per_loop_iter"])
+    result["batch_speedup_vs_none"] = exact["while_loop"]["best_s"] / result["while_loop"]["best_s"]
 
 
 def table_row(r: dict) -> dict:
-    jit, py = r["while_loop"], r["python_loop"]
+    jit, py = r["while_loop"], r.get("python_loop")
     agreement = r.get("token_agreement_vs_none")
-    return {"model": r["model"], "rule": r["rule"], "cache": r["cache"], "NFE/row": f"{jit['mean_nfe']:.2f}",
-            "ms/NFE": f"{1e3 * jit['s_per_loop_iter']:.2f}",
-            "vs none": "" if agreement is None else f"{r['per_nfe_speedup_vs_none']:.2f}x, {100 * agreement:.1f}% same",
-            "tok/fwd": f"{jit['tokens_per_forward']:.2f}", "loop ms": f"{1e3 * jit['best_s']:.1f}",
-            "py ms": f"{1e3 * py['best_s']:.1f}", "speedup": f"{r['speedup']:.2f}x",
-            "loop tok/s": f"{jit['tokens_per_s']:,.0f}", "py tok/s": f"{py['tokens_per_s']:,.0f}",
-            "loop NFE/s": f"{jit['nfe_per_s']:,.0f}", "py NFE/s": f"{py['nfe_per_s']:,.0f}",
-            "loop it/s": f"{jit['loop_iters_per_s']:,.1f}", "py it/s": f"{py['loop_iters_per_s']:,.1f}",
-            "compile s": f"{jit['compile_s']:.1f}/{py['compile_s']:.1f}"}
+    row = {"model": r["model"], "rule": r["rule"], "cache": r["cache"], "NFE/row": f"{jit['mean_nfe']:.2f}",
+           "ms/NFE": f"{1e3 * jit['s_per_loop_iter']:.2f}",
+           "vs none": "" if agreement is None else (f"{r['batch_speedup_vs_none']:.2f}x batch, "
+                                                    f"{r['per_nfe_speedup_vs_none']:.2f}x/NFE, "
+                                                    f"{100 * agreement:.1f}% same"),
+           "tok/fwd": f"{jit['tokens_per_forward']:.2f}", "loop ms": f"{1e3 * jit['best_s']:.1f}",
+           "loop tok/s": f"{jit['tokens_per_s']:,.0f}", "loop NFE/s": f"{jit['nfe_per_s']:,.0f}",
+           "loop it/s": f"{jit['loop_iters_per_s']:,.1f}", "compile s": f"{jit['compile_s']:.1f}"}
+    if py is not None:
+        row.update({"py ms": f"{1e3 * py['best_s']:.1f}", "speedup": f"{r['speedup']:.2f}x",
+                    "py tok/s": f"{py['tokens_per_s']:,.0f}", "py NFE/s": f"{py['nfe_per_s']:,.0f}",
+                    "py it/s": f"{py['loop_iters_per_s']:,.1f}",
+                    "compile s": f"{jit['compile_s']:.1f}/{py['compile_s']:.1f}"})
+    return row
 
 
 def main(argv):
@@ -181,6 +207,9 @@ def main(argv):
     unknown = [c for c in _CACHES.value if c not in CACHE_MODES]
     if unknown:
         raise app.UsageError(f"--caches: unknown mode(s) {unknown}; known: {', '.join(CACHE_MODES)}")
+    unknown = [w for w in _WAYS.value if w not in MODES]
+    if unknown or "while_loop" not in _WAYS.value:
+        raise app.UsageError(f"--ways={','.join(_WAYS.value)}: list while_loop and optionally python_loop")
     if _ITERS.value < 1:
         raise app.UsageError(f"--iters={_ITERS.value} must be at least 1")
     try:  # flag values the decoding rejects (gen_length not a multiple of block_length, ...)
@@ -197,8 +226,9 @@ def main(argv):
         params_count[name] = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
         for rule in _RULES.value:
             exact = None
-            for cache in _CACHES.value:
-                result, tokens = bench_rule(name, model, params, rule, cache, _ITERS.value, _SEED.value)
+            for result, tokens in bench_rule(name, model, params, rule, list(_CACHES.value), _ITERS.value,
+                                             _SEED.value):
+                cache = result["cache"]
                 if cache == "none":
                     exact = (result, tokens)
                 elif exact is not None:
@@ -220,7 +250,7 @@ def main(argv):
     if recompiled:
         print(f"warning: XLA compiled during the timed calls of {', '.join(recompiled)}")
     settings = {"models": list(_MODELS.value), "rules": list(_RULES.value), "caches": list(_CACHES.value),
-                "batch": _BATCH.value,
+                "ways": list(_WAYS.value), "batch": _BATCH.value,
                 "prompt_length": _PROMPT_LENGTH.value, "gen_length": _GEN_LENGTH.value,
                 "block_length": _BLOCK_LENGTH.value, "temperature": _TEMPERATURE.value, "iters": _ITERS.value,
                 "seed": _SEED.value, "dtype": _DTYPES.compute, "param_dtype": _DTYPES.storage}

@@ -23,7 +23,8 @@ update from those parameters, so `logp_gap` is ~0: a check of the synthetic traj
 are standard normal; `RLConfig()` defaults (beta 0: no reference model, one iteration), AdamW
 from `OptimConfig()` defaults, every parameter trained.
 
-Per T, the update is `jax.jit(grpo_update, donate_argnums=state)`, lowered and compiled once:
+Per T, the update is the trainer's own (`training.programs.grpo_programs(...).update`: the state
+donated), lowered and compiled once:
 
   peak memory   from `compiled.memory_analysis()`: XLA's buffer assignment of the whole program,
                 `argument + output - alias + temp` bytes (`alias`: outputs written into donated
@@ -39,7 +40,7 @@ Per T, the update is `jax.jit(grpo_update, donate_argnums=state)`, lowered and c
                 new state is fed to the next (the state is donated). `per_step_s` = best / T:
                 the cost of one replayed forward + backward.
 
-  FLOP/s, MFU   3 x `common.forward_flops` per replayed step (a forward and its backward) x T /
+  FLOP/s, MFU   3 x `forward_flops` per replayed step (a forward and its backward) x T /
                 best seconds; MFU divides by the device's data-sheet peak where one is known
                 (bfloat16 on H100, H200, A100, TPU v4 to v6: `common.PEAK_BF16_FLOPS`).
 
@@ -55,6 +56,14 @@ Models (random init, with a planner; `tiny` and `small` from benchmarks/common.p
           params. On a GPU, the reference shape: `--model=llada_1b --dtype=bfloat16 --prompt_length=32
           --gen_length=256 --block_length=32 --steps=8,32,128`.
 
+With `--rollout_caches=none,dual` (for example) it also times whole GRPO steps: the trainer's
+jitted rollout (`planner_bernoulli`, the same shapes, `--batch` random prompts) with each
+`decode.cache` mode, then the same compiled update on the trajectory it produced (the replay is
+exact whatever the cache, so the update's cost depends only on the rollout's largest NFE). Per
+mode: `rollout_s`, `update_s` (best of `--iters`, the rollout modes taking turns), `step_s` =
+their sum, `step_speedup_vs_none`, the rollout's `max_nfe` and the update's `logp_gap` (how far
+the recorded log-probs are from the exact replay: ~0 without a cache).
+
 `bench` is the default because `small` is too slow for 2 CPU cores: at B=4, Lp=64, Lg=128 one
 replayed step (forward + backward) of `small` took ~2.8 s there, so one update at T=128 takes
 about six minutes and the default run (warm-up + 2 calls at each of T = 8, 32, 128) well over
@@ -65,7 +74,6 @@ run ~4 minutes) and up to 0.87 s on a busy shared one (~110 s at T=128, the run 
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -73,12 +81,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig, OptimConfig, RLConfig
+from dultra_jax.config import CACHE_MODES, ConfigError, DecodeConfig, ModelConfig, OptimConfig, RLConfig
+from dultra_jax.decoding import rollout as rollout_lib
 from dultra_jax.decoding.rollout import Trajectory
 from dultra_jax.models import policy
+from dultra_jax.models.flops import forward_flops
 from dultra_jax.rl.grpo import replay_logps
-from dultra_jax.training.grpo import grpo_update
-from dultra_jax.training.state import create_state, make_optimizer
+from dultra_jax.sharding import make_mesh
+from dultra_jax.training import programs
 
 if __package__:
     from benchmarks import common
@@ -97,6 +107,9 @@ _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 64, "Prompt tokens per ro
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 128, "Generated tokens per row Lg.")
 _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Semi-autoregressive block length.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters, tokens and advantages.")
+_ROLLOUT_CACHES = flags.DEFINE_list(
+    "rollout_caches", [], "Also time whole GRPO steps (a real rollout + the update on its trajectory) with each of "
+    "these decode.cache modes (none, prefix, dual); see the module docstring.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype (parameters and optimiser state stay float32).")
 
@@ -173,15 +186,17 @@ def bench_steps(model: ModelConfig, params, num_steps: int, iters: int, seed: in
     decode.check_model(model)
     batch = _BATCH.value
     rl, optim = RLConfig(), OptimConfig()
-    tx = make_optimizer(optim, total_steps=1000)
+    # The trainer's own programs (`training.programs`), on this process's first device.
+    state_programs = programs.state_programs(model, make_mesh(devices=jax.devices()[:1]), optim, total_steps=1000,
+                                             seed=seed, keep_reference=rl.beta > 0)
 
     trajectory = synthetic_trajectory(model, decode, batch, seed)
     replay = jax.jit(replay_logps, static_argnames=("model", "config"))
     trajectory = trajectory.replace(step_logps=replay(params, trajectory, model=model, config=decode))
     advantages = jax.random.normal(jax.random.key(seed + 1), (batch,), jnp.float32)
-    state = jax.jit(lambda p: create_state(p, tx, optim.train, seed, keep_reference=rl.beta > 0))(params)
+    state = state_programs.init(params)
 
-    update = jax.jit(functools.partial(grpo_update, model=model, decode=decode, rl=rl, tx=tx), donate_argnums=(0,))
+    update = programs.grpo_programs(state_programs, decode, rl).update
     start = time.perf_counter()
     compiled = update.lower(state, trajectory, advantages).compile()
     compile_s = time.perf_counter() - start
@@ -196,11 +211,62 @@ def bench_steps(model: ModelConfig, params, num_steps: int, iters: int, seed: in
         times.append(time.perf_counter() - start)
     timing = common.Timing(compile_s, tuple(times))
     # One replayed step: a full forward and its backward, ~3x the forward's matmul FLOPs.
-    step_flops = 3 * common.forward_flops(model, batch, decode.canvas_length)["flops"]
+    step_flops = 3 * forward_flops(model, batch, decode.canvas_length)["flops"]
     return {"steps": num_steps, "revealed_per_step": decode.gen_length / num_steps, **timing.as_dict(),
             "per_step_s": timing.best_s / num_steps, "flops_per_update": step_flops * num_steps,
             "flops_per_s": step_flops * num_steps / timing.best_s, **memory, "device_peak_bytes": device_peak_bytes(),
             "metrics": {k: v.item() for k, v in jax.device_get(metrics).items()}}
+
+
+def bench_grpo_steps(model: ModelConfig, params, caches: list[str], iters: int, seed: int) -> list[dict]:
+    """Whole GRPO steps (rollout + update) per `decode.cache` mode (module docstring)."""
+    decode = DecodeConfig(rule="planner_bernoulli", prompt_length=_PROMPT_LENGTH.value,
+                          gen_length=_GEN_LENGTH.value, block_length=_BLOCK_LENGTH.value,
+                          eos_token_id=model.eos_token_id)
+    batch, rl, optim = _BATCH.value, RLConfig(), OptimConfig()
+    state_programs = programs.state_programs(model, make_mesh(devices=jax.devices()[:1]), optim, total_steps=1000,
+                                             seed=seed, keep_reference=rl.beta > 0)
+    prompts, valid = common.random_prompts(model, batch, decode.prompt_length, seed)
+    rng = jax.random.key(seed + 2)
+    advantages = jax.random.normal(jax.random.key(seed + 1), (batch,), jnp.float32)
+    update = programs.grpo_programs(state_programs, decode, rl).update  # one update serves every mode
+    configs = {cache: decode.replace(cache=cache) for cache in caches}
+    trajectories, compile_s = {}, {}
+    for cache, config in configs.items():
+        start = time.perf_counter()
+        rollout_lib.compile_rollout(params, prompts, valid, rng, config, model)
+        compile_s[cache] = time.perf_counter() - start
+        trajectories[cache] = jax.block_until_ready(rollout_lib.rollout(params, prompts, valid, rng, config, model))
+    state = state_programs.init(params)
+    compiled = update.lower(state, trajectories[caches[0]], advantages).compile()
+    rollout_times = {cache: [] for cache in caches}
+    update_times = {cache: [] for cache in caches}
+    gaps = {}
+    for cache in caches:  # the warm-up update of each mode, on the parameters that decoded it
+        _, metrics = jax.block_until_ready(compiled(state_programs.init(params), trajectories[cache], advantages))
+        gaps[cache] = float(metrics["logp_gap"])
+    for _ in range(iters):
+        for cache, config in configs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(rollout_lib.rollout(params, prompts, valid, rng, config, model))
+            rollout_times[cache].append(time.perf_counter() - start)
+            fresh = state_programs.init(params)
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(fresh, trajectories[cache], advantages))
+            update_times[cache].append(time.perf_counter() - start)
+    results = []
+    for cache in caches:
+        rollout_s, update_s = min(rollout_times[cache]), min(update_times[cache])
+        results.append({"cache": cache, "rollout_s": rollout_s, "update_s": update_s, "step_s": rollout_s + update_s,
+                        "rollout_compile_s": compile_s[cache],
+                        "max_nfe": int(np.max(np.asarray(trajectories[cache].num_steps))),
+                        "mean_nfe": float(np.mean(np.asarray(trajectories[cache].num_steps))),
+                        "logp_gap": gaps[cache]})
+    if "none" in caches:
+        base = next(r for r in results if r["cache"] == "none")["step_s"]
+        for r in results:
+            r["step_speedup_vs_none"] = base / r["step_s"]
+    return results
 
 
 def mib(n: int | None) -> str:
@@ -231,6 +297,9 @@ def main(argv):
         raise app.UsageError(f"--iters={_ITERS.value} must be at least 1")
     if _BATCH.value < 1:
         raise app.UsageError(f"--batch={_BATCH.value} must be at least 1")
+    unknown = [c for c in _ROLLOUT_CACHES.value if c not in CACHE_MODES]
+    if unknown:
+        raise app.UsageError(f"--rollout_caches: unknown mode(s) {unknown}; known: {', '.join(CACHE_MODES)}")
     try:
         decode = DecodeConfig(rule="planner_bernoulli", prompt_length=_PROMPT_LENGTH.value,
                               gen_length=_GEN_LENGTH.value, block_length=_BLOCK_LENGTH.value)
@@ -277,13 +346,23 @@ def main(argv):
               "2 CPU cores; --model=small for the small shape")
     if device_ratio is not None:
         print(f"device allocator peak after T={high['steps']} / after T={low['steps']}: {device_ratio:.3f}x")
+    grpo_steps = []
+    if _ROLLOUT_CACHES.value:
+        grpo_steps = bench_grpo_steps(model, params, list(_ROLLOUT_CACHES.value), _ITERS.value, _SEED.value)
+        rows = [{"cache": r["cache"], "rollout s": f"{r['rollout_s']:.3f}", "update s": f"{r['update_s']:.3f}",
+                 "step s": f"{r['step_s']:.3f}", "vs none": f"{r.get('step_speedup_vs_none', float('nan')):.2f}x",
+                 "max NFE": r["max_nfe"], "logp_gap": f"{r['logp_gap']:.1e}"} for r in grpo_steps]
+        print("whole GRPO steps (rollout + update on its trajectory), best of "
+              f"{_ITERS.value} each, the cache modes taking turns:")
+        print(common.format_table(rows, list(rows[0])))
     settings = {"model": _MODEL.value, "steps": steps, "batch": _BATCH.value, "iters": _ITERS.value,
                 "remat": _REMAT.value, "prompt_length": decode.prompt_length, "gen_length": decode.gen_length,
                 "block_length": decode.block_length, "seed": _SEED.value, "dtype": _DTYPE.value}
     shape = {"vocab_size": model.vocab_size, "d_model": model.d_model, "n_layers": model.n_layers,
              "n_heads": model.n_heads, "mlp_hidden_size": model.mlp_hidden_size}
     print(common.json_line({"benchmark": "train_step", **info, "settings": settings, "model_shape": shape,
-                            "params": params_count, "results": results, "peak_ratio": peak_ratio,
+                            "params": params_count, "results": results, "grpo_steps": grpo_steps,
+                            "peak_ratio": peak_ratio,
                             "peak_ratio_target": PEAK_RATIO_TARGET, "within_target": within,
                             "peak_flops_per_s": peak,
                             "device_peak_ratio": device_ratio}))

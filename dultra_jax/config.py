@@ -324,6 +324,9 @@ class RLConfig:
       eps_low, eps_high: the ratio clip range [1 - eps_low, 1 + eps_high].
       beta: KL weight to the frozen initial policy (0: no reference model).
       num_iterations: updates per rollout batch (>1 uses the rollout's log-probs as "old").
+      update_micro_batches: the update replays the batch in this many slices of rows, each
+        device taking 1/n of its own rows at a time, with gradients accumulated (the same update
+        as one pass; peak activation memory / n). Rows per device must be a multiple.
     """
 
     group_size: int = 12
@@ -333,8 +336,11 @@ class RLConfig:
     eps_high: float = 1.0
     beta: float = 0.0
     num_iterations: int = 1
+    update_micro_batches: int = 1
 
     def __post_init__(self):
+        if self.update_micro_batches < 1:
+            raise ConfigError(f"rl.update_micro_batches={self.update_micro_batches} must be >= 1")
         if self.group_size < 2:
             raise ConfigError(f"rl.group_size={self.group_size} must be at least 2 (advantages are group-relative)")
         if self.advantage not in ADVANTAGES:
@@ -351,7 +357,9 @@ class RLConfig:
 class OptimConfig:
     """AdamW with gradient clipping and a learning-rate schedule; `train` picks the parameter group,
     `backbone_lr_scale` multiplies the backbone's rate (with `train="all"`: a planner that learns
-    fast beside a backbone that moves slowly; 1.0 as the reference)."""
+    fast beside a backbone that moves slowly; 1.0 as the reference). `moment_dtype` stores Adam's
+    two moments in "float32" or "bfloat16" (half the memory of float32 moments; the step itself
+    computes in float32); None (default) stores them in each parameter's dtype (optax's rule)."""
 
     learning_rate: float = 5e-6
     schedule: str = "constant"
@@ -364,8 +372,12 @@ class OptimConfig:
     grad_clip: float = 1.0
     train: str = "all"
     backbone_lr_scale: float = 1.0
+    moment_dtype: str | None = None
 
     def __post_init__(self):
+        if self.moment_dtype not in (None, "float32", "bfloat16"):
+            raise ConfigError(f"optim.moment_dtype={self.moment_dtype!r} is unknown; use float32, bfloat16 or None "
+                              "(each parameter's dtype)")
         if self.learning_rate <= 0:
             raise ConfigError(f"optim.learning_rate={self.learning_rate} must be positive")
         if self.schedule not in SCHEDULES:
@@ -428,7 +440,9 @@ class DataConfig:
     generator) or `path` (a JSONL, JSON or Parquet file, a directory of split files, or
     `tfds:NAME:SPLIT`; with `split`, `data_dir`, `limit`). `tokenizer` is a directory (default
     `model.path`; none for records with `prompt_ids`). `prompts_per_step` is the global number of
-    prompts per step (each rolled out `rl.group_size` times); `shuffle_seed` defaults to `seed`.
+    prompts per step (each rolled out `rl.group_size` times), or -1 for one prompt per device of
+    the mesh's batch axes (data x fsdp; the reference's one prompt per GPU), so one config runs
+    on any number of chips; `shuffle_seed` defaults to `seed`.
     """
 
     task: str
@@ -449,13 +463,29 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RewardsConfig:
     """The `rewards` section: `weights` (default: the task's), per-reward `options`, and the
-    distillation teacher (`teacher_path`, `teacher_weight`, `teacher_dtype`)."""
+    distillation teacher (`teacher_path`: a directory or hub id, `teacher_weight`, `teacher_dtype`).
+
+    `distill` switches the distillation reward: None (on exactly when `teacher_path` is given),
+    True (the reference's recipe: `teacher_path` is required) or False (off, whatever the path).
+    """
 
     weights: Mapping[str, float] | None = None
     options: Mapping[str, Mapping[str, Any]] | None = None
+    distill: bool | None = None
     teacher_path: str | None = None
     teacher_weight: float = 1.0
     teacher_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.distill and not self.teacher_path:
+            raise ConfigError("rewards.distill=True needs rewards.teacher_path (a directory or hub id of the teacher, "
+                              "e.g. --config.rewards.teacher_path=Qwen/Qwen2.5-Math-7B-Instruct); to train without "
+                              "the distillation reward, set --config.rewards.distill=False")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the distillation reward runs (a teacher is loaded)."""
+        return bool(self.teacher_path) if self.distill is None else bool(self.distill)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -481,6 +511,47 @@ class FinalEvalConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainEvalConfig:
+    """The `eval` section of GRPO: held-out evaluation while training.
+
+    Every `every` steps (0: never) the current parameters decode the held-out records
+    (`generator` or `path` + `split`, `limit`) with the training rollout's rule and knobs (`rule`
+    overrides the rule, with its default knob), greedy tokens, over `seeds`, in batches of
+    `batch_size` rows, scored as the final evaluation scores (`scoring`, None: the task's
+    default). The row gets `eval_accuracy` (percent), `eval_nfe`, `eval_tpf` and `eval_objective`;
+    the parameters with the best `objective` so far ("accuracy", or "accuracy_per_nfe": accuracy
+    per forward pass) are kept in `WORKDIR/best/` and named in `WORKDIR/best.json`.
+    """
+
+    every: int = 0
+    generator: Mapping[str, Any] | None = None
+    path: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    rule: str | None = None
+    seeds: Sequence[int] = (0,)
+    batch_size: int = 64
+    scoring: str | None = None
+    objective: str = "accuracy"
+
+    def __post_init__(self):
+        if not isinstance(self.every, int) or self.every < 0:
+            raise ConfigError(f"eval.every={self.every!r} must be 0 (off) or a positive number of steps")
+        if self.objective not in EVAL_OBJECTIVES:
+            raise ConfigError(f"eval.objective={self.objective!r} is not one of {', '.join(EVAL_OBJECTIVES)}")
+        if self.every and not (self.generator or self.path):
+            raise ConfigError("eval.every > 0 needs held-out records: eval.path (a file, a directory of split files or "
+                              "tfds:NAME:SPLIT) or eval.generator")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ConfigError(f"eval.batch_size={self.batch_size!r} must be a positive integer")
+        if not self.seeds:
+            raise ConfigError("eval.seeds is empty: give at least one decoding seed")
+
+
+EVAL_OBJECTIVES = ("accuracy", "accuracy_per_nfe")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
     """A GRPO training config (`launch/train.py`): `model` is the model section (`path` + fields
     of `ModelConfig`, read by `interop.build.build_model`)."""
@@ -495,6 +566,7 @@ class GRPOConfig:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     seed: int = 0
+    eval: TrainEvalConfig = TrainEvalConfig()
     final_eval: FinalEvalConfig | None = None
 
     def __post_init__(self):
@@ -503,9 +575,16 @@ class GRPOConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SFTDataConfig:
-    """The `data` section of the SFT trainers: `task` (an SFT task: "arithmetic", "fill"), the
-    problems `[start, start + num_examples)` of `split`, `batch_size` rows per step, and the row
-    widths (None: the task's own)."""
+    """The `data` section of the SFT trainers.
+
+    Either an embedded generator, `task` "arithmetic" or "fill": the problems `[start, start +
+    num_examples)` of `split`, in rows of `prompt_length + response_length` tokens (None: the
+    task's widths); or `task` "chat": the conversations at `path` (a JSONL, JSON or Parquet file,
+    a directory of split files, or `tfds:NAME:SPLIT`; `split` may list several, "math,code"; with
+    `data_dir`, `limit`) rendered with the chat template of `tokenizer` (None: `model.path`) into
+    rows of `sequence_length` tokens, `strip_think` removing `<think>...</think>` from responses
+    (`dultra_jax.data.chat`), shuffled from `shuffle_seed` (None: `seed`). `batch_size` rows per step.
+    """
 
     task: str = "arithmetic"
     split: str = "train"
@@ -514,12 +593,39 @@ class SFTDataConfig:
     batch_size: int
     prompt_length: int | None = None
     response_length: int | None = None
+    path: str | None = None
+    data_dir: str | None = None
+    limit: int | None = None
+    tokenizer: str | None = None
+    sequence_length: int | None = None
+    strip_think: bool = False
+    shuffle_seed: int | None = None
 
     def __post_init__(self):
-        for key in ("batch_size", "num_examples", "prompt_length", "response_length"):
+        for key in ("batch_size", "num_examples", "prompt_length", "response_length", "sequence_length", "limit"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"data.{key}={value!r} must be a positive integer")
+        if self.is_chat:
+            if not self.path:
+                raise ConfigError("data.task='chat' needs data.path (--config.data.path=FILE: a JSONL, JSON or Parquet "
+                                  "file of chat records, a directory of split files or tfds:NAME:SPLIT)")
+            if self.sequence_length is None:
+                raise ConfigError("data.task='chat' needs data.sequence_length (the row width in tokens, e.g. 512)")
+            for key in ("prompt_length", "response_length"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"data.{key} does not apply to data.task='chat' (its rows are "
+                                      f"data.sequence_length wide, each prompt as long as it is)")
+        elif self.path:
+            raise ConfigError(f"data.path={self.path!r} is read by data.task='chat' only; data.task={self.task!r} "
+                              f"generates its problems (set --config.data.task=chat to train on the file)")
+
+    @property
+    def is_chat(self) -> bool:
+        return self.task == CHAT_TASK
+
+
+CHAT_TASK = "chat"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -534,6 +640,10 @@ class PlannerDataConfig(SFTDataConfig):
         super().__post_init__()
         if self.corruption not in CORRUPTIONS:
             raise ConfigError(f"data.corruption={self.corruption!r} is not one of {', '.join(CORRUPTIONS)}")
+        if self.is_chat and self.corruption != "span":
+            raise ConfigError(f"data.corruption={self.corruption!r} needs fixed-width prompts; chat rows use 'span'")
+        if self.is_chat and self.block_length is None:
+            raise ConfigError("data.task='chat' needs data.block_length (the shortest masked span, e.g. 32)")
 
 
 CORRUPTIONS = ("span", "aligned")
@@ -543,9 +653,12 @@ CORRUPTIONS = ("span", "aligned")
 class SFTEvalConfig:
     """The `eval` section of the SFT trainers: held-out decoding of `rules` on `num_examples`
     problems of `split` after training (greedy tokens; `steps` for scheduled rules, `block_length`
-    None: the task's), and every `every` steps (0: never) on the first `every_examples` of them."""
+    None: the task's), and every `every` steps (0: never) on the first `every_examples` of them.
+    Chat data has no answer checker, hence no `rules`; its held-out rows are the records of
+    `split` at `path` (None: `data.path`)."""
 
     split: str = "heldout"
+    path: str | None = None
     start: int = 0
     num_examples: int = 0
     batch_size: int | None = None
@@ -595,6 +708,9 @@ class SFTConfig:
         every = self.eval.every
         if every < 0 or (every and every % self.log_every):
             raise ConfigError(f"eval.every={every} must be 0 (off) or a multiple of log_every={self.log_every}")
+        if self.data.is_chat and self.eval.rules:
+            raise ConfigError(f"eval.rules={tuple(self.eval.rules)}: chat data has no answers to check decoding "
+                              f"against; set eval.rules=()")
         if self.checkpoint.every % self.log_every:  # a resume would log a row averaging part of its window
             raise ConfigError(f"checkpoint.every={self.checkpoint.every} must be a multiple of "
                               f"log_every={self.log_every}")
@@ -636,6 +752,57 @@ class PlannerInitConfig(SFTConfig):
                               "(set optim.train='planner')")
         if self.factor <= 0:
             raise ConfigError(f"factor={self.factor} must be positive")
+
+
+EVAL_SCORINGS = ("official", "strict")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalRunConfig:
+    """The `evaluate` section of an evaluation config (`launch/evaluate.py --config=configs/eval/...`):
+    one row of the paper's tables. The model comes from the config's `model.path` (an HF directory
+    or a training workdir); a command-line flag given explicitly overrides the field of its name.
+
+    `data` (+ `split`, `limit`): the benchmark records; `task` with `task_options` (e.g. mbpp
+    `split`, `shots`) and the prompt `mode`; `rules` with one sweep list per knob (`factors`,
+    `thresholds`, `steps`, `entropy_bounds`; empty: the rule's default); `seeds`; the decoding
+    fields; `scoring` (None: the task's default, `official` for the paper's benchmarks);
+    `speed_records` (records timed at batch 1 per setting, -1 all); `dtype` of the weights; `out`.
+    """
+
+    task: str
+    data: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    task_options: Mapping[str, Any] | None = None
+    mode: str = "non-thinking"
+    rules: Sequence[str] = ("planner_bernoulli",)
+    factors: Sequence[float] = (0.5, 0.8, 1.0, 1.2, 1.5)
+    thresholds: Sequence[float] = (0.9,)
+    steps: Sequence[int] = ()
+    entropy_bounds: Sequence[float] = ()
+    seeds: Sequence[int] = (42, 123, 456, 789, 1000)
+    gen_length: int = 256
+    block_length: int = 32
+    prompt_length: int = 512
+    batch_size: int = 8
+    temperature: float = 0.0
+    max_steps: int | None = None
+    cache: str = "none"
+    scoring: str | None = None
+    speed_records: int = 0
+    dtype: str | None = "bfloat16"
+    out: str | None = None
+
+    def __post_init__(self):
+        if self.scoring is not None and self.scoring not in EVAL_SCORINGS:
+            raise ConfigError(f"evaluate.scoring={self.scoring!r}; use one of {', '.join(EVAL_SCORINGS)} or None")
+        if self.cache not in CACHE_MODES:
+            raise ConfigError(f"evaluate.cache={self.cache!r}; use one of {', '.join(CACHE_MODES)}")
+        if not isinstance(self.speed_records, int) or self.speed_records < -1:
+            raise ConfigError(f"evaluate.speed_records={self.speed_records!r} must be an integer >= -1")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ConfigError(f"evaluate.batch_size={self.batch_size!r} must be a positive integer")
 
 
 def _check_total_steps(total_steps: Any) -> None:

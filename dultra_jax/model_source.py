@@ -4,7 +4,8 @@
     samples = sample(policy, load_source_tokenizer(policy.source_dir), prompt="??##?dc????d???c",
                      decode={"rule": "planner_bernoulli", "gen_length": 32, "block_length": 32})
 
-A *model source* is an HF LLaDA (+ planner) directory or a training workdir of `launch/train.py`,
+A *model source* is an HF LLaDA (+ planner) directory (or its hub id, `GSAI-ML/LLaDA-8B-Instruct`,
+resolved from the HF cache by `training.restore.resolve_source`) or a training workdir of `launch/train.py`,
 `pretrain.py` or `init_planner.py` (`model`), or a config file's `model` section (`config`:
 random weights unless its `path` is set), or both (the section's runtime fields with `model`, an
 HF directory, as its path). The tokenizer comes from the source's directory: the HF directory, a
@@ -29,6 +30,7 @@ import numpy as np
 from dultra_jax import distributed, evaluation
 from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig
 from dultra_jax.data.tasks import get_task, load_task_records
+from dultra_jax.hub import resolve_model_dir
 from dultra_jax.data.tokenizer import encode_prompt, has_tokenizer, load_tokenizer
 from dultra_jax.decoding.generate import Generation, generate
 from dultra_jax.errors import CheckpointError, DataError, TokensError
@@ -36,7 +38,7 @@ from dultra_jax.interop.hf_llada import check_export_dir, checkpoint_dtype, expo
 from dultra_jax.interop.logit_check import check_token_range, read_token_lists, read_tokens, save_scores, score_tokens
 from dultra_jax.interop.build import build_model
 from dultra_jax.sharding import make_mesh
-from dultra_jax.training.restore import load_model_source, model_source_kind
+from dultra_jax.training.restore import load_model_source, model_source_kind, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def load_policy(model: str | None = None, config: Mapping[str, Any] | None = Non
     """The policy of a model source (module doc).
 
     Args:
-      model: an HF directory or a training workdir.
+      model: an HF directory (or its hub id) or a training workdir.
       config: a config's `model` section (with `model`: its runtime fields; `model` must then be
         an HF directory, since a workdir carries its own model config).
       dtype, param_dtype: compute and storage dtypes. None takes `default_dtype` when given, else
@@ -80,8 +82,14 @@ def load_policy(model: str | None = None, config: Mapping[str, Any] | None = Non
     """
     if model is None and config is None:
         raise ConfigError("model / config: give a model directory or training workdir, or a config file")
+    model = resolve_source(model) if model is not None else None
     if config is not None:
         section = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        if model is None and section.get("path"):
+            try:
+                section["path"] = resolve_model_dir(section["path"], "model.path")
+            except ConfigError as e:
+                raise ConfigError(f"config: {e}") from None
         if model is not None:
             if check_source(model) != "hf":
                 raise ConfigError(f"model: {model} is a training workdir, which carries its own model config; give "
@@ -111,8 +119,15 @@ def source_dir_of(model: str | None, config: Mapping[str, Any] | None = None) ->
     """The tokenizer directory of an HF source known before loading it (None for a workdir, whose
     tokenizer is known once it is restored, and for a config section without `path`)."""
     if model is not None:
+        model = resolve_source(model)
         return model if check_source(model) == "hf" else None
-    return (config or {}).get("path") or None
+    path = (config or {}).get("path")
+    if not path:
+        return None
+    try:
+        return resolve_model_dir(path, "model.path")
+    except ConfigError as e:
+        raise ConfigError(f"config: {e}") from None
 
 
 def load_source_tokenizer(source_dir: str | None, tokenizer: str | None = None, *, source: str = "model"):
@@ -125,6 +140,7 @@ def load_source_tokenizer(source_dir: str | None, tokenizer: str | None = None, 
       model source) for tokenizer files that do not load.
     """
     if tokenizer is not None:
+        tokenizer = resolve_source(tokenizer, "tokenizer")
         if not os.path.isdir(tokenizer):
             raise CheckpointError(f"tokenizer={tokenizer}: no such directory")
         if not has_tokenizer(tokenizer):
@@ -216,6 +232,7 @@ def sample_source(*, model: str | None = None, config: Mapping[str, Any] | None 
             prompt_ids = read_token_lists(prompt_ids)
         except TokensError as e:
             raise TokensError(f"prompt_ids: {e}") from None
+    model = resolve_source(model) if model is not None else None
     tokenizer = prompts = None
     early_dir = source_dir_of(model, config)
     source = "model" if model is not None else "config"
@@ -283,7 +300,9 @@ def evaluate_source(*, model: str | None = None, config: Mapping[str, Any] | Non
     `task / task_options: ...`) or a config field (`decode.gen_length=...`).
     """
     rules_and_sweeps = evaluation.rule_sweeps(rules, sweeps)
+    tokenizer = resolve_source(tokenizer, "tokenizer") if tokenizer is not None else None
     if model is not None:
+        model = resolve_source(model)
         check_source(model)  # fail before reading any data
     elif config is None:
         raise ConfigError("model / config: give a model directory or training workdir, or a config file")

@@ -9,13 +9,14 @@ sharded over `('data', 'fsdp')`. Shardings come from regex rules on the paramete
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dultra_jax.errors import ShardingError  # re-exported; errors.py holds every user error
@@ -45,7 +46,11 @@ PARAM_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `('data', 'fsdp', 'tensor')` mesh with Auto axis types; one size may be -1 (the rest)."""
+    """A `('data', 'fsdp', 'tensor')` mesh with Auto axis types; one size may be -1 (the rest).
+
+    With devices of several processes (hosts), each process's devices form one block of the
+    batch axes (`host_contiguous_grid`), so a process's rows are one range whatever the batch.
+    """
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -58,7 +63,63 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     if int(np.prod(sizes)) != len(devices):
         raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))} multiply to {int(np.prod(sizes))}, "
                             f"but there are {len(devices)} devices")
-    return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    axis_types = (AxisType.Auto,) * 3
+    if len({d.process_index for d in devices}) > 1:
+        return Mesh(host_contiguous_grid(tuple(sizes), devices), AXES, axis_types=axis_types)
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=axis_types, devices=devices)
+
+
+def host_contiguous_grid(sizes: tuple[int, int, int], devices: Sequence[Any],
+                         process_of: Callable[[Any], int] = lambda device: device.process_index) -> np.ndarray:
+    """Devices as a `[data, fsdp, tensor]` array in which each process's devices are one block.
+
+    Processes tile the batch axes, 'data' first (as DCN x ICI hybrid meshes do): with `n`
+    processes, `gcd(data, n)` of them along 'data' and the rest along 'fsdp'; within a process its
+    devices keep their physical (ICI-aware) order. Row `r` of a batch sharded over
+    `('data', 'fsdp')` then belongs to process `r // (rows / n)`, so a process's rows, and
+    GRPO's groups, stay contiguous for any batch that divides the mesh. `process_of` maps a device
+    to its process (a parameter for tests).
+    """
+    by_process: dict[int, list] = {}
+    for device in devices:
+        by_process.setdefault(process_of(device), []).append(device)
+    count = len(by_process)
+    data_hosts = math.gcd(sizes[0], count)
+    fsdp_hosts = count // data_hosts
+    local = (sizes[0] // data_hosts, sizes[1] // fsdp_hosts if sizes[1] % fsdp_hosts == 0 else 0, sizes[2])
+    per_process = {len(v) for v in by_process.values()}
+    if local[1] == 0 or per_process != {int(np.prod(local))}:
+        raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))} cannot give each of the {count} processes "
+                            f"({sorted(per_process)} devices each) one block of the batch axes: make mesh.data * "
+                            f"mesh.fsdp a multiple of {count} and mesh.tensor at most the devices of one process")
+    grid = np.empty(sizes, dtype=object)
+    for index, process in enumerate(sorted(by_process)):
+        own = sorted(by_process[process], key=lambda d: getattr(d, "id", 0))
+        try:  # the ICI-aware order within the host (real TPU devices)
+            block = mesh_utils.create_device_mesh(local, own, allow_split_physical_axes=True)
+        except Exception:  # noqa: BLE001 (CPU or simulated devices: their id order)
+            block = np.array(own, dtype=object).reshape(local)
+        i, j = divmod(index, fsdp_hosts)
+        grid[i * local[0]:(i + 1) * local[0], j * local[1]:(j + 1) * local[1], :] = block
+    return grid
+
+
+def constrain(x: jax.Array, *spec: Any) -> jax.Array:
+    """Pins an activation's sharding (`lax.with_sharding_constraint`) to `spec` on the mesh in
+    context (`jax.set_mesh` / `sharding.use_abstract_mesh`, as `training.programs` sets it); a
+    no-op without one or without this project's axes. A mesh axis that does not divide its dim
+    is left out (the dim replicated there), so every batch size still traces.
+
+    Without it XLA carries the FSDP sharding of the parameters (over D) into the hidden states
+    and keeps the batch whole on every device: `[B, L, F]` MLP buffers and `[B, L, V]` logits
+    per chip instead of per batch shard.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return x
+    dims = tuple(axis if axis is not None and size % _axis_size(mesh, axis) == 0 else None
+                 for size, axis in zip(x.shape, spec + (None,) * (x.ndim - len(spec))))
+    return jax.lax.with_sharding_constraint(x, P(*dims))
 
 
 def describe(mesh: Mesh) -> str:

@@ -20,7 +20,8 @@ from absl import flags, logging
 from dultra_jax import cli
 from dultra_jax.model_source import export_source
 
-_MODEL = flags.DEFINE_string("model", None, "Source: an HF LLaDA directory or a training workdir.",
+_MODEL = flags.DEFINE_string("model", None, "Source: an HF LLaDA directory, its hub id "
+                             "(ORG/NAME[@REVISION], from the HF cache) or a training workdir.",
                              required=True)
 _OUT = flags.DEFINE_string("out", None, "Output HF directory.", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],

@@ -3,6 +3,18 @@ frozen backbone to imitate the Fast-dLLM factor rule, and export an HF directory
 
     python launch/init_planner.py --config=configs/planner_init.py --workdir=DIR \
         [--config.model.path=BASE_HF_DIR] [--config.x.y=value ...]
+    python launch/init_planner.py --config=configs/planner_init_8b.py --workdir=DIR \
+        --config.model.path=Zigeng/dParallel-LLaDA-8B-instruct --config.data.path=CHAT_DATA
+
+The data is the embedded generator of `configs/planner_init.py` or, with `data.task="chat"`
+(`configs/planner_init_8b.py`), chat records at `data.path`: a JSONL, JSON or Parquet file, a
+directory of split files (`data.split`, comma-separated for several) or `tfds:NAME:SPLIT`, each
+record a `messages` list (`role`, `content`) or `prompt` and `response` strings
+(`dultra_jax/data/chat.py`).
+
+`model.path` is an HF directory or a hub id (`GSAI-ML/LLaDA-8B-Instruct`, optionally `@REVISION`),
+read from the HF cache (`HF_HUB_CACHE`; with `HF_HUB_OFFLINE=1` the cache only, else missing
+files are downloaded).
 
 Resumes from the latest checkpoint in `DIR/checkpoints`; writes `DIR/metrics.jsonl`, the HF
 directory (`export_dir`, default `DIR/hf`) and `DIR/planner_init_eval.json`.

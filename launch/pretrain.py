@@ -1,6 +1,13 @@
-r"""Masked-diffusion SFT (LLaDA's loss) of a backbone, e.g. the demo's base model from scratch.
+r"""Masked-diffusion SFT (LLaDA's loss) of a backbone: the demo's base model from scratch, or LLaDA SFT on chat data.
 
     python launch/pretrain.py --config=configs/demo_pretrain.py --workdir=DIR [--config.x.y=value ...]
+    python launch/pretrain.py --config=configs/sft_8b.py --workdir=DIR \
+        --config.model.path=GSAI-ML/LLaDA-8B-Base --config.data.path=CHAT_DATA
+
+The data is an embedded generator (`configs/demo_pretrain.py`) or, with `data.task="chat"`
+(`configs/sft_8b.py`), chat records at `data.path` (a file, a directory of split files or
+`tfds:NAME:SPLIT`; `messages` or `prompt`/`response` records, `dultra_jax/data/chat.py`): only
+response tokens, EOS fill included, are masked and scored.
 
 Resumes from the latest checkpoint in `DIR/checkpoints`; writes `DIR/metrics.jsonl`, the HF
 directory (`export_dir`, default `DIR/hf`, with the tokenizer) and `DIR/pretrain_eval.json`.

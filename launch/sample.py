@@ -31,8 +31,9 @@ from dultra_jax.config import CACHE_MODES, RULES
 from dultra_jax.model_source import eoser_fields, sample_source
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `model` section.")
-_MODEL = flags.DEFINE_string("model", None, "HF LLaDA directory or training workdir (with --config: an HF "
-                             "directory that overrides config.model.path).")
+_MODEL = flags.DEFINE_string("model", None, "HF LLaDA directory, its hub id (ORG/NAME[@REVISION], from "
+                             "the HF cache) or training workdir (with --config: an HF directory or hub id that overrides "
+                             "config.model.path).")
 _PROMPT = flags.DEFINE_string("prompt", None, "A user message, encoded with the model's chat template.")
 _PROMPT_IDS = flags.DEFINE_string("prompt_ids", None, "JSON file (or inline JSON) with token-id lists.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")

@@ -18,7 +18,8 @@ from dultra_jax import cli
 from dultra_jax.interop.logit_check import summarize
 from dultra_jax.model_source import score_source
 
-_MODEL = flags.DEFINE_string("model", None, "HF LLaDA directory (config.json + safetensors) or training workdir.",
+_MODEL = flags.DEFINE_string("model", None, "HF LLaDA directory (config.json + safetensors), its hub id "
+                             "(ORG/NAME[@REVISION], from the HF cache) or training workdir.",
                              required=True)
 _TOKENS = flags.DEFINE_string("tokens", None, "JSON file (or inline JSON) with equal-length token-id lists.",
                               required=True)

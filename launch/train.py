@@ -2,6 +2,11 @@ r"""GRPO training of a LLaDA backbone and its dUltra planner head.
 
     python launch/train.py --config=configs/math.py --workdir=DIR [--config.x.y=value ...]
 
+`model.path`, `rewards.teacher_path` and `data.tokenizer` are HF directories or hub ids
+(`GSAI-ML/LLaDA-8B-Instruct`, optionally `@REVISION`), read from the HF cache (`HF_HUB_CACHE`; with
+`HF_HUB_OFFLINE=1` the cache only, else missing files are downloaded). The config, the model's
+config.json, the data, the tokenizer and the rewards are checked before any weight is read.
+
 Resumes automatically from the latest checkpoint in `DIR/checkpoints`. Metrics go to
 `DIR/metrics.jsonl` and `DIR/tensorboard`.
 

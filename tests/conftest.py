@@ -20,6 +20,8 @@ os.environ["XLA_FLAGS"] = " ".join(
     + ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
        "--xla_cpu_use_fusion_emitters=false"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests never download: a model path that reads as a hub id is looked up in the HF cache only.
+os.environ["HF_HUB_OFFLINE"] = "1"
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dultra-jax-test-cache-")

@@ -22,7 +22,7 @@ def test_json_line_has_every_figure(record):
     assert record["benchmark"] == "rollout"
     assert record["backend"] == "cpu" and record["device_count"] == 1
     assert record["settings"] == {"models": ["tiny"], "rules": ["planner_bernoulli", "threshold"],
-                                  "caches": ["none", "dual"], "batch": 2,
+                                  "caches": ["none", "dual"], "ways": ["while_loop", "python_loop"], "batch": 2,
                                   "prompt_length": 4, "gen_length": 8, "block_length": 4, "temperature": 0.0,
                                   "iters": 1, "seed": 0, "dtype": "float32", "param_dtype": "float32"}
     assert record["params"]["tiny"] > 0
@@ -44,6 +44,9 @@ def test_json_line_has_every_figure(record):
             assert "token_agreement_vs_none" not in result
         else:
             assert 0 <= result["token_agreement_vs_none"] <= 1 and result["per_nfe_speedup_vs_none"] > 0
+            none = next(r for r in record["results"] if r["rule"] == result["rule"] and r["cache"] == "none")
+            assert result["batch_speedup_vs_none"] == pytest.approx(none["while_loop"]["best_s"]
+                                                                    / result["while_loop"]["best_s"])
             assert 0 <= result["rows_identical_vs_none"] <= result["batch"]
 
 

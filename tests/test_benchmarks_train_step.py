@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import common
+from dultra_jax.models.flops import forward_flops
 from tests.helpers import run_benchmark
 
 
@@ -46,7 +47,7 @@ def test_json_line_has_every_figure(record):
         assert result["per_step_s"] == pytest.approx(result["best_s"] / result["steps"])
         assert result["revealed_per_step"] == 8 / result["steps"]
         # A forward and its backward per replayed step: 3 forwards of the [2, 12] canvas, T times.
-        forward = common.forward_flops(common.model_configs(12)["tiny"], 2, 12)["flops"]
+        forward = forward_flops(common.model_configs(12)["tiny"], 2, 12)["flops"]
         assert result["flops_per_update"] == 3 * forward * result["steps"]
         assert result["flops_per_s"] == pytest.approx(result["flops_per_update"] / result["best_s"])
         assert result["mfu"] is None and record["peak_flops_per_s"] is None  # no data-sheet peak for a CPU

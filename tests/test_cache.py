@@ -153,3 +153,125 @@ def test_rows_refresh_at_their_own_block_boundaries():
 def test_unknown_cache_mode_names_the_key():
     with pytest.raises(ConfigError, match="decode.cache='full'"):
         decode("low_confidence", "full")
+
+
+# ------------------------------------------------------------------ refresh scheduling
+
+
+def test_refresh_sizes():
+    assert C.refresh_sizes(1) == ()
+    assert C.refresh_sizes(2) == (1,)
+    assert C.refresh_sizes(4) == (1, 2)
+    assert C.refresh_sizes(6) == (1, 3)
+    assert C.refresh_sizes(8) == (1, 2, 4)
+    assert C.refresh_sizes(64) == (8, 16, 32)
+
+
+def _staggered_canvas(current_blocks):
+    """Rows at their own blocks (`current_blocks[b]`, None: done): earlier blocks revealed, the
+    current one's first token revealed, later ones masked. Also the canvas one block earlier
+    (the current block still masked), on which a stale cache is made."""
+    rng = np.random.default_rng(2)
+    batch = len(current_blocks)
+    gen = rng.integers(3, MASK_ID, size=(batch, LG))
+    older = gen.copy()
+    for row, block in enumerate(current_blocks):
+        if block is not None:
+            gen[row, (block + 1) * LB - LB + 1:] = MASK_ID
+            older[row, max(block - 1, 0) * LB:] = MASK_ID
+    prompts = np.tile(PROMPTS, (2, 1))[:batch]
+    prompt = np.concatenate([prompts, np.zeros((batch, LP - PROMPTS.shape[1]), int)], axis=1)
+    valid = np.ones((batch, LP + LG), bool)
+    valid[:, PROMPTS.shape[1]:LP] = False
+    as_canvas = lambda g: jnp.asarray(np.concatenate([prompt, g], axis=1), jnp.int32)  # noqa: E731
+    return as_canvas(gen), as_canvas(older), jnp.asarray(valid)
+
+
+# Rows' current blocks (None: done) and the rows whose cache is for an older block. With B = 4
+# the sub-batch sizes are 1 and 2; three refreshing rows of four take the whole batch and the
+# window; all active rows refreshing take the full forward alone. With B = 8 (sizes 1, 2, 4)
+# three refreshing rows take a sub-batch of 4 where a row that does not refresh rides along.
+REFRESH_CASES = [([0, 1, 2, 1], []), ([0, 1, 2, 1], [2]), ([0, 1, 2, 1], [0, 3]), ([0, 1, 2, 1], [0, 1, 3]),
+                 ([0, 1, 2, 1], [0, 1, 2, 3]), ([1, 2, 0, None], [0, 1, 2]), ([1, 2, 0, None], [1]),
+                 ([0, 1, 2, 1, 0, 2, None, 1], [0, 2, 5]), ([0, 1, 2, 1, 0, 2, None, 1], [1, 3, 4, 5, 7])]
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("blocks, refreshing", REFRESH_CASES, ids=[f"{c[0]}-refresh{c[1]}" for c in REFRESH_CASES])
+def test_partial_refresh_equals_refreshing_rows_one_by_one(cache, blocks, refreshing):
+    """Against a reference without gathers or switches: a refreshing row's outputs and keys/values
+    are those of the full forward over the whole batch; any other active row's outputs are those
+    of its own exact-width window (one row at a time) against its stale cache, which stays."""
+    config = decode("planner_bernoulli", cache)
+    canvas, older, valid = _staggered_canvas(blocks)
+    positions, active = R.block_positions(canvas, MASK_ID, config)
+    np.testing.assert_array_equal(active, [b is not None for b in blocks])
+    in_block = R.scatter_positions(jnp.zeros(canvas.shape, bool), positions, jnp.ones(positions.shape, bool))
+    candidates = (canvas == MASK_ID) & in_block
+    _, _, stale = apply_kv(PARAMS, older, MODEL, valid=valid, candidates=candidates, logit_positions=positions)
+    current = (np.asarray(positions[:, 0]) - LP) // LB
+    batch = len(blocks)
+    block = np.where(np.isin(np.arange(batch), refreshing), current - 1, current)
+    logits, unmask, new = jax.jit(C.evaluate_block_cached, static_argnums=(7, 8))(
+        PARAMS, canvas, valid, C.BlockCache(kv=stale, block=jnp.asarray(block, jnp.int32)), positions, active,
+        candidates, MODEL, config)
+
+    full_logits, full_unmask, fresh = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
+                                               logit_positions=positions)
+    np.testing.assert_array_equal(new.block, np.where(np.asarray(active), current, block))
+    for row in range(batch):
+        if blocks[row] is None:
+            continue
+        if row in refreshing:
+            want_kv = jax.tree.map(lambda x: x[:, row], fresh)
+            want_logits, want_unmask = full_logits[row], full_unmask[row]
+        else:
+            start = int(positions[row, 0])
+            window = jnp.arange(start, LP + LG, dtype=jnp.int32)[None] if cache == "prefix" else positions[row:row + 1]
+            one = lambda x: x[row:row + 1]  # noqa: E731
+            row_logits, row_unmask, _ = apply_kv(PARAMS, one(canvas), MODEL, valid=one(valid),
+                                                 candidates=one(candidates), logit_positions=one(positions),
+                                                 cache=jax.tree.map(lambda x: x[:, row:row + 1], stale), window=window)
+            want_logits, want_unmask, want_kv = row_logits[0], row_unmask[0], jax.tree.map(lambda x: x[:, row], stale)
+        np.testing.assert_allclose(logits[row], want_logits, atol=2e-5, err_msg=f"row {row}")
+        np.testing.assert_allclose(unmask[row], want_unmask, atol=2e-5, err_msg=f"row {row}")
+        jax.tree.map(lambda got, want: np.testing.assert_allclose(got[:, row], want, atol=1e-5), new.kv, want_kv)
+    # The stale cache differs where it matters, so the reference cannot pass by accident.
+    assert np.abs(np.asarray(fresh[0][0]) - np.asarray(stale[0][0])).max() > 1e-2
+
+
+def _refreshes_per_step(trajectory: R.Trajectory, config: DecodeConfig):
+    """`(rows entering a block, active rows)` at each loop iteration of a rollout whose rows step
+    every iteration until done: row-step k is iteration k, and a row enters block b at the first
+    step that revealed anything there."""
+    steps, nfe = np.asarray(trajectory.unmask_step), np.asarray(trajectory.num_steps)
+    entries = steps.reshape(len(nfe), config.num_blocks, config.block_length).min(-1)
+    return [(int(np.sum(np.any(entries == k, axis=-1))), int(np.sum(nfe > k))) for k in range(int(nfe.max()))]
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_rows_at_their_own_pace_decode_exactly_on_a_one_layer_model(cache):
+    """Rows in different blocks, rows that finish early, blocks decoded in one step: the threshold
+    chosen makes this rollout have them all (asserted), and on a one-layer model (where the cache
+    is exact, see above) the cached rollout must equal `none` step for step, so every partial
+    refresh (1 and 2 rows of 4) gave the refreshing rows their exact keys/values and left the
+    others' alone. Each row's NFE is its number of revealing steps."""
+    config = decode("threshold", cache, threshold=0.08)
+    one_layer = tiny_config(n_layers=1)
+    params = random_params(one_layer)
+    exact = R.rollout(params, PROMPTS, None, jax.random.key(0), config.replace(cache="none"), one_layer)
+    cached = R.rollout(params, PROMPTS, None, jax.random.key(0), config, one_layer)
+    _assert_same(cached, exact)
+    looped = R.rollout_python_loop(params, PROMPTS, None, jax.random.key(0), config, one_layer)
+    _assert_same(looped, cached)
+
+    refreshes = _refreshes_per_step(exact, config)
+    partial = {n for n, active in refreshes if 0 < n < active}
+    assert {1, 2} <= partial, refreshes
+    steps, nfe = np.asarray(cached.unmask_step), np.asarray(cached.num_steps)
+    assert len(set(nfe.tolist())) > 1                                  # rows finish at different steps
+    per_block = steps.reshape(4, config.num_blocks, LB)
+    one_step = per_block.min(-1) == per_block.max(-1)
+    assert np.any(one_step) and not np.all(one_step)                   # some blocks took one step
+    for row in range(4):
+        assert len(set(steps[row].tolist())) == nfe[row]               # NFE = revealing steps

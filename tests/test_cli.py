@@ -176,6 +176,89 @@ def test_sample_errors_name_the_prompt_characters_and_the_flags():
     assert line == "sample.py: error: --prompt / --prompt_ids: give exactly one"
 
 
+# ---------------------------------------------------------------- data before weights
+
+
+_DATA_CONFIG = """
+import ml_collections
+from configs import demo
+
+
+def get_config(arg=None):
+    config = demo.get_config()
+    config.model.path = {model!r}
+    config.final_eval = None
+    str_ref = lambda: ml_collections.FieldReference(None, field_type=str)  # noqa: E731
+    config.data = ml_collections.ConfigDict(dict(task="fill", path=str_ref(), data_dir=str_ref(), tokenizer=str_ref(),
+                                                 prompts_per_step=4, shuffle_seed=0))
+    return config
+"""
+
+
+def test_train_checks_config_data_and_tokenizer_before_reading_weights(tmp_path):
+    """Mistakes in the data, the tokenizer or the config are reported before any weight is read:
+    with a model directory whose safetensors file is garbage, each still gets its own one-line
+    error, and no workdir is created; only with everything else right do the weights fail."""
+    from dultra_jax.data import fill
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in os.listdir(DEMO):
+        if name != "model.safetensors":
+            os.symlink(os.path.join(DEMO, name), model / name)
+    (model / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(100))
+    config = tmp_path / "config.py"
+    config.write_text(_DATA_CONFIG.format(model=str(model)))
+    records = fill.write_jsonl(str(tmp_path / "train.jsonl"), "train", 8)
+    workdir = tmp_path / "w"
+    cases = [
+        (["--config.data.path=/nonexistent/train.jsonl"], "data.path: /nonexistent/train.jsonl: no such file"),
+        (["--config.data.path=tfds:nonexistent_ds:train", f"--config.data.data_dir={tmp_path}"],
+         f"data.path: tfds:nonexistent_ds:train (data_dir={tmp_path}): no prepared TFDS dataset 'nonexistent_ds' in "
+         f"{tmp_path} (prepare it there with file_format='array_record', or pass its data_dir)"),
+        ([f"--config.data.path={records}", "--config.data.tokenizer=/nonexistent"],
+         "data.tokenizer='/nonexistent': no such file or directory"),
+        ([f"--config.data.path={records}", "--config.decode.gen_length=256"],
+         "decode.prompt_length + decode.gen_length = 288 exceeds model.max_sequence_length=64"),
+    ]
+    for args, message in cases:
+        proc = _run("train.py", f"--config={config}", f"--workdir={workdir}", *args)
+        assert _one_line_error(proc, "train.py") == f"train.py: error: {message}"
+        assert "loaded" not in proc.stderr and not workdir.exists(), proc.stderr[-3000:]
+    proc = _run("train.py", f"--config={config}", f"--workdir={workdir}", f"--config.data.path={records}")
+    line = _one_line_error(proc, "train.py")
+    assert line.startswith(f"train.py: error: safetensors file {model}/model.safetensors: its header size ")
+
+
+def test_tfds_paths_that_do_not_exist_are_one_data_error(tmp_path, caplog):
+    """A dataset name, config, version, split or data_dir that does not exist: one DataError
+    naming the path, and none of TFDS's own log lines about it."""
+    import logging
+
+    from dultra_jax.data.sources import load_records
+    from tests.test_data_sources import _prepare_tfds
+
+    data_dir = str(tmp_path / "tfds")
+    _prepare_tfds(data_dir)
+    cases = [
+        ("tfds:dultra_tiny_qa/main:dev", data_dir, rf"^tfds:dultra_tiny_qa/main:dev \(data_dir={data_dir}\): cannot "
+                                                   r"open TFDS split 'dev' .*Unknown split 'dev'. Should be one of "
+                                                   r"\['train', 'test'\]"),
+        ("tfds:dultra_tiny_qa/main:9.9.9:train", data_dir, r"no prepared TFDS dataset 'dultra_tiny_qa/main:9.9.9' in "),
+        ("tfds:dultra_tiny_qa/other:train", data_dir, r"no prepared TFDS dataset 'dultra_tiny_qa/other' in "),
+        ("tfds:dultra_tiny_qa/main:train", str(tmp_path), rf"no prepared TFDS dataset 'dultra_tiny_qa/main' in "
+                                                          rf"{tmp_path} "),
+        ("tfds:dultra_tiny_qa/main:train", str(tmp_path / "nope"), rf"no such data directory {tmp_path}/nope$"),
+        ("tfds:no_such_set:train", data_dir, r"^tfds:no_such_set:train .*no prepared TFDS dataset 'no_such_set'"),
+    ]
+    caplog.set_level(logging.DEBUG)
+    for path, directory, message in cases:
+        caplog.clear()
+        with pytest.raises(DataError, match=message):
+            load_records(path, data_dir=directory)
+        assert not [r for r in caplog.records if "tensorflow_datasets" in r.pathname], caplog.text
+
+
 # ------------------------------------------------------------------------ command-line features
 
 

@@ -292,3 +292,165 @@ def test_launcher_errors_name_the_flag(model_dir, gsm8k_file, tmp_path, flag, me
     assert proc.returncode != 0
     assert message.format(missing=missing) in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ speed at batch 1, scoring
+
+
+def test_effective_tokens_and_per_sample_speed_by_hand():
+    tokens = [[7, 63, 8, 0, 9], [5, 5, 5, 5, 5], [0, 7, 7, 7, 7]]   # 63: mask, 0: EOS
+    np.testing.assert_array_equal(ev.effective_lengths(tokens, stop_ids=(0,), special_ids=(0, 63)), [2, 5, 0])
+    speed = ev.sample_speed(nfe=[2, 4, 2], generated=[5, 5, 5], effective=[2, 5, 0], seconds=[0.5, 1.0, 0.5])
+    assert speed == {"sample_tokens_per_s": 15 / 2.0, "sample_effective_tokens_per_s": 7 / 2.0,
+                     "sample_tpf": 15 / 8, "sample_tpf_effective": 7 / 8, "sample_s": 2.0 / 3, "sample_n": 3}
+
+
+def test_official_and_strict_scoring_of_completions():
+    from dultra_jax.data.tasks import get_task
+
+    task = get_task("gsm8k")
+    completions = ["So the total is 2000 pens.", "#### 2000\nthat is 3 boxes", "\\boxed{2,000 pens}"]
+    examples = [{"answer": "2,000"}] * 3
+    official = ev.score_completions(task, completions, examples, [1, 1, 1], scoring="official")
+    strict = ev.score_completions(task, completions, examples, [1, 1, 1], scoring="strict")
+    np.testing.assert_array_equal(official, [True, False, True])
+    np.testing.assert_array_equal(strict, [False, True, True])
+    assert [(x.value, x.rule) for x in ev.extract_answers(task, completions, examples, "official")] == [
+        (2000.0, "last_number"), (3.0, "last_number"), (2000.0, "boxed")]
+    assert ev.resolve_scoring(task, None) == "official" and ev.resolve_scoring(get_task("exact"), None) == "strict"
+    with pytest.raises(ConfigError, match="scoring='official' covers the tasks"):
+        ev.resolve_scoring(get_task("exact"), "official")
+
+
+EXACT_RECORDS = [{"prompt_ids": [13, 14, 15], "answer": "13 14 15"}, {"prompt_ids": [10, 11], "answer": "12"},
+                 {"prompt_ids": [20, 21, 22, 23], "answer": "24 25"}]
+
+
+def test_batch_one_timing_next_to_the_batched_throughput(model_dir, tmp_path):
+    """`speed_records` decodes the first records one at a time: the rows decode as in the batch
+    (same NFE), so the per-sample TPF is the batched rows' own; batch size 1 times the evaluation
+    itself; without either, the per-sample columns are empty."""
+    from dultra_jax.data.tasks import get_task
+
+    params, model, _ = load_model_source(str(model_dir))
+    run = lambda out, **kw: ev.evaluate(  # noqa: E731
+        params, model, None, EXACT_RECORDS, get_task("exact"), rules_and_sweeps={"threshold": [0.5]}, seeds=[1],
+        gen_length=8, block_length=4, prompt_length=8, out_dir=str(tmp_path / out), progress=False, **kw)
+    timed = run("timed", batch_size=2, speed_records=2)
+    [row] = timed["rows"]
+    samples = [json.loads(line) for line in (tmp_path / "timed" / "samples.jsonl").read_text().splitlines()]
+    first_two = [s for s in samples if s["index"] < 2]
+    assert row["sample_n"] == 2 and timed["speed_records"] == 2
+    assert row["sample_tpf"] == pytest.approx(8 * 2 / sum(s["nfe"] for s in first_two))
+    assert row["sample_tpf_effective"] == pytest.approx(sum(s["effective_tokens"] for s in first_two)
+                                                        / sum(s["nfe"] for s in first_two))
+    assert row["sample_tokens_per_s"] > 0 and row["tokens_per_s"] > 0 and row["sample_s"] > 0
+    assert row["tpf_effective"] == pytest.approx(sum(s["effective_tokens"] for s in samples)
+                                                 / sum(s["nfe"] for s in samples))
+    assert "batch 1 over 2 samples" in ev.summary_table(timed)
+
+    single = run("single", batch_size=1)
+    [one] = single["rows"]
+    assert one["sample_n"] == 3 and one["sample_tpf"] == pytest.approx(one["tpf"])
+    assert one["sample_tokens_per_s"] == pytest.approx(one["tokens_per_s"])
+    assert run("untimed", batch_size=2)["rows"][0]["sample_n"] is None
+    with pytest.raises(ConfigError, match="speed_records=-2"):
+        run("bad", batch_size=2, speed_records=-2)
+
+
+# ------------------------------------------------------------------------ evaluation configs
+
+EVAL_CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs", "eval"))
+                      if f.endswith(".py") and f not in ("__init__.py", "base.py"))
+BENCHMARK_RECORDS = {
+    "gsm8k": GSM8K_RECORDS,
+    "math500": [{"problem": "What is 1/2 + 1/2?", "answer": "1", "unique_id": "a"},
+                {"problem": "Simplify 2/4.", "answer": "\\frac{1}{2}", "unique_id": "b"}],
+    "humaneval": [{"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n", "entry_point": "add",
+                   "canonical_solution": "    return a + b\n",
+                   "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}],
+    "mbpp": [{"task_id": 11, "text": "Write a function to add two numbers.", "code": "def add(a, b):\r\n  return a + b",
+              "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(2, 2) == 4"]},
+             {"task_id": 600, "text": "Not in the test split.", "code": "def f():\n  return 1",
+              "test_list": ["assert f() == 1"]}],
+}
+
+
+def _config_tasks(name: str) -> list[str]:
+    """Every benchmark a config file accepts (its argument; the backbone file also takes `,128`)."""
+    import importlib
+
+    module = importlib.import_module(f"configs.eval.{name}")
+    accepted = []
+    for task in BENCHMARK_RECORDS:
+        try:
+            module.get_config(task)
+        except ConfigError:
+            continue
+        accepted.append(task)
+    with pytest.raises(ConfigError, match="takes the benchmark as its argument"):
+        module.get_config("bogus")
+    return accepted
+
+
+@pytest.mark.parametrize("name", EVAL_CONFIGS)
+def test_every_eval_config_loads_and_runs_a_few_records(name, model_dir, tmp_path):
+    """Each row file, for every benchmark it takes, is a valid `evaluate` section of the paper's
+    protocol with `model.path` unset; its first benchmark then runs on two records of a tiny model
+    with only the sizes overridden."""
+    import importlib
+
+    from dultra_jax.config import EvalRunConfig, from_config
+    from dultra_jax.data.tasks import get_task, load_task_records
+    from dultra_jax.data.tokenizer import load_tokenizer
+
+    module = importlib.import_module(f"configs.eval.{name}")
+    tasks = _config_tasks(name)
+    assert tasks
+    for task in tasks:
+        config = module.get_config(task)
+        assert config.model.path is None
+        run = from_config(EvalRunConfig, config.evaluate, "evaluate.")
+        assert (run.task, run.gen_length, run.temperature, run.scoring, run.cache) == (
+            task, 256, 0.0, "official", "none")
+        assert run.block_length in (32, 128) and run.data is None and run.out.startswith("eval_results/")
+    if name.endswith("_llada"):   # the Fast-dLLM factor rule baselines: block 128, the factor sweep
+        assert (run.rules, run.block_length, tuple(run.factors)) == (("factor",), 128, (0.5, 0.8, 1.0, 1.2, 1.5))
+    task = get_task(run.task, mode=run.mode, **dict(run.task_options or {}))
+    data = tmp_path / f"{run.task}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in BENCHMARK_RECORDS[run.task]))
+    records = load_task_records(task, str(data), limit=2)
+    params, model, _ = load_model_source(str(model_dir))
+    rule = run.rules[0]
+    summary = ev.evaluate(params, model, load_tokenizer(str(model_dir)), records, task,
+                          rules_and_sweeps=ev.rule_sweeps([rule], {ev.SWEEP_KEYS[rule]: list(run.factors)[:1]}),
+                          seeds=list(run.seeds)[:1], gen_length=16, block_length=8, prompt_length=48, batch_size=2,
+                          out_dir=str(tmp_path / "out"), progress=False, scoring=run.scoring, speed_records=1,
+                          mode=run.mode, plot=False)
+    assert summary["scoring"] == "official" and summary["num_records"] == len(records)
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert {s["scoring"] for s in samples} == {"official"}
+    assert all(s["extracted_by"] in (None, "boxed", "hash", "answer_tag", "last_number", "whole_text",
+                                     "python_fence", "before_fence", "python_fence+sanitize", "whole_text+sanitize")
+               for s in samples)
+    assert summary["rows"][0]["sample_n"] == 1
+
+
+def test_launcher_runs_an_eval_config_with_flags_on_top(model_dir, gsm8k_file, tmp_path):
+    out = tmp_path / "eval"
+    proc = _run("--config=configs/eval/dultra_math_b32.py:gsm8k", f"--config.model.path={model_dir}",
+                f"--config.evaluate.data={gsm8k_file}", f"--config.evaluate.out={out}", "--gen_length=16",
+                "--block_length=8", "--prompt_length=48", "--seeds=42", "--batch_size=2", "--speed_records=1",
+                "--dtype=float32", "--noprogress")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "scoring official" in proc.stdout and "batch 1 over 1 samples" in proc.stdout
+    assert "per sample, as the paper reports speed" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["scoring"], summary["seeds"], summary["batch_size"], summary["block_length"]) == (
+        "official", [42], 2, 8)
+    assert [(r["rule"], r["sweep_value"]) for r in summary["rows"]] == [("planner_bernoulli", 1.0)]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and all(s["scoring"] == "official" for s in samples)
+
+    missing = _run("--config=configs/eval/dultra_math_b32.py:gsm8k", f"--config.evaluate.data={gsm8k_file}")
+    assert missing.returncode == 2 and "config.model.path is not set" in missing.stderr

@@ -11,7 +11,7 @@ from dultra_jax.decoding import rollout as R
 from dultra_jax.rl.grpo import clipped_step_loss, compute_advantages
 from dultra_jax.rl.grpo import exact_old_logps, old_logps_need_replay, replay_logps, replay_step_logp
 from dultra_jax.sharding import ShardingError, batch_sharding, check_groups_stay_whole, make_mesh
-from dultra_jax.training.grpo import grpo_update
+from dultra_jax.training.programs import grpo_update
 from dultra_jax.training.state import create_state, make_optimizer, merge_params, state_shardings
 from tests.helpers import MASK_ID, random_params, tiny_config
 

@@ -13,6 +13,7 @@ from benchmarks import common
 from dultra_jax.interop.hf_llada import export_hf, load_hf
 from dultra_jax.interop.logit_check import TokensError, read_tokens, score_tokens
 from dultra_jax.models import policy
+from dultra_jax.models.flops import forward_flops
 from tests.helpers import MASK_ID, one_device_env, random_params, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,7 +203,7 @@ def test_benchmark_shapes_and_data_sheet_peaks():
     llada_1b = configs["llada_1b"]  # LLaDA-8B's layout (heads of 128, F = 3 D, its vocabulary and ids)
     assert (llada_1b.head_dim, llada_1b.mlp_hidden_size, llada_1b.vocab_size) == (128, 3 * 2048, 126464)
     assert (llada_1b.mask_token_id, llada_1b.rope_theta) == (126336, 500000.0)
-    assert 1.2e9 < common.forward_flops(llada_1b, 4, 288)["params"] < 1.3e9
+    assert 1.2e9 < forward_flops(llada_1b, 4, 288)["params"] < 1.3e9
     # bfloat16 only, matched on JAX's device_kind strings; the narrower names win.
     assert common.peak_flops_per_s("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
     assert common.peak_flops_per_s("NVIDIA H100 PCIe", "bfloat16") == 756e12

@@ -333,9 +333,10 @@ def test_code_correct_reward_part():
 
 
 def test_apps_rows_are_judged_on_input_output():
-    """APPS rows carry no `tests`: the reward calls `fn_name` on every `input_output` case (a
+    """APPS rows carry no `tests`: the reward runs every `input_output` case (calling `fn_name`, a
     `Solution` method when the program defines the class; a tuple counts as a list; the expected
-    output or its only element). Rows without tests or with stdin problems get NaN, never 1."""
+    output's only element), and standard-input problems read each input on stdin. A row with an
+    empty `tests` and nothing else gets NaN, never 1. (Per-case values: tests/test_apps.py.)"""
     from dultra_jax.data import tasks
     from tests.fixtures.data_helpers import fixture_path
 
@@ -343,21 +344,21 @@ def test_apps_rows_are_judged_on_input_output():
     rows = [tasks.load_task_records(task, fixture_path("apps.jsonl"))[i] for i in (0, 1)]  # add(a, b); stdin
     add, stdin = (task.example_fields(r) for r in rows)
     assert add["tests"] == "" and json.loads(add["input_output"])["fn_name"] == "add"
-    pair = json.dumps({"fn_name": "pair", "inputs": [[1, 2]], "outputs": [[2, 1]]})
+    pair = json.dumps({"fn_name": "pair", "inputs": [[1, 2]], "outputs": [[[2, 1]]]})  # APPS wraps each output
     completions = [
         "```python\ndef add(a, b):\n    return a + b\n```",  # passes
         "```python\ndef add(a, b):\n    return a * b\n```",  # wrong: used to pass (no tests ran)
         "```python\nclass Solution:\n    def add(self, a, b):\n        return a + b\n```",
-        "```python\ndef add(a, b):\n    return a + b\n```",  # a stdin problem: not run
+        "```python\nn = int(input())\nprint(n * n)\n```",  # a stdin problem: run on each input
         "```python\ndef pair(a, b):\n    return (b, a)\n```",  # tuple result against [[2, 1]]
         "```python\nprint(1)\n```",  # a row with empty tests and nothing else
+        "```python\nn = int(input())\nprint(n + n)\n```",  # stdin, wrong answer
     ]
-    examples = [add, add, add, stdin, {"tests": "", "input_output": pair}, {"tests": ""}]
-    inputs = RewardInputs(completions=completions, examples=examples, num_steps=np.zeros(6, np.int32))
+    examples = [add, add, add, stdin, {"tests": "", "input_output": pair}, {"tests": ""}, stdin]
+    inputs = RewardInputs(completions=completions, examples=examples, num_steps=np.zeros(7, np.int32))
     _, parts = compute_rewards(inputs, {"code_correct": 1.0}, options={"code_correct": {"timeout_s": 10.0}})
-    np.testing.assert_array_equal(parts["code_correct"][[0, 1, 2, 4]], [1.0, 0.0, 1.0, 1.0])
-    assert np.isnan(parts["code_correct"][3]) and np.isnan(parts["code_correct"][5])
-    assert code_lib.apps_call_tests(json.dumps({"fn_name": "x; import os", "inputs": [], "outputs": []})) is None
+    np.testing.assert_array_equal(parts["code_correct"][[0, 1, 2, 3, 4, 6]], [1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    assert np.isnan(parts["code_correct"][5])
 
 
 def test_a_program_helper_named_check_is_not_the_test():

@@ -167,9 +167,11 @@ def test_done_rows_spend_no_nfe():
     assert np.all(np.asarray(slow.num_steps) == 12)
 
 
-@pytest.mark.parametrize("rule", ["planner_bernoulli", "low_confidence"])  # planner / pruned last layer
-def test_sharded_rollout_equals_unsharded(rule):
-    config = decode(rule, temperature=0.5)
+@pytest.mark.parametrize("rule, cache", [("planner_bernoulli", "none"), ("low_confidence", "none"),
+                                         ("planner_bernoulli", "dual")])  # planner / pruned last layer / cache
+def test_sharded_rollout_equals_unsharded(rule, cache):
+    """Also with the KV cache, whose partial refreshes gather rows held by other devices."""
+    config = decode(rule, temperature=0.5, cache=cache)
     prompts = np.random.default_rng(1).integers(3, MASK_ID, size=(8, 8)).astype(np.int32)
     want = R.rollout(PARAMS, prompts, None, jax.random.key(2), config, MODEL)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
@@ -178,7 +180,8 @@ def test_sharded_rollout_equals_unsharded(rule):
         got = R.rollout(params, jax.device_put(prompts, batch_sharding(mesh)),
                         jax.device_put(np.ones(prompts.shape, bool), batch_sharding(mesh)),
                         jax.random.key(2), config, MODEL)
-    assert got.tokens.sharding.spec[0] == ("data", "fsdp")
+    for name in ("tokens", "unmask_step", "num_steps", "step_logps", "prompt_tokens", "prompt_valid"):
+        assert getattr(got, name).sharding.spec[0] == ("data", "fsdp"), name  # the carry's rows stay sharded
     _assert_same(got, want)
 
 

@@ -13,7 +13,6 @@ import pytest
 from configs import demo, tiny
 from dultra_jax.config import ConfigError, DataConfig, DecodeConfig, GRPOConfig, RewardsConfig, from_config
 from dultra_jax.interop.hf_llada import load_hf
-from dultra_jax.sharding import ShardingError
 from dultra_jax.training.data_setup import TrainData
 from dultra_jax.interop.safetensors_io import CheckpointError
 from dultra_jax.training.grpo import train
@@ -94,8 +93,9 @@ def test_config_errors_name_the_key(tmp_path, monkeypatch):
     config.total_steps = 1
     bad = ml_collections.ConfigDict(config.to_dict())
     bad.rl.group_size = 3  # 2 prompts x 3 rows = 6 rows on 8 devices
-    with pytest.raises(ShardingError, match=r"batch rows = data.prompts_per_step \(2\) \* rl.group_size \(3\).*"
-                                            r"size 6, which is not divisible by mesh axis \('data', 'fsdp'\) of size 8"):
+    with pytest.raises(ConfigError, match=r"batch rows = data.prompts_per_step \(2\) \* rl.group_size \(3\) = 6 "
+                                          r"do not split over the 8 devices.*set --config.data.prompts_per_step=-1 "
+                                          r"\(one prompt per device: 8 x 3 rows\) or a multiple of 8"):
         train(bad, str(tmp_path / "a"))
     # A sweep without values: refused before training, not after it.
     bad = demo.get_config()
@@ -186,3 +186,17 @@ def test_reference_configs_validate_and_match_the_reference():
         data = module.get_config().data
         task = get_task(data.task, mode=data.mode, **dict(data.get("task_options") or {}))  # a valid mode and options
         assert task.mode == data.mode
+    # Distillation is on by default with the task's teacher (a hub id), off in the `nodistill` variant.
+    for module, teacher in ((math, "Qwen/Qwen2.5-Math-7B-Instruct"), (code, "Qwen/Qwen2.5-Coder-7B-Instruct")):
+        rewards = from_config(GRPOConfig, module.get_config()).rewards
+        assert (rewards.distill, rewards.teacher_path, rewards.teacher_weight, rewards.uses_teacher) == (
+            True, teacher, 1.0, True)
+        rewards = from_config(GRPOConfig, module.get_config("nodistill")).rewards
+        assert (rewards.distill, rewards.teacher_path, rewards.uses_teacher) == (False, None, False)
+    with pytest.raises(ConfigError, match=r"configs/math.py takes no argument or 'nodistill', got 'distil'"):
+        math.get_config("distil")
+    bad = math.get_config()
+    bad.rewards.teacher_path = None
+    with pytest.raises(ConfigError, match=r"rewards.distill=True needs rewards.teacher_path .*"
+                                          r"set --config.rewards.distill=False"):
+        from_config(GRPOConfig, bad)

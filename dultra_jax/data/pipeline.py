@@ -168,27 +168,41 @@ def _local_batch(batch_size: int, process_index: int, process_count: int) -> int
     return batch_size // process_count
 
 
+def shuffled_batches(source: Sequence, encode, *, batch_size: int, seed: int, process_index: int = 0,
+                     process_count: int = 1, num_epochs: int | None = None, what: str = "data") -> grain.MapDataset:
+    """This process's batches of a shuffled, repeated stream of encoded examples.
+
+    `source` is random-access (`IndexedSource` gives `(index, record)` pairs); `encode` maps one
+    element to a dict of fields that `collate` stacks. Every process builds the same stream (same
+    seed) and takes its contiguous part of each global batch of `batch_size` rows, so the
+    processes' rows are disjoint and, in process order, equal a single process's batches.
+    `num_epochs` None repeats forever; otherwise the final partial global batch is dropped.
+    """
+    local = _local_batch(batch_size, process_index, process_count)
+    ds = grain.MapDataset.source(source).shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
+    if num_epochs is not None:
+        usable = (len(ds) // batch_size) * batch_size       # whole global batches only
+        if usable == 0:
+            raise DataError(f"{what}: {len(ds)} examples x epochs is less than one batch of {batch_size}")
+        ds = ds[:usable]
+    # Chunks of `local` consecutive rows, chunk c going to process c % process_count: global batch j
+    # is then rows [j*batch_size, (j+1)*batch_size) of the stream in process order, exactly a single
+    # process's batch j. The map and batch are lazy, so a process encodes only its own rows.
+    ds = ds.map(encode).batch(local, drop_remainder=True, batch_fn=collate)
+    return ds[process_index::process_count]
+
+
 def make_train_dataset(records: Sequence[Mapping[str, Any]], task: Task, tokenizer, *, prompt_length: int,
                        batch_size: int, seed: int, mode: str | None = None, process_index: int = 0,
                        process_count: int = 1, num_epochs: int | None = None, pad_id: int | None = None,
                        counter: TruncationCounter | None = None) -> grain.MapDataset:
     """The batched, process-sharded `grain.MapDataset` behind `make_train_iterator`."""
-    local = _local_batch(batch_size, process_index, process_count)
+    _local_batch(batch_size, process_index, process_count)
     source = _selected_source(records, task)
     encoder = PromptEncoder(task, tokenizer, prompt_length=prompt_length, mode=mode, pad_id=pad_id,
                             counter=counter)
-    ds = grain.MapDataset.source(source).shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
-    if num_epochs is not None:
-        usable = (len(ds) // batch_size) * batch_size       # whole global batches only
-        if usable == 0:
-            raise DataError(f"task {task.name!r}: {len(ds)} examples x epochs is less than one batch of "
-                            f"{batch_size}")
-        ds = ds[:usable]
-    # Chunks of `local` consecutive rows, chunk c going to process c % process_count: global batch j
-    # is then rows [j*batch_size, (j+1)*batch_size) of the stream in process order, exactly a single
-    # process's batch j. The map and batch are lazy, so a process encodes only its own rows.
-    ds = ds.map(encoder).batch(local, drop_remainder=True, batch_fn=collate)
-    return ds[process_index::process_count]
+    return shuffled_batches(source, encoder, batch_size=batch_size, seed=seed, process_index=process_index,
+                            process_count=process_count, num_epochs=num_epochs, what=f"task {task.name!r}")
 
 
 def make_train_iterator(records: Sequence[Mapping[str, Any]], task: Task, tokenizer, *, prompt_length: int,

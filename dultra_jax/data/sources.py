@@ -24,12 +24,13 @@ the record (line number for JSONL).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,13 +86,21 @@ def check_fields(record: Mapping[str, Any], fields: Sequence[str], *, where: str
             raise DataError(f"{where}: missing field {field!r} (the record has: {have})")
 
 
+def record_location(path: str, index: int, line_numbers: Sequence[int] | None = None) -> str:
+    """How errors name a record: `path:LINE` for JSONL, else `path (record INDEX)`."""
+    return f"{path}:{line_numbers[index]}" if line_numbers is not None else f"{path} (record {index})"
+
+
 def _check_all(records: Sequence[Mapping[str, Any]], fields: Sequence[str], path: str, *,
-               line_numbers: Sequence[int] | None = None) -> None:
-    if not fields:
+               line_numbers: Sequence[int] | None = None,
+               validate: Callable[[Mapping[str, Any], str], None] | None = None) -> None:
+    if not fields and validate is None:
         return
     for i, record in enumerate(records):
-        where = f"{path}:{line_numbers[i]}" if line_numbers is not None else f"{path} (record {i})"
+        where = record_location(path, i, line_numbers)
         check_fields(record, fields, where=where)
+        if validate is not None:
+            validate(record, where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +252,12 @@ class DecodedSource(Sequence):
 
 def open_tfds(path: str, split: str | None = None, *, data_dir: str | None = None,
               fields: Sequence[str] = ()) -> DecodedSource:
-    """A random-access source over a prepared TFDS split (array_record), without TensorFlow."""
+    """A random-access source over a prepared TFDS split (array_record), without TensorFlow.
+
+    Every way the dataset can be missing (no such `data_dir`, a name, config or version not
+    prepared there, an unknown split) is one `DataError` naming `path` and where TFDS looked;
+    TFDS's own log lines about it are held back.
+    """
     name, split = parse_tfds_path(path, split)
     try:
         import tensorflow_datasets as tfds
@@ -251,13 +265,20 @@ def open_tfds(path: str, split: str | None = None, *, data_dir: str | None = Non
         raise DataError(f"{path}: reading TFDS data needs `tensorflow-datasets` (pip install "
                         f"tensorflow-datasets; TensorFlow itself is not needed)") from e
     where = f"{path} (data_dir={data_dir})" if data_dir else path
+    if data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+        raise DataError(f"{where}: no such data directory {data_dir}")
     try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        with _quiet_tfds_logs():
+            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises many types (DatasetNotFoundError, AssertionError, ValueError)
+        if type(e).__name__ == "DatasetNotFoundError" or "not been generated" in str(e):
+            looked = data_dir or os.environ.get("TFDS_DATA_DIR") or getattr(tfds.core.constants, "DATA_DIR", "")
+            raise DataError(f"{where}: no prepared TFDS dataset {name!r} in {looked} (prepare it there with "
+                            f"file_format='array_record', or pass its data_dir)") from None
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise DataError(f"{where}: cannot open TFDS split {split!r} of {name!r} ({type(e).__name__}: "
                         f"{first_line}); tfds.data_source reads datasets prepared with "
-                        f"file_format='array_record'") from e
+                        f"file_format='array_record'") from None
     if len(source) == 0:
         raise DataError(f"{where}: split {split!r} is empty")
     decoded = DecodedSource(source, path=path)
@@ -266,12 +287,33 @@ def open_tfds(path: str, split: str | None = None, *, data_dir: str | None = Non
     return decoded
 
 
+class _DropTfdsInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "tensorflow_datasets" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_tfds_logs():
+    """Holds back TFDS's info and warning lines (through absl's logger) while a dataset is opened:
+    on failure they repeat, over several lines, what the one DataError says."""
+    drop = _DropTfdsInfo()
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------
 
 def load_records(path: str, split: str | None = None, fields: Sequence[str] = (), *,
-                 data_dir: str | None = None, limit: int | None = None) -> list[dict]:
+                 data_dir: str | None = None, limit: int | None = None,
+                 validate: Callable[[Mapping[str, Any], str], None] | None = None) -> list[dict]:
     """All records of one split as plain dicts (str, int, float, lists), checked for `fields`.
 
     Args:
@@ -281,12 +323,14 @@ def load_records(path: str, split: str | None = None, fields: Sequence[str] = ()
         `DataError` naming the path, the record and the field.
       data_dir: the TFDS data directory (tfds: paths only).
       limit: keep only the first `limit` records (after split selection).
+      validate: called as `validate(record, where)` on every record, `where` naming it as errors
+        do (`path:LINE` for JSONL, else `path (record INDEX)`); it raises `DataError`.
     """
     if path.startswith(TFDS_PREFIX):
         source = open_tfds(path, split, data_dir=data_dir, fields=())
         n = len(source) if limit is None else min(limit, len(source))
         records = [source[i] for i in range(n)]
-        _check_all(records, fields, path)
+        _check_all(records, fields, path, validate=validate)
         return records
 
     files = resolve_path(path, split)
@@ -303,7 +347,7 @@ def load_records(path: str, split: str | None = None, fields: Sequence[str] = ()
         raise DataError(f"{shown}: no records" + (f" in split {split!r}" if split else ""))
     if limit is not None:
         records, lines = records[:limit], (lines[:limit] if lines is not None else None)
-    _check_all(records, fields, shown, line_numbers=lines)
+    _check_all(records, fields, shown, line_numbers=lines, validate=validate)
     return [to_python(r) if not _is_plain(r) else r for r in records]
 
 

@@ -24,8 +24,8 @@ Per-row fields (`example_fields`), all strings:
       `tests`       Python source to run after the candidate program; it raises on failure
                     (MBPP: imports + setup + asserts; HumanEval: `test`, whose `check` the sandbox calls with
                     `entry_point`);
-                    "" for APPS, which is judged on `input_output` (call-based problems; see
-                    `rewards.code.apps_call_tests`);
+                    "" for APPS, which is judged on `input_output` case by case (call-based and
+                    standard-input problems; see `rewards.code.check_apps_program`);
       `entry_point` the function under test ("" when the program is a stdin/stdout script);
       `input_output` APPS's JSON string {"inputs": [...], "outputs": [...], "fn_name"?: str}, else "";
       `prompt_code` code the prompt gave (HumanEval signature+docstring, APPS starter code), else "";
@@ -113,6 +113,31 @@ MBPP_USER_TEMPLATE = (
 # turn + this sentence, mirroring APPS's thinking suffix.
 CODE_THINKING_USER_SUFFIX = "\n\n" + THINKING_SUFFIX
 
+# MBPP's few-shot examples (`shots` option, the baselines' 3-shot runs): the MBPP "prompt" records
+# (task ids 2, 3, 4) that lm-eval's mbpp tasks place first (`first_n`), each rendered as its user
+# text, its code and "\n[DONE]", separated by a blank line, before the question, in one user turn.
+MBPP_FEWSHOT = (
+    {"text": "Write a function to find the similar elements from the given two tuple lists.",
+     "code": "def similar_elements(test_tup1, test_tup2):\r\n  res = tuple(set(test_tup1) & set(test_tup2))\r\n"
+             "  return (res) ",
+     "test_list": ["assert similar_elements((3, 4, 5, 6),(5, 7, 4, 10)) == (4, 5)",
+                   "assert similar_elements((1, 2, 3, 4),(5, 4, 3, 7)) == (3, 4)",
+                   "assert similar_elements((11, 12, 14, 13),(17, 15, 14, 13)) == (13, 14)"]},
+    {"text": "Write a python function to identify non-prime numbers.",
+     "code": "import math\r\ndef is_not_prime(n):\r\n    result = False\r\n    for i in range(2,int(math.sqrt(n)) + 1):"
+             "\r\n        if n % i == 0:\r\n            result = True\r\n    return result",
+     "test_list": ["assert is_not_prime(2) == False", "assert is_not_prime(10) == True",
+                   "assert is_not_prime(35) == True"]},
+    {"text": "Write a function to find the largest integers from a given list of numbers using heap queue algorithm.",
+     "code": "import heapq as hq\r\ndef heap_queue_largest(nums,n):\r\n  largest_nums = hq.nlargest(n, nums)\r\n"
+             "  return largest_nums",
+     "test_list": ["assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],3)==[85, 75, 65] ",
+                   "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],2)==[85, 75] ",
+                   "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],5)==[85, 75, 65, 58, 35]"]},
+)
+FEWSHOT_TARGET_END = "\n[DONE]"
+FEWSHOT_DELIMITER = "\n\n"
+
 # MBPP standard splits by task_id (google-research mbpp README / HF "full" config).
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 
@@ -144,6 +169,8 @@ class Task:
       required_fields: fields every record needs (`a|b`: either), checked at load time.
       kind: "math", "code" or "exact".
       prompt_fn / reference_fn / fields_fn / filter_fn: the task's functions (use the methods).
+      validate_fn: `validate_fn(record, where)` raises `DataError` (naming `where`, the file and
+        record) for a record whose fields are malformed; `load_task_records` calls it on every record.
     """
 
     name: str
@@ -155,6 +182,7 @@ class Task:
     reference_fn: Callable[[Mapping[str, Any]], str]
     fields_fn: Callable[[Mapping[str, Any]], dict[str, str]]
     filter_fn: Callable[[Mapping[str, Any]], bool] | None = None
+    validate_fn: Callable[[Mapping[str, Any], str], None] | None = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def build_prompt(self, example: Mapping[str, Any], mode: str | None = None):
@@ -360,15 +388,24 @@ def _mbpp_tests(ex) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _mbpp_user(ex) -> str:
+    return MBPP_USER_TEMPLATE.format(text=_mbpp_text(ex), tests="\n".join(map(str, ex["test_list"])))
+
+
 def _mbpp(options):
-    o = _take_options("mbpp", options, {**_COMMON, "split": None})
+    o = _take_options("mbpp", options, {**_COMMON, "split": None, "shots": 0})
     mode = _check_mode(o["mode"])
-    split = o["split"]
+    split, shots = o["split"], o["shots"]
     if split is not None and split not in MBPP_SPLITS:
         raise ValueError(f"task 'mbpp': option split={split!r}; expected one of {sorted(MBPP_SPLITS)} or None")
+    if not isinstance(shots, int) or not 0 <= shots <= len(MBPP_FEWSHOT):
+        raise ValueError(f"task 'mbpp': option shots={shots!r}; expected an integer in [0, {len(MBPP_FEWSHOT)}]")
+    # The examples are answered in the user turn itself, as lm-eval renders a few-shot context.
+    context = "".join(_mbpp_user(shot) + shot["code"] + FEWSHOT_TARGET_END + FEWSHOT_DELIMITER
+                      for shot in MBPP_FEWSHOT[:shots])
 
     def prompt(ex, m):
-        user = MBPP_USER_TEMPLATE.format(text=_mbpp_text(ex), tests="\n".join(map(str, ex["test_list"])))
+        user = context + _mbpp_user(ex)
         if m == THINKING:
             return _chat(CODING_SYSTEM_PROMPT_THINKING, user + CODE_THINKING_USER_SUFFIX)
         return _chat(None, user)
@@ -389,8 +426,13 @@ def _mbpp(options):
 
 
 def _humaneval(options):
-    o = _take_options("humaneval", options, _COMMON)
+    o = _take_options("humaneval", options, {**_COMMON, "shots": 0})
     mode = _check_mode(o["mode"])
+    if o["shots"] != 0:
+        # lm-eval draws HumanEval's shots at random from the test problems themselves (the task
+        # has no few-shot split), which a prompt built from one record cannot reproduce.
+        raise ValueError(f"task 'humaneval': option shots={o['shots']!r}; only 0 is supported (the reference's "
+                         "few-shot HumanEval samples its shots from the test set at random)")
 
     def prompt(ex, m):
         user = HUMANEVAL_USER_TEMPLATE.format(prompt=str(ex["prompt"]))
@@ -424,7 +466,42 @@ def _json_field(ex, field: str):
     return value
 
 
+def apps_test_shape(input_output: Any) -> tuple[str | None, int]:
+    """`(fn_name, number of test cases)` of APPS's `input_output` (its JSON string or the object).
+
+    `fn_name` is None for a standard-input problem; the cases are the (input, output) pairs, paired
+    as the reference zips `inputs` with `outputs`. "" or None (APPS problems without tests) give
+    `(None, 0)`. Integers are not converted (APPS has some longer than Python's default limit).
+
+    Raises:
+      ValueError: saying what is malformed (not JSON, not an object, `inputs`/`outputs` missing or
+        not lists, `fn_name` not an identifier).
+    """
+    if input_output is None or input_output == "":
+        return None, 0
+    io = input_output
+    if isinstance(io, str):
+        try:
+            io = json.loads(io, parse_int=str)
+        except ValueError as e:
+            raise ValueError(f"not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(io, dict):
+        raise ValueError(f"expected a JSON object with `inputs` and `outputs`, got {type(io).__name__}")
+    for key in ("inputs", "outputs"):
+        if not isinstance(io.get(key), list):
+            have = "missing" if key not in io else f"a {type(io[key]).__name__}"
+            raise ValueError(f"`{key}` must be a list ({have}; the object has keys {sorted(io)})")
+    fn_name = io.get("fn_name")
+    if fn_name is not None and not (isinstance(fn_name, str) and fn_name.isidentifier()):
+        raise ValueError(f"`fn_name` must be a Python identifier, got {fn_name!r}")
+    return fn_name, min(len(io["inputs"]), len(io["outputs"]))
+
+
 def _apps(options):
+    """codeparrot/apps records: `problem_id`, `question`, `solutions` (JSON list of str),
+    `input_output` (JSON: `inputs`, `outputs`, optional `fn_name`), `starter_code`, `difficulty`,
+    `url`. The reference's filter keeps `difficulties` (introductory) with a `fn_name`
+    (call-based problems; `require_fn_name=False` keeps standard-input problems too)."""
     o = _take_options("apps", options, {**_COMMON, "difficulties": ("introductory",),
                                         "require_fn_name": True, "show_io": False})
     mode = _check_mode(o["mode"])
@@ -450,23 +527,41 @@ def _apps(options):
         solutions = _json_field(ex, "solutions")
         return str(solutions[0]) if isinstance(solutions, list) and solutions else ""
 
+    def shape(ex) -> tuple[str | None, int]:
+        try:
+            return apps_test_shape(ex.get("input_output"))
+        except ValueError:
+            return None, 0
+
+    def fn_name(ex) -> str | None:
+        return shape(ex)[0]
+
     def fields(ex):
-        io = _json_field(ex, "input_output")
-        return _code_fields(answer=reference(ex), entry_point=str((io or {}).get("fn_name", "") or ""),
+        return _code_fields(answer=reference(ex), entry_point=fn_name(ex) or "",
                             input_output=_str(ex, "input_output"), prompt_code=_str(ex, "starter_code"))
 
+    def wanted_difficulty(ex) -> bool:
+        return difficulties is None or str(ex.get("difficulty", "")) in difficulties
+
     def keep(ex):
-        if difficulties is not None and str(ex.get("difficulty", "")) not in difficulties:
+        # The reference keeps call-based problems; without that filter, a problem needs a test case.
+        if not wanted_difficulty(ex):
             return False
-        if o["require_fn_name"]:
-            io = _json_field(ex, "input_output")
-            return isinstance(io, dict) and "fn_name" in io
-        return True
+        name, n_cases = shape(ex)
+        return name is not None if o["require_fn_name"] else n_cases > 0
+
+    def validate(ex, where):
+        if not wanted_difficulty(ex):
+            return  # never used: its tests are not read
+        try:
+            apps_test_shape(ex.get("input_output"))
+        except ValueError as e:
+            raise DataError(f"{where}: field 'input_output' of APPS problem {ex.get('problem_id', '?')}: {e}") from None
 
     return Task(
         name="apps", mode=mode, kind="code", reward_weights=_weights("code", mode, o["reward_weights"]),
         required_fields=("question", "input_output"),
-        prompt_fn=prompt, reference_fn=reference, fields_fn=fields, filter_fn=keep, options=o)
+        prompt_fn=prompt, reference_fn=reference, fields_fn=fields, filter_fn=keep, validate_fn=validate, options=o)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,7 +682,7 @@ def get_task(name: str, **options) -> Task:
 def load_task_records(task: Task, path: str, split: str | None = None, *, data_dir: str | None = None,
                       limit: int | None = None) -> list[dict]:
     """`load_records` checked for the task's fields, keeping only the records the task uses."""
-    records = load_records(path, split, task.required_fields, data_dir=data_dir)
+    records = load_records(path, split, task.required_fields, data_dir=data_dir, validate=task.validate_fn)
     keep = task.select(records)
     if not keep:
         raise DataError(f"{path}: no record is usable by task {task.name!r} (options {dict(task.options)})")

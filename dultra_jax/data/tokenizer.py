@@ -1,4 +1,4 @@
-"""HF tokenizers from local directories, and prompt encoding with the chat template."""
+"""HF tokenizers from local directories or hub ids, and prompt encoding with the chat template."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import os
 
 from dultra_jax.errors import CheckpointError, DataError
+from dultra_jax.hub import resolve_model_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -15,16 +16,19 @@ def has_tokenizer(directory: str | None) -> bool:
     return directory is not None and any(os.path.exists(os.path.join(directory, f)) for f in TOKENIZER_FILES)
 
 
-def load_tokenizer(directory: str):
-    """The `transformers` tokenizer saved in `directory` (never downloads, never runs the
-    directory's remote code).
+def load_tokenizer(directory: str, *, key: str = "tokenizer"):
+    """The `transformers` tokenizer saved in `directory`, a local directory or a hub id resolved
+    from the HF cache (`hub.resolve_model_dir`; `key` names it in errors). Never runs the
+    directory's remote code, and `transformers` itself never downloads.
 
     Raises:
       CheckpointError naming `directory` when it has no tokenizer files or they (or the
-      `config.json` that `AutoTokenizer` also reads) cannot be loaded.
+      `config.json` that `AutoTokenizer` also reads) cannot be loaded; ConfigError `KEY=...` for a
+      missing path or a hub id that does not resolve.
     """
     import transformers  # heavy; only the paths that decode text need it
 
+    directory = resolve_model_dir(directory, key)
     if not has_tokenizer(directory):
         raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {directory}")
     # AutoTokenizer reads the directory's config.json and warns that `llada` is not a known model

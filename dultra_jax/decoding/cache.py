@@ -13,13 +13,19 @@ block, and reuses them:
 
 Everything stays fixed-shape inside the rollout's `lax.while_loop`. The cache holds all `L`
 positions (`[n_layers, B, L, Hkv, Dh]`, keys and values); a window forward writes the window's
-fresh keys/values over it and attends to all `L` keys, so one code path serves both modes. Rows
-move through blocks at their own pace, so each row remembers the block its cache was made for
-(`block`) and is refreshed when it moves on: an iteration where every active row needs a
-refresh runs only the full forward (its outputs are exact), one where none does runs only the
-window forward, a mixed one runs both. The prefix window's width depends on the block, so it
-is a `lax.switch` over the slowest active row's block (rows further on read a window clipped at
-the canvas end; the clipped duplicates of the last position compute the same values).
+fresh keys/values over it and attends to all `L` keys, so one code path serves both modes.
+
+Rows move through blocks at their own pace (as without a cache: the same per-row steps and NFE),
+so each row remembers the block its cache was made for (`block`) and is refreshed when it moves
+on. Under rules whose step counts differ by row (`threshold`, `factor`, the planner's) rows
+rarely enter a block together: an iteration where only some rows refresh runs the full forward
+over just those rows (gathered into the smallest of a few fixed sub-batch sizes,
+`refresh_sizes`), so a row's refresh costs about its share of a batched full forward, plus the
+window forward of the batch. An iteration where every active row refreshes runs only the full
+forward (over the batch), one where none does only the window forward. The prefix window's
+width depends on the block, so it is a `lax.switch` over the slowest active row's block (rows
+further on read a window clipped at the canvas end; the clipped duplicates of the last position
+compute the same values).
 
 Exactness. A refresh step is exact (it is the full forward). Later steps differ from `none` by
 the staleness of the cached keys/values, so tokens can differ; `benchmarks/rollout.py` reports
@@ -75,10 +81,36 @@ def _prefix_window(block_start: jax.Array, width: int, length: int) -> jax.Array
     return jnp.minimum(block_start[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :], length - 1)
 
 
+def refresh_sizes(batch: int) -> tuple[int, ...]:
+    """The sub-batch sizes a partial refresh can run over: `B/8`, `B/4`, `B/2` rounded down (at
+    least 1), those below `B`. Rows refresh when they enter a block, at their own pace, so an
+    iteration usually refreshes a few rows; a full forward over the smallest size that holds them
+    costs that share of one over the whole batch. Three sizes bound the compiled variants."""
+    return tuple(sorted({max(1, batch >> shift) for shift in (3, 2, 1)} - {batch}))
+
+
+def _where_rows(rows: jax.Array, new, old):
+    """`new` on the rows `rows` `[B]` of every `[B, ...]` leaf, `old` elsewhere (None leaves stay)."""
+    return jax.tree.map(lambda n, o: jnp.where(rows.reshape(rows.shape + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
+def _where_kv_rows(rows: jax.Array, new, old):
+    """`_where_rows` for `[n_layers, B, ...]` keys/values."""
+    return jax.tree.map(lambda n, o: jnp.where(rows[None, :, None, None, None], n, o), new, old)
+
+
 def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, cache: BlockCache,
                           positions: jax.Array, active: jax.Array, candidates: jax.Array,
                           model: ModelConfig, config: DecodeConfig):
     """One NFE on each row's current block, through the cache.
+
+    Rows that entered a new block since their cache was made (`refresh`) get a full forward: its
+    keys/values replace theirs and its outputs are theirs (exact). The others run the window
+    forward against the cache. Which forwards run depends on how many rows refresh (one
+    `lax.switch`): none -> the window forward alone; every active row -> the full forward over the
+    batch alone; some -> the full forward over the smallest sub-batch of `refresh_sizes(B)` that
+    holds them (rows gathered, results scattered back; the whole batch when none does) and the
+    window forward.
 
     Args:
       canvas, valid: `[B, L]`; positions: `[B, Lb]` each row's current block; active: `[B]`;
@@ -86,20 +118,17 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
     Returns:
       `(token_logits [B, Lb, V]`, `unmask_logits [B, Lb]` or None, the updated `BlockCache`).
     """
+    batch = canvas.shape[0]
     block_index = (positions[:, 0] - config.prompt_length) // config.block_length
     refresh = active & (block_index != cache.block)
-    row_refresh = refresh[None, :, None, None, None]
 
-    def full_forward(kv):
+    def full_forward(rows: jax.Array | None):
+        """The full forward over the rows `rows` `[S]` (every row when None)."""
+        take = (lambda x: x) if rows is None else (lambda x: x[rows])
         token_logits, unmask_logits, fresh = policy.policy_apply_kv(
-            params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
-            with_planner=config.uses_planner)
-        kv = jax.tree.map(lambda new, old: jnp.where(row_refresh, new, old), fresh, kv)
-        return kv, (token_logits, unmask_logits)
-
-    def skip_full_forward(kv):
-        outputs = jax.eval_shape(full_forward, kv)[1]
-        return kv, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), outputs)
+            params, take(canvas), model, valid=take(valid), candidates=take(candidates),
+            logit_positions=take(positions), with_planner=config.uses_planner)
+        return (token_logits, unmask_logits), fresh
 
     def window_forward(window, kv):
         token_logits, unmask_logits, _ = policy.policy_apply_kv(
@@ -119,7 +148,35 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
             for k in range(config.num_blocks)]
         return jax.lax.switch(slowest, branches, kv)
 
-    kv, full_outputs = jax.lax.cond(jnp.any(refresh), full_forward, skip_full_forward, cache.kv)
-    token_logits, unmask_logits = jax.lax.cond(jnp.all(refresh | ~active), lambda kv: full_outputs,
-                                               cached_outputs, kv)
+    def no_refresh(kv):
+        return kv, cached_outputs(kv)
+
+    def refresh_all(kv):
+        outputs, fresh = full_forward(None)
+        return _where_kv_rows(refresh, fresh, kv), outputs
+
+    def refresh_batch_and_window(kv):
+        outputs, fresh = full_forward(None)
+        kv = _where_kv_rows(refresh, fresh, kv)
+        return kv, _where_rows(refresh, outputs, cached_outputs(kv))
+
+    def refresh_rows_and_window(size: int, kv):
+        # The refreshing rows first (stable: in row order), topped up with others that only ride along.
+        rows = jnp.argsort(~refresh, stable=True)[:size]
+        keep = refresh[rows]
+        outputs, fresh = full_forward(rows)
+        kv = jax.tree.map(lambda old, new: old.at[:, rows].set(
+            jnp.where(keep[None, :, None, None, None], new, old[:, rows])), kv, fresh)
+        window_outputs = cached_outputs(kv)
+        return kv, jax.tree.map(lambda w, f: w.at[rows].set(
+            jnp.where(keep.reshape(keep.shape + (1,) * (f.ndim - 1)), f, w[rows])), window_outputs, outputs)
+
+    sizes = refresh_sizes(batch)
+    branches = ([no_refresh] + [lambda kv, size=size: refresh_rows_and_window(size, kv) for size in sizes]
+                + [refresh_batch_and_window, refresh_all])
+    num_refresh = jnp.sum(refresh, dtype=jnp.int32)
+    # The smallest sub-batch that holds the refreshing rows: the number of sizes below their count.
+    partial = 1 + jnp.sum(num_refresh > jnp.asarray(sizes, jnp.int32), dtype=jnp.int32) if sizes else 1
+    branch = jnp.where(num_refresh == 0, 0, jnp.where(jnp.all(refresh | ~active), len(sizes) + 2, partial))
+    kv, (token_logits, unmask_logits) = jax.lax.switch(branch, branches, cache.kv)
     return token_logits, unmask_logits, BlockCache(kv=kv, block=jnp.where(refresh, block_index, cache.block))

@@ -24,6 +24,7 @@ from dultra_jax.decoding import cache as block_cache
 from dultra_jax.decoding import rules
 from dultra_jax.decoding.action import action_log_prob, planner_scores
 from dultra_jax.models import policy
+from dultra_jax.sharding import BATCH_AXES, constrain
 
 Params = policy.Params
 
@@ -192,6 +193,21 @@ def denoise_step(params: Params, state: RolloutState, model: ModelConfig, config
                         step_logps=step_logps, rng=rng, step=state.step + 1, cache=cache)
 
 
+def constrain_rows(state: RolloutState) -> RolloutState:
+    """The carry with its rows pinned over the batch axes `('data', 'fsdp')` (the KV cache's heads
+    over 'tensor', as the attention makes them) on the mesh in context; unchanged without one.
+    Left to itself XLA may keep the small per-row arrays (`nfe`, `done`, `step_logps`, ...)
+    whole on every device and hand them out replicated."""
+    rows = lambda x: constrain(x, BATCH_AXES)  # noqa: E731
+    cache = state.cache
+    if cache is not None:
+        kv = jax.tree.map(lambda x: constrain(x, None, BATCH_AXES, None, "tensor"), cache.kv)
+        cache = cache.replace(kv=kv, block=rows(cache.block))
+    return state.replace(canvas=rows(state.canvas), valid=rows(state.valid), unmask_step=rows(state.unmask_step),
+                         block_step=rows(state.block_step), nfe=rows(state.nfe), done=rows(state.done),
+                         step_logps=rows(state.step_logps), cache=cache)
+
+
 def keep_going(state: RolloutState, config: DecodeConfig) -> jax.Array:
     """Loop condition: some row still has masks and the step budget is not spent."""
     return (state.step < config.step_budget) & ~jnp.all(state.done)
@@ -215,7 +231,7 @@ def _rollout_loop(params: Params, state: RolloutState, model: ModelConfig, confi
                   knobs: rules.Knobs | None = None) -> RolloutState:
     TRACE_COUNT["rollout_loop"] += 1
     return jax.lax.while_loop(lambda s: keep_going(s, config),
-                              lambda s: denoise_step(params, s, model, config, knobs), state)
+                              lambda s: constrain_rows(denoise_step(params, s, model, config, knobs)), state)
 
 
 def _rollout(params: Params, prompt_tokens: jax.Array, prompt_valid: jax.Array, rng: jax.Array,
@@ -225,10 +241,12 @@ def _rollout(params: Params, prompt_tokens: jax.Array, prompt_valid: jax.Array, 
     The slices belong inside: taken eagerly after the loop on arrays sharded over several
     devices, each would be a program of its own, dispatched while the loop still runs, and on
     XLA:CPU two programs with collectives running at once can deadlock. The carry (and its KV
-    cache) lives only inside the program, so nothing needs donating.
+    cache) lives only inside the program, so nothing needs donating. On a mesh (`jax.set_mesh`)
+    the carry and the trajectory keep their rows over `('data', 'fsdp')` (`constrain_rows`).
     """
-    state = init_state(prompt_tokens, prompt_valid, rng, model, config)
-    return to_trajectory(_rollout_loop(params, state, model, config, knobs), config)
+    state = constrain_rows(init_state(prompt_tokens, prompt_valid, rng, model, config))
+    trajectory = to_trajectory(_rollout_loop(params, state, model, config, knobs), config)
+    return jax.tree.map(lambda x: constrain(x, BATCH_AXES), trajectory)
 
 
 rollout_jit = jax.jit(_rollout, static_argnames=("model", "config"))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
+from dultra_jax.hub import resolve_model_dir
 from dultra_jax.interop.safetensors_io import open_checkpoint
 from dultra_jax.interop.tables import TensorMap, expand_layers, leaf_shapes, load_tensors, read_hf_config, validate
 from dultra_jax.models.teacher import Params, TeacherConfig, teacher_abstract_params, teacher_config_from_hf
@@ -61,6 +62,15 @@ def _ignorable(name: str, config: TeacherConfig) -> bool:
     return (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith(".rotary_emb.inv_freq")
 
 
+def teacher_config(hf_dir: str, *, dtype: str = "float32", param_dtype: str | None = None,
+                   scan_layers: bool = True, key: str = "hf_dir") -> TeacherConfig:
+    """The `TeacherConfig` that `load_teacher` returns, from `config.json` alone (no weights read);
+    `hf_dir` may be a hub id (`hub.resolve_model_dir`, `key` naming it in errors)."""
+    hf_dir = resolve_model_dir(hf_dir, key)
+    return teacher_config_from_hf(read_hf_config(hf_dir), dtype=dtype, param_dtype=param_dtype or dtype,
+                                  scan_layers=scan_layers)
+
+
 def load_teacher(hf_dir: str, *, dtype: str = "float32", param_dtype: str | None = None,
                  mesh: Mesh | None = None, shardings: Any = None,
                  scan_layers: bool = True) -> tuple[Params, TeacherConfig]:
@@ -68,7 +78,7 @@ def load_teacher(hf_dir: str, *, dtype: str = "float32", param_dtype: str | None
 
     Args:
       hf_dir: directory with `config.json` and `model.safetensors` or sharded files plus
-        `model.safetensors.index.json`.
+        `model.safetensors.index.json`, or a hub id of one (`hub.resolve_model_dir`).
       dtype: compute dtype name; `param_dtype` (default: `dtype`) is the storage dtype.
       mesh: place each leaf with its `sharding.param_shardings` sharding on this mesh (each
         device reads only its shard).
@@ -80,11 +90,11 @@ def load_teacher(hf_dir: str, *, dtype: str = "float32", param_dtype: str | None
     Raises:
       CheckpointError: missing `config.json` / checkpoint files (path), missing or unexpected tensor
         (name), shape mismatch (name, expected and found shapes).
-      ConfigError: unsupported `config.json` values (key and value); ShardingError: a dim that
-        does not divide its mesh axis.
+      ConfigError: unsupported `config.json` values (key and value), a hub id that does not
+        resolve; ShardingError: a dim that does not divide its mesh axis.
     """
-    config = teacher_config_from_hf(read_hf_config(hf_dir), dtype=dtype, param_dtype=param_dtype or dtype,
-                                    scan_layers=scan_layers)
+    hf_dir = resolve_model_dir(hf_dir, "hf_dir")
+    config = teacher_config(hf_dir, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
     abstract = teacher_abstract_params(config)
     table = teacher_tensor_map(config)
     ckpt = open_checkpoint(hf_dir)

@@ -37,6 +37,9 @@ class SafetensorsFile:
         try:
             with open(path, "rb") as f:
                 (header_size,) = struct.unpack("<Q", f.read(8))
+                if header_size > os.path.getsize(path) - 8:  # not a safetensors file (or cut short)
+                    raise CheckpointError(f"safetensors file {path}: its header size {header_size} exceeds the "
+                                          f"file ({os.path.getsize(path)} bytes)")
                 header = json.loads(f.read(header_size))
         except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None

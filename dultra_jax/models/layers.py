@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
+from dultra_jax.sharding import BATCH_AXES, constrain
 
 
 def truncated_normal_init(std: float):
@@ -118,8 +119,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array 
 
 
 def swiglu(gate: Linear, up: Linear, down: Linear, x: jax.Array) -> jax.Array:
-    """LLaDA / Llama MLP: `down(silu(gate(x)) * up(x))` (LLaDA names them ff_proj, up_proj, ff_out)."""
-    return down(jax.nn.silu(gate(x)) * up(x))
+    """LLaDA / Llama MLP: `down(silu(gate(x)) * up(x))` (LLaDA names them ff_proj, up_proj, ff_out);
+    the `[B, L, F]` hidden layer is rows over the batch axes, F over 'tensor'."""
+    return down(constrain(jax.nn.silu(gate(x)) * up(x), BATCH_AXES, None, "tensor"))
 
 
 KV = tuple  # (keys, values), each `[B, S, Hkv, Dh]` (one layer) or `[n_layers, B, S, Hkv, Dh]`
@@ -156,9 +158,10 @@ def self_attention_kv(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Line
         query_rope = tuple(gather_positions(jnp.broadcast_to(table, (batch,) + table.shape[1:]), query_positions)
                            for table in rope)
     num_queries = h_query.shape[1]
-    q = q_proj(h_query).reshape(batch, num_queries, n_heads, head_dim)
-    k = k_proj(h).reshape(batch, length, n_kv_heads, head_dim)
-    v = v_proj(h).reshape(batch, length, n_kv_heads, head_dim)
+    heads = (BATCH_AXES, None, "tensor", None)  # rows over the batch axes, heads over 'tensor'
+    q = constrain(q_proj(h_query).reshape(batch, num_queries, n_heads, head_dim), *heads)
+    k = constrain(k_proj(h).reshape(batch, length, n_kv_heads, head_dim), *heads)
+    v = constrain(v_proj(h).reshape(batch, length, n_kv_heads, head_dim), *heads)
     q, k = apply_rope(q, *query_rope), apply_rope(k, *rope)
     if cache is not None:
         rows = jnp.arange(batch)[:, None]
@@ -289,7 +292,9 @@ class LLaDABlock(nnx.Module):
                 cache: KV | None = None, positions: jax.Array | None = None,
                 query_positions: jax.Array | None = None):
         """The block, also returning its attention keys/values (`layers.self_attention_kv`):
-        `x` `[B, W, D]` is the whole sequence, or with `cache` a window at `positions` `[B, W]`."""
+        `x` `[B, W, D]` is the whole sequence, or with `cache` a window at `positions` `[B, W]`.
+        Its input and output are pinned to rows over the batch axes (`sharding.constrain`)."""
+        x = constrain(x, BATCH_AXES)
         attn, kv = self_attention_kv(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
                                      n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
                                      rope=rope, valid=valid, cache=cache, positions=positions,
@@ -297,7 +302,7 @@ class LLaDABlock(nnx.Module):
         if query_positions is not None:
             x = gather_positions(x, query_positions)
         x = x + attn
-        return x + swiglu(self.ff_proj, self.up_proj, self.ff_out, self.ff_norm(x)), kv
+        return constrain(x + swiglu(self.ff_proj, self.up_proj, self.ff_out, self.ff_norm(x)), BATCH_AXES), kv
 
 
 def make_blocks(config: ModelConfig, n: int, rngs: nnx.Rngs, stacked: bool):

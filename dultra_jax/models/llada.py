@@ -12,6 +12,7 @@ from flax import nnx
 from dultra_jax.config import ModelConfig
 from dultra_jax.models.layers import KV, Embed, Linear, RMSNorm, make_blocks, rope_tables, run_layers, run_layers_kv
 from dultra_jax.models.planner import PlannerHead
+from dultra_jax.sharding import BATCH_AXES, constrain
 
 
 class LLaDAModel(nnx.Module):
@@ -36,7 +37,12 @@ class LLaDAModel(nnx.Module):
         x = self.wte(tokens)
         x = run_layers(self.blocks, x, self.rope(positions), valid, stacked=self.config.scan_layers,
                        remat=self.config.remat, query_positions=query_positions)
-        return self.ln_f(x)
+        return constrain(self.ln_f(x), BATCH_AXES)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """The LM head `[B, K, D] -> [B, K, V]` (compute dtype), rows over the batch axes and the
+        vocabulary over 'tensor': the largest activation of a step."""
+        return constrain(self.ff_out(h), BATCH_AXES, None, "tensor")
 
     def hidden_kv(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None, cache: KV | None = None):
         """`hidden` that also returns every layer's keys/values (`layers.run_layers_kv`).
@@ -48,7 +54,7 @@ class LLaDAModel(nnx.Module):
         """
         x, kv = run_layers_kv(self.blocks, self.wte(tokens), self.rope(positions), valid,
                               stacked=self.config.scan_layers, cache=cache, positions=positions)
-        return self.ln_f(x), kv
+        return constrain(self.ln_f(x), BATCH_AXES), kv
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None):
         """Backbone forward.
@@ -61,4 +67,4 @@ class LLaDAModel(nnx.Module):
           `(token_logits [B, L, V]` in the compute dtype, `h_last [B, L, D]` after `ln_f`).
         """
         h_last = self.hidden(tokens, positions, valid)
-        return self.ff_out(h_last), h_last
+        return self.logits(h_last), h_last

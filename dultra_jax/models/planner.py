@@ -15,6 +15,7 @@ from flax import nnx
 
 from dultra_jax.config import ModelConfig
 from dultra_jax.models.layers import KV, Embed, Linear, layer_norm_no_affine, make_blocks, run_layers, run_layers_kv
+from dultra_jax.sharding import BATCH_AXES, constrain
 
 _xavier = jax.nn.initializers.xavier_uniform()
 
@@ -98,7 +99,7 @@ class PlannerHead(nnx.Module):
 
     def _modulated_input(self, h_last, t, candidates):
         temb = self.time_embedding(t)[:, None, :] + self.mask_embedding(candidates.astype(jnp.int32))
-        return temb, self.norm_out_1(h_last, temb)
+        return temb, constrain(self.norm_out_1(h_last, temb), BATCH_AXES)
 
     def _logits(self, f, temb):
-        return self.mask_linear(self.norm_out_2(f, temb))[..., 0].astype(jnp.float32)
+        return constrain(self.mask_linear(self.norm_out_2(f, temb))[..., 0].astype(jnp.float32), BATCH_AXES)

@@ -75,7 +75,7 @@ def forward(params: Params, tokens: jax.Array, config: ModelConfig, *, valid: ja
     model = bind(config, params)
     h_last = model.hidden(tokens, default_positions(tokens.shape[1]), _key_mask(config, valid))
     h_out = h_last if logit_positions is None else gather_positions(h_last, logit_positions)
-    return model.ff_out(h_out), h_last
+    return model.logits(h_out), h_last
 
 
 def planner_timestep(canvas: jax.Array, mask_id: int, valid: jax.Array | None = None) -> jax.Array:
@@ -141,7 +141,7 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
         model = bind(config, params)
         h_out = model.hidden(canvas, default_positions(canvas.shape[1]), _key_mask(config, valid),
                              query_positions=logit_positions)
-        token_logits = model.ff_out(h_out)
+        token_logits = model.logits(h_out)
     else:  # every row is returned, or the planner attends over every row of h_last
         token_logits, h_last = forward(params, canvas, config, valid=valid, logit_positions=logit_positions)
     if suppress_mask:
@@ -196,7 +196,7 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
         h_last, backbone_kv = model.hidden_kv(tokens, window, key_mask, cache=cache[0])
         planner_positions, h_out = window, h_last[:, :num_out]
         planner_candidates, planner_cache = gather_positions(candidates, window), cache[1]
-    token_logits = suppress_mask_logit(model.ff_out(h_out), config.mask_token_id)
+    token_logits = suppress_mask_logit(model.logits(h_out), config.mask_token_id)
     if not (config.has_planner and with_planner):
         return token_logits, None, (backbone_kv, None)
     t = planner_timestep(canvas, config.mask_token_id, valid)

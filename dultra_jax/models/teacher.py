@@ -24,6 +24,7 @@ from dultra_jax.config import ConfigError, parse_dtype
 from dultra_jax.models import pure
 from dultra_jax.models.layers import (Embed, Linear, RMSNorm, make_layers, rope_tables, run_layers, self_attention,
                                       swiglu)
+from dultra_jax.sharding import BATCH_AXES, constrain
 
 Params = dict[str, Any]
 
@@ -199,11 +200,14 @@ class TeacherBlock(nnx.Module):
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None) -> jax.Array:
-        """`x` `[B, L, D]`, `rope` tables `[B|1, L, Dh]`, `valid` `[B, L]` key mask or None."""
+        """`x` `[B, L, D]`, `rope` tables `[B|1, L, Dh]`, `valid` `[B, L]` key mask or None; input
+        and output pinned to rows over the batch axes (`sharding.constrain`)."""
+        x = constrain(x, BATCH_AXES)
         x = x + self_attention(self.input_layernorm(x), self.q_proj, self.k_proj, self.v_proj, self.o_proj,
                                n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
                                rope=rope, valid=valid, causal=True)
-        return x + swiglu(self.gate_proj, self.up_proj, self.down_proj, self.post_attention_layernorm(x))
+        return constrain(x + swiglu(self.gate_proj, self.up_proj, self.down_proj, self.post_attention_layernorm(x)),
+                         BATCH_AXES)
 
 
 class TeacherLM(nnx.Module):
@@ -245,7 +249,8 @@ class TeacherLM(nnx.Module):
             kernel = self.embed_tokens.embedding[...].T
         else:
             kernel = self.lm_head.kernel[...]
-        return jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        logits = jnp.dot(h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, BATCH_AXES, *([None] * (logits.ndim - 2)), "tensor")
 
     def __call__(self, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         """Logits `[B, L, V]` float32 for `tokens` `[B, L]`."""

@@ -24,6 +24,14 @@ trainer):
 4. Only the original program process reports, once, on the result pipe: a JSON line with the
    nonce and a status. A program that exits early (`sys.exit`, `os._exit`), prints fake reports
    or forks copies of itself cannot produce a pass.
+
+APPS mode (`apps` in the config: the `input_output` JSON, the per-case limit): step 3's process
+compiles the program and becomes a runner that forks one process per test case (its own process
+group, CPU limit and wall-clock limit; the result pipe closed). The case process runs the program
+afresh and then calls `fn_name` (its return value comes back pickled and is read with an allowlist
+of types) or, for a standard-input problem, runs it as `__main__` with the input on a pipe as stdin
+and its stdout on another. The runner judges the case, kills the case's process group, and after
+the last case (or the first error or timeout) reports once with the counts.
 """
 
 import ctypes
@@ -256,6 +264,330 @@ def _set_limits(cfg):
         resource.setrlimit(which, (soft, hard))
 
 
+# ----------------------------------------------------------------------------------------------
+# APPS: every test case in its own fork, with its own time limit
+
+def _apps_arguments(case_input):
+    """`(args, kwargs)` of one call-based case, as the reference's `_apps_worker` reads them."""
+    if isinstance(case_input, dict) and ("args" in case_input or "kwargs" in case_input):
+        raw_args = case_input.get("args", [])
+        args = tuple(raw_args) if isinstance(raw_args, (list, tuple)) else () if raw_args is None else (raw_args,)
+        raw_kwargs = case_input.get("kwargs", {})
+        return args, (raw_kwargs if isinstance(raw_kwargs, dict) else {})
+    if isinstance(case_input, (list, tuple)):
+        return tuple(case_input), {}
+    return ((), {}) if case_input is None else ((case_input,), {})
+
+
+def _apps_normalize(value, seen=None):
+    """NumPy arrays and tuples become lists, recursively (the reference's `_normalize_output`)."""
+    seen = set() if seen is None else seen
+    kind = type(value)
+    if kind.__name__ == "ndarray" and kind.__module__ == "numpy":
+        return value.tolist()
+    if isinstance(value, (list, tuple, dict)):
+        if id(value) in seen:
+            return "<recursion>"
+        seen.add(id(value))
+        if isinstance(value, dict):
+            out = {k: _apps_normalize(v, seen) for k, v in value.items()}
+        else:
+            out = [_apps_normalize(v, seen) for v in value]
+        seen.discard(id(value))
+        return out
+    return value
+
+
+def _short(value, limit=200):
+    try:
+        text = repr(value)
+    except BaseException:
+        text = "<unprintable>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _float_token(token):
+    """The value of a token written with a decimal point or an exponent, else None."""
+    if not any(c in token for c in ".eE"):
+        return None
+    try:
+        value = float(token)
+    except ValueError:
+        return None
+    return value if value - value == 0 else None  # finite only
+
+
+def _stdout_matches(got, expected):
+    """Whether the printed text answers the case: equal whitespace-separated tokens (so line ends,
+    trailing spaces and blank lines do not matter, as in the APPS harness's stripped comparisons),
+    where a pair of tokens written as decimals may also differ by the APPS harness's float
+    tolerance (|a - b| <= 1e-8 + 1e-5 |b|); integers and words must match exactly."""
+    if isinstance(expected, list):
+        expected = "\n".join(str(line) for line in expected)
+    got_tokens, want_tokens = got.split(), str(expected).split()
+    if len(got_tokens) != len(want_tokens):
+        return False
+    for a, b in zip(got_tokens, want_tokens):
+        if a == b:
+            continue
+        fa, fb = _float_token(a), _float_token(b)
+        if fa is None or fb is None or abs(fa - fb) > 1e-8 + 1e-5 * abs(fb):
+            return False
+    return True
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _apps_case_child(code, fn_name, wrap_solution, case_input, cpu_s, close_fds, stdin_fd, stdout_fd, report_fd,
+                     describe):
+    """The forked process of one case: run the program, then call `fn_name` or let it read stdin.
+    Reports on `report_fd`: b"R" + the pickled return value, b"O" (a stdin program ended), or
+    b"E" + the error. Never returns."""
+    import builtins
+    import pickle
+
+    report = b"E"
+    try:
+        os.setpgid(0, 0)
+        for fd in close_fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))  # each case gets the full CPU budget
+        if stdin_fd >= 0:
+            os.dup2(stdin_fd, 0)
+            os.dup2(stdout_fd, 1)
+            os.close(stdin_fd)
+            os.close(stdout_fd)
+        stdout = sys.stdout
+        sys.setrecursionlimit(5000)  # as the reference's worker
+        try:
+            if fn_name is None:  # a script: run as __main__ on its input
+                exec(code, {"__name__": "__main__", "__builtins__": builtins})
+                report = b"O"
+            else:  # no __name__, as the reference's exec(candidate_code, {"__builtins__": ...})
+                namespace = {"__builtins__": builtins}
+                exec(code, namespace)
+                if wrap_solution:  # the reference exposes a LeetCode-style class's method
+                    if "Solution" not in namespace:
+                        raise NameError("name 'Solution' is not defined")
+                    target = getattr(namespace["Solution"](), fn_name)
+                else:
+                    target = namespace.get(fn_name)
+                    if target is None or not callable(target):
+                        raise ValueError(f"Function {fn_name!r} not defined or not callable.")
+                args, kwargs = _apps_arguments(case_input)
+                report = b"R" + pickle.dumps(target(*args, **kwargs))
+        except SystemExit as exc:
+            # A script may end with sys.exit(0); a function that exits returns nothing (the
+            # reference's worker then reports no result: a runtime error).
+            if fn_name is None and exc.code in (None, 0):
+                report = b"O"
+            else:
+                report = b"E" + f"SystemExit: {_short(exc.code)}".encode()
+        except BaseException as exc:
+            report = b"E" + describe(exc).encode("utf-8", "replace")
+        for stream in (stdout, sys.stdout):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        _write_all(report_fd, report)
+    except BaseException:
+        pass
+    os._exit(0)
+
+
+
+def _apps_case(code, fn_name, wrap_solution, case_input, expected, timeout_s, cpu_s, max_output, result_fd, describe):
+    """Runs one case in a fork and judges it. Returns (status, detail): status is passed, failed
+    (wrong answer), runtime_error, timeout or killed."""
+    import select
+    import signal
+    import time
+
+    stdin_mode = fn_name is None
+    report_r, report_w = os.pipe()
+    in_r = in_w = out_r = out_w = -1
+    pending = b""
+    if stdin_mode:
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        text = "\n".join(str(line) for line in case_input) if isinstance(case_input, list) else str(case_input)
+        pending = text.encode("utf-8", "surrogatepass")
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:
+        close_fds = [fd for fd in (result_fd, report_r, in_w, out_r) if fd >= 0]
+        _apps_case_child(code, fn_name, wrap_solution, case_input, cpu_s, close_fds, in_r, out_w, report_w, describe)
+    try:
+        os.setpgid(pid, pid)
+    except OSError:
+        pass  # the child already did it (or is gone)
+    for fd in (report_w, in_r, out_w):
+        if fd >= 0:
+            os.close(fd)
+    if in_w >= 0:
+        os.set_blocking(in_w, False)
+    report, output = bytearray(), bytearray()
+    readers = {report_r: report}
+    if stdin_mode:
+        readers[out_r] = output
+    writer = in_w if pending else -1
+    if in_w >= 0 and writer < 0:
+        os.close(in_w)
+    deadline = time.monotonic() + timeout_s
+    wait_status = exited_at = verdict = None
+    try:
+        while readers or writer >= 0:
+            now = time.monotonic()
+            if now >= deadline:
+                verdict = ("timeout", f"time limit ({timeout_s:g} s)")
+                break
+            if wait_status is None:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    wait_status, exited_at = status, now
+            if exited_at is not None and now - exited_at > 0.2:
+                break  # something the program started holds the pipes open
+            ready_r, ready_w, _ = select.select(list(readers), [writer] if writer >= 0 else [], [],
+                                                min(0.05, deadline - now))
+            for fd in ready_r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    del readers[fd]
+                    os.close(fd)
+                    continue
+                readers[fd] += chunk
+            if len(output) > max_output or len(report) > max_output:
+                verdict = ("killed", "output limit")
+                break
+            if ready_w:
+                try:
+                    pending = pending[os.write(writer, pending[:65536]):]
+                except BlockingIOError:
+                    pass
+                except OSError:  # the program stopped reading its input
+                    pending = b""
+                if not pending:
+                    os.close(writer)
+                    writer = -1
+    finally:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the case's process and whatever it started in its group
+        except OSError:
+            pass
+        if wait_status is None:
+            try:
+                os.kill(pid, signal.SIGKILL)  # in case it left its group
+            except OSError:
+                pass
+            wait_status = os.waitpid(pid, 0)[1]
+        for fd in list(readers) + ([writer] if writer >= 0 else []):
+            os.close(fd)
+    if verdict is not None:
+        return verdict
+    kind, body = bytes(report[:1]), bytes(report[1:])
+    if kind == b"E":
+        return "runtime_error", body.decode("utf-8", "replace")
+    if kind == b"R":
+        try:
+            value = _load_result(body)
+        except BaseException as exc:
+            return "runtime_error", "the result cannot be returned: " + describe(exc)
+        return _judge_call(value, expected)
+    if kind == b"O" or (stdin_mode and os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0):
+        got = output.decode("utf-8", "replace")
+        if _stdout_matches(got, expected):
+            return "passed", ""
+        return "failed", f"expected output {_short(expected)}, got {_short(got)}"
+    if os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        if sig == signal.SIGXCPU:
+            return "timeout", "CPU limit"
+        return "killed", f"killed by signal {sig}"
+    return "runtime_error", "the program exited without returning a result"
+
+
+# What a call-based case may return (besides the types pickle builds without a global lookup: None,
+# bool, int, float, str, bytes, list, tuple, dict, set, frozenset). Anything else, e.g. a class the
+# program defines (which the reference cannot pickle back either), is a runtime error; and nothing
+# the program sends can make the runner call an arbitrary function while reading it.
+_RESULT_TYPES = {
+    "builtins": {"complex", "bytearray", "range", "slice", "set", "frozenset", "list", "dict", "tuple", "int",
+                 "float", "str", "bytes", "bool"},
+    "collections": {"Counter", "OrderedDict", "defaultdict", "deque"},
+    "fractions": {"Fraction"},
+    "decimal": {"Decimal"},
+    "datetime": {"date", "datetime", "time", "timedelta", "timezone"},
+    "numpy": {"ndarray", "dtype"},
+    "numpy.core.multiarray": {"_reconstruct", "scalar"},
+    "numpy._core.multiarray": {"_reconstruct", "scalar"},
+}
+
+
+def _load_result(data):
+    """Unpickles a case's return value, looking up only `_RESULT_TYPES`."""
+    import io
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if name in _RESULT_TYPES.get(module, ()):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"a {module}.{name} cannot be returned")
+
+    return Restricted(io.BytesIO(data)).load()
+
+
+def _judge_call(value, expected):
+    """A call-based case as the reference judges it: the return value against the expected
+    output's first element (APPS wraps every output in a list), both normalised."""
+    want = expected[0] if isinstance(expected, list) and expected else expected
+    try:
+        if _apps_normalize(value) != _apps_normalize(want):
+            return "failed", f"expected {_short(want)}, got {_short(value)}"
+    except BaseException as exc:
+        return "failed", f"the result cannot be compared: {type(exc).__name__}"
+    return "passed", ""
+
+
+def _judge_apps(code, source, job, result_fd, describe):
+    """Runs an APPS program on each test case of `job["input_output"]`, each in a fresh fork with
+    a wall-clock limit of `job["case_timeout_s"]` (and as much CPU time), as the reference's
+    `apps_reward_func` runs one process per case. A wrong answer moves on to the next case; a
+    runtime error, a timeout or a kill stops there. Returns `(status, error, [passed, total])`
+    where status is the last outcome that is not a pass (passed when every case passes) and
+    error is the first problem met."""
+    import math
+
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(0)  # APPS has integers longer than 4300 digits, as the reference allows
+    io = json.loads(job["input_output"])
+    fn_name = io.get("fn_name") or None
+    cases = list(zip(io.get("inputs", []), io.get("outputs", [])))
+    if not cases:
+        return "failed", "no test cases", [0, 0]
+    timeout_s = float(job["case_timeout_s"])
+    cpu_s = int(math.ceil(timeout_s))
+    wrap_solution = fn_name is not None and "class Solution" in source  # the reference's test
+    passed, status, error = 0, "passed", ""
+    for index, (case_input, expected) in enumerate(cases):
+        outcome, detail = _apps_case(code, fn_name, wrap_solution, case_input, expected, timeout_s, cpu_s,
+                                     int(job["max_output_bytes"]), result_fd, describe)
+        if outcome == "passed":
+            passed += 1
+            continue
+        error = error or f"case {index}: {detail}"
+        status = outcome
+        if outcome != "failed":
+            break
+    return status, error, [passed, len(cases)]
+
+
 def _run(cfg, nonce, result_fd):
     """Run program then tests; report once from this process. Never returns."""
     import builtins
@@ -263,7 +595,7 @@ def _run(cfg, nonce, result_fd):
     write, exit_, dumps, getpid, main_pid = os.write, os._exit, json.dumps, os.getpid, os.getpid()
     stdout, stderr = sys.stdout, sys.stderr
 
-    def finish(status, error=""):
+    def finish(status, error="", cases=None):
         if getpid() != main_pid:  # a fork of the program reached the end: it does not report
             exit_(0)
         for stream in (stdout, stderr):
@@ -271,8 +603,11 @@ def _run(cfg, nonce, result_fd):
                 stream.flush()
             except BaseException:
                 pass
+        report = {"nonce": nonce, "status": status, "error": error[:2000]}
+        if cases is not None:
+            report["cases"] = cases
         try:
-            write(result_fd, (dumps({"nonce": nonce, "status": status, "error": error[:2000]}) + "\n").encode())
+            write(result_fd, (dumps(report) + "\n").encode())
         except BaseException:
             pass
         exit_(0)
@@ -290,6 +625,15 @@ def _run(cfg, nonce, result_fd):
         finish("killed", "MemoryError while compiling")
     except BaseException as exc:  # SyntaxError, IndentationError, null bytes, too deeply nested
         finish("syntax_error", describe(exc))
+    apps = cfg.pop("apps", None)
+    if apps is not None:
+        try:
+            verdict = _judge_apps(code, program, apps, result_fd, describe)
+        except MemoryError:
+            finish("killed", "MemoryError in the APPS runner (memory limit)")
+        except BaseException as exc:  # the runner's own failure: no verdict on the program
+            finish("failed", "APPS runner: " + describe(exc))
+        finish(*verdict)
     try:
         test_code = compile(tests, "<tests>", "exec")
     except BaseException as exc:

@@ -37,6 +37,13 @@ The result is reported by the program process on a private pipe, with a random n
 the program and all tests ran; early exits (`sys.exit`, `os._exit`), forks and printed fake reports
 cannot produce a pass.
 
+APPS problems (`check_apps_program`) run in one such sandbox per program: its process forks a fresh
+process for every test case, with the per-case wall-clock and CPU limit of the reference's grader
+(10 s) and the result pipe closed, and judges each case itself (call-based: the pickled return
+value, read back with an allowlist of types; standard input: the case's stdout). That keeps the
+reference's semantics (a fresh process per case, a time limit per case) at the cost of a fork
+(a few ms) instead of a new sandbox (~0.1 s) per case.
+
 What is not possible or not enforced:
 - `mode="plain"` (no namespaces: not Linux, or namespaces are not permitted) keeps the limits, the
   session kill, the stripped environment and the temporary directory, but not the network ban, the
@@ -52,10 +59,11 @@ What is not possible or not enforced:
   a program written to introspect the harness's frames could find the nonce and forge a report.
 - A hard memory limit on RSS is not available without cgroups; `RLIMIT_AS` bounds virtual memory.
 
-Statuses: `passed`, `failed` (an assertion failed, the entry point is missing, the program exited
-early without a report), `syntax_error` (the program does not compile), `runtime_error` (any other
-exception, in the program or the tests), `timeout` (wall clock or CPU limit), `killed` (a signal, or
-a resource limit: memory, file size, disk, output volume).
+Statuses: `passed`, `failed` (an assertion failed or an APPS case gave a wrong answer, the entry
+point is missing, the program exited early without a report), `syntax_error` (the program does
+not compile), `runtime_error` (any other exception, in the program or the tests), `timeout` (wall
+clock or CPU limit), `killed` (a signal, or a resource limit: memory, file size, disk, output
+volume).
 """
 
 from __future__ import annotations
@@ -77,12 +85,14 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from typing import Sequence
 
 import numpy as np
 
+from dultra_jax.data.tasks import apps_test_shape
 from dultra_jax.rewards.registry import RewardInputs, register
 
 logger = logging.getLogger(__name__)
@@ -105,8 +115,10 @@ class CodeResult:
     """Outcome of running one program against its tests.
 
     `stdout` and `stderr` are the last `capture_bytes` of each stream; `error` is the exception the
-    harness saw (type and message), if any; `info` describes the sandbox (mode, launcher pid =
-    session id, uid, work directory), for debugging and tests.
+    harness saw (type and message), if any (for APPS programs: the first problem met, prefixed with
+    its case number); `cases` is `(passed, total)` test cases for APPS programs, else None; `info`
+    describes the sandbox (mode, launcher pid = session id, uid, work directory), for debugging and
+    tests.
     """
 
     passed: bool
@@ -115,6 +127,7 @@ class CodeResult:
     stderr: str = ""
     duration_s: float = 0.0
     error: str = ""
+    cases: tuple[int, int] | None = None
     info: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
@@ -457,20 +470,84 @@ def check_program(program: str, tests: str, timeout_s: float = 10.0, *, entry_po
         raise ValueError(f"tests do not compile: {exc}") from exc
     if not program.strip():
         return CodeResult(False, "failed", error="empty program")
+    return _in_slot(dict(program=program, tests=tests, entry_point=entry_point), timeout_s, mode, dict(
+        memory_mb=memory_mb, nproc=nproc, fsize_mb=fsize_mb, disk_mb=disk_mb, nofile=nofile),
+        capture_bytes, int(max_output_mb * 2**20))
+
+
+# chinsengi/dUltra-os diffu_grpo/reward_func.py APPS_TIMEOUT: the wall-clock limit of one test case.
+APPS_CASE_TIMEOUT_S = 10.0
+
+
+def check_apps_program(program: str, input_output: str, case_timeout_s: float = APPS_CASE_TIMEOUT_S, *,
+                       memory_mb: int = 1024, nproc: int = 32, fsize_mb: int = 32, disk_mb: int = 64,
+                       nofile: int = 64, capture_bytes: int = 8192, max_output_mb: float = 4.0,
+                       mode: str | None = None) -> CodeResult:
+    """Runs an APPS program on every test case of its `input_output`, as the reference grades APPS.
+
+    Each case runs in a fresh process (a fork of the sandboxed runner, in its own process group)
+    with a wall-clock limit of `case_timeout_s` seconds and as many CPU seconds: the program is
+    executed anew, then
+      - call-based problems (`fn_name`): the function (or `Solution().<fn_name>` when the program
+        text contains `class Solution`) is called with the case's input list as positional
+        arguments (a dict with `args`/`kwargs` is spread); its return value, read back with
+        pickle, must equal the expected output's first element (APPS wraps each output in a list)
+        after NumPy arrays and tuples become lists. The program runs without `__name__`, as the
+        reference's `exec(code, {"__builtins__": ...})` does.
+      - standard-input problems: the program runs as `__main__` with the case's input (a list of
+        lines is joined with newlines) on stdin; its stdout must equal the expected output token
+        by token (whitespace and line layout ignored; decimals within 1e-8 + 1e-5 |b|).
+    A wrong answer moves on to the next case; an exception, a timeout or a kill stops the run.
+
+    Args:
+      program: the candidate program.
+      input_output: APPS's JSON string `{"inputs": [...], "outputs": [...], "fn_name"?: str}`.
+      case_timeout_s: wall-clock seconds per case (the reference's 10 s).
+      memory_mb, nproc, fsize_mb, disk_mb, nofile, capture_bytes, mode: as `check_program`.
+      max_output_mb: the most a case may print (stdout), and the cap on stdout + stderr of the run.
+    Returns:
+      A `CodeResult`: `passed` when every case passed; status `failed` (some case gave a wrong
+      answer), `syntax_error`, `runtime_error`, `timeout` or `killed` (the case that stopped the
+      run); `cases` = (passed, total); `error` the first problem met. `failed` with no cases.
+    Raises:
+      ValueError: `input_output` is not an APPS test description.
+      SandboxError: the sandbox could not be set up.
+    """
+    if not isinstance(program, str):
+        raise TypeError("program must be a string")
+    if not case_timeout_s > 0:
+        raise ValueError(f"case_timeout_s={case_timeout_s!r} must be positive")
+    _, n_cases = apps_test_shape(input_output)
+    if not n_cases:
+        return CodeResult(False, "failed", error="no test cases", cases=(0, 0))
+    if not program.strip():
+        return CodeResult(False, "failed", error="empty program", cases=(0, n_cases))
+    # Each case may use its whole limit and the runner needs a moment per fork; the total is a backstop.
+    timeout_s = n_cases * (case_timeout_s + 0.5) + 5.0
+    max_output = int(max_output_mb * 2**20)
+    apps = dict(input_output=input_output, case_timeout_s=float(case_timeout_s), max_output_bytes=max_output)
+    result = _in_slot(dict(program=program, tests="", entry_point=None, apps=apps), timeout_s, mode, dict(
+        memory_mb=memory_mb, nproc=nproc, fsize_mb=fsize_mb, disk_mb=disk_mb, nofile=nofile),
+        capture_bytes, max_output)
+    if result.cases is None:  # it did not compile, or the whole run was stopped: no case counted
+        result = dataclasses.replace(result, cases=(0, n_cases))
+    return result
+
+
+def _in_slot(job: dict, timeout_s: float, mode: str | None, limits: dict, capture_bytes: int,
+             max_output: int) -> CodeResult:
+    """`_run_sandboxed` in a concurrency slot, in `mode` (default: the best this platform allows)."""
     mode = mode or sandbox_mode()
     if mode not in ("ns", "plain"):
         raise ValueError(f"mode={mode!r} must be 'ns' or 'plain'")
     slot, slot_queue = _SLOTS.acquire()
     try:
-        return _run_sandboxed(program, tests, entry_point, timeout_s, mode, slot, dict(
-            memory_mb=memory_mb, nproc=nproc, fsize_mb=fsize_mb, disk_mb=disk_mb, nofile=nofile),
-            capture_bytes, int(max_output_mb * 2**20))
+        return _run_sandboxed(job, timeout_s, mode, slot, limits, capture_bytes, max_output)
     finally:
         _Slots.release(slot, slot_queue)
 
 
-def _run_sandboxed(program, tests, entry_point, timeout_s, mode, slot, limits, capture_bytes,
-                   max_output) -> CodeResult:
+def _run_sandboxed(job, timeout_s, mode, slot, limits, capture_bytes, max_output) -> CodeResult:
     start = time.monotonic()
     root = os.geteuid() == 0
     uid = None
@@ -488,8 +565,7 @@ def _run_sandboxed(program, tests, entry_point, timeout_s, mode, slot, limits, c
         if uid is not None and mode == "plain":
             os.chown(workdir, uid, uid)
         cfg = dict(nonce=nonce, result_fd=result_w, mode=mode, uid=uid, gid=uid, workdir=workdir, expose=expose,
-                   program=program, tests=tests, entry_point=entry_point, cpu_s=math.ceil(timeout_s) + 1,
-                   nproc_shared=(mode == "plain" and uid is None), **limits)
+                   cpu_s=math.ceil(timeout_s) + 1, nproc_shared=(mode == "plain" and uid is None), **job, **limits)
         cfg_path = os.path.join(workdir, ".sandbox_config.json")
         fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -516,9 +592,9 @@ def _run_sandboxed(program, tests, entry_point, timeout_s, mode, slot, limits, c
                     _remove_owned(uid)
             finally:
                 _rmtree(workdir)
-    status, error = _status(proc.returncode, res.text(), nonce, timed_out, flooded)
+    status, error, cases = _status(proc.returncode, res.text(), nonce, timed_out, flooded)
     return CodeResult(passed=status == "passed", status=status, stdout=out.text(), stderr=err.text(),
-                      duration_s=time.monotonic() - start, error=error, info=info)
+                      duration_s=time.monotonic() - start, error=error, cases=cases, info=info)
 
 
 def _cleanup_processes(proc: subprocess.Popen, uid: int | None) -> None:
@@ -578,11 +654,13 @@ def _pump(proc, sinks: dict, deadline: float, max_output: int) -> tuple[bool, bo
         sel.close()
 
 
-def _status(returncode, report: str, nonce: str, timed_out: bool, flooded: bool) -> tuple[str, str]:
+def _status(returncode, report: str, nonce: str, timed_out: bool,
+            flooded: bool) -> tuple[str, str, tuple[int, int] | None]:
+    """`(status, error, cases)` of a finished sandbox from its report line (the one with `nonce`)."""
     if timed_out:
-        return "timeout", "wall-clock limit"
+        return "timeout", "wall-clock limit", None
     if flooded:
-        return "killed", "output limit"
+        return "killed", "output limit", None
     for line in report.splitlines():
         try:
             msg = json.loads(line)
@@ -593,19 +671,20 @@ def _status(returncode, report: str, nonce: str, timed_out: bool, flooded: bool)
             if status == "setup_error":
                 raise SandboxError(f"code sandbox could not start: {error}")
             if status in STATUSES:
-                return status, error
+                cases = msg.get("cases")
+                return status, error, (int(cases[0]), int(cases[1])) if cases else None
     if returncode == _SETUP_ERROR_EXIT:
         raise SandboxError("code sandbox could not start (no report)")
     if returncode is not None and (returncode < 0 or returncode > 128):
         sig = -returncode if returncode < 0 else returncode - 128
         if sig == signal.SIGXCPU:
-            return "timeout", "CPU limit"
+            return "timeout", "CPU limit", None
         try:
             name = signal.Signals(sig).name
         except ValueError:
             name = str(sig)
-        return "killed", f"killed by {name}"
-    return "failed", f"exited with code {returncode} before reporting"
+        return "killed", f"killed by {name}", None
+    return "failed", f"exited with code {returncode} before reporting", None
 
 
 def check_programs(programs: Sequence[str], tests: Sequence[str], *, entry_points: Sequence[str | None] | None = None,
@@ -617,14 +696,28 @@ def check_programs(programs: Sequence[str], tests: Sequence[str], *, entry_point
     entry_points = list(entry_points) if entry_points is not None else [None] * len(programs)
     if len(entry_points) != len(programs):
         raise ValueError(f"{len(programs)} programs but {len(entry_points)} entry points")
-    if not programs:
+    return _map_bounded(lambda p, t, e: check_program(p, t, entry_point=e, **kwargs),
+                        list(zip(programs, tests, entry_points)), max_workers)
+
+
+def check_apps_programs(programs: Sequence[str], input_outputs: Sequence[str], *, max_workers: int | None = None,
+                        **kwargs) -> list[CodeResult]:
+    """`check_apps_program` for each (program, input_output) pair, as `check_programs` runs them."""
+    if len(programs) != len(input_outputs):
+        raise ValueError(f"{len(programs)} programs but {len(input_outputs)} input_output descriptions")
+    return _map_bounded(lambda p, io: check_apps_program(p, io, **kwargs), list(zip(programs, input_outputs)),
+                        max_workers)
+
+
+def _map_bounded(run, jobs: list[tuple], max_workers: int | None) -> list[CodeResult]:
+    """`run(*job)` for every job on at most `max_workers` threads (bounded by `max_concurrency()`)."""
+    if not jobs:
         return []
-    workers = max(1, min(max_workers or max_concurrency(), max_concurrency(), len(programs)))
+    workers = max(1, min(max_workers or max_concurrency(), max_concurrency(), len(jobs)))
     if workers == 1:
-        return [check_program(p, t, entry_point=e, **kwargs) for p, t, e in zip(programs, tests, entry_points)]
+        return [run(*job) for job in jobs]
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
-        futures = [pool.submit(check_program, p, t, entry_point=e, **kwargs)
-                   for p, t, e in zip(programs, tests, entry_points)]
+        futures = [pool.submit(run, *job) for job in jobs]
         return [f.result() for f in futures]
 
 
@@ -632,49 +725,26 @@ def check_programs(programs: Sequence[str], tests: Sequence[str], *, entry_point
 # Rewards
 
 
-def apps_call_tests(input_output: str) -> str | None:
-    """Test source for an APPS call-based problem (`input_output` JSON with `fn_name`), judged as
-    the APPS harness does: the function (or `Solution().<fn_name>` when the program defines a
-    `Solution` class) is called with each input list; a tuple result counts as a list; the result
-    must equal the expected output or, when that is a non-empty list, its first element. None for
-    standard-input problems (no `fn_name`), which this reward does not run."""
-    try:
-        io = json.loads(input_output)
-    except (TypeError, ValueError):
-        return None
-    if not isinstance(io, dict) or not str(io.get("fn_name", "")).isidentifier():
-        return None
-    name = io["fn_name"]
-    return f"""
-import json as _apps_json
-_apps_io = _apps_json.loads({input_output!r})
-_apps_fn = Solution().{name} if isinstance(globals().get("Solution"), type) else {name}
-for _apps_case, (_apps_in, _apps_out) in enumerate(zip(_apps_io["inputs"], _apps_io["outputs"])):
-    if _apps_in and isinstance(_apps_in[0], dict):  # JSON made the dict keys strings
-        try:
-            _apps_in = [{{int(k): v for k, v in _apps_in[0].items()}}] + list(_apps_in[1:])
-        except ValueError:
-            pass
-    _apps_got = _apps_fn(*_apps_in)
-    if isinstance(_apps_got, tuple):
-        _apps_got = list(_apps_got)
-    _apps_ok = _apps_got == _apps_out or (isinstance(_apps_out, list) and len(_apps_out) > 0
-                                          and _apps_got == _apps_out[0])
-    assert _apps_ok, f"case {{_apps_case}}: got {{_apps_got!r:.200}}, expected {{_apps_out!r:.200}}"
-"""
-
-
 def _tests_of(example: dict) -> str | None:
-    """The test source of a row: its `tests`, else tests made from APPS's `input_output`; None
-    when it has neither (the reward is NaN: a program is never judged against no tests)."""
+    """The test source of a row (`tests`, a string or a list of lines), or None when it has none."""
     tests = example.get("tests")
     if isinstance(tests, (list, tuple)):
         tests = "\n".join(str(t) for t in tests)
     if tests is not None and str(tests).strip():
         return str(tests)
-    if example.get("input_output"):
-        return apps_call_tests(str(example["input_output"]))
     return None
+
+
+def _apps_io_of(example: dict) -> str | None:
+    """APPS's `input_output` of a row without `tests` when it describes tests, else None."""
+    io = example.get("input_output")
+    if _tests_of(example) is not None or not io:
+        return None
+    try:
+        apps_test_shape(io)
+    except ValueError:
+        return None
+    return io if isinstance(io, str) else json.dumps(io)
 
 
 def _program_of(completion: str, example: dict) -> str:
@@ -686,47 +756,65 @@ def _program_of(completion: str, example: dict) -> str:
 
 
 PENALIZED_STATUSES = ("runtime_error", "timeout", "killed")
+# The reference's test on the first error message (lower-cased) that keeps a crash at 0 reward.
+SYNTAX_ERROR_WORDS = ("syntax", "indentation")
 
 
 def code_reward_value(result: CodeResult, penalized: Sequence[str] = PENALIZED_STATUSES) -> float:
     """1 if every test passed, -0.05 for an execution error that is not a syntax error, else 0.
 
-    As in the reference APPS reward, where a timeout or a worker that dies without a result counts
-    as a runtime error, the default `penalized` statuses are `runtime_error`, `timeout` and
-    `killed`; a wrong answer (`failed`) and a `syntax_error` give 0.
+    As the reference's APPS reward (chinsengi/dUltra-os diffu_grpo/reward_func.py
+    `apps_reward_func`): a timeout or a worker that dies without a result counts as a runtime error
+    (the default `penalized` statuses are `runtime_error`, `timeout` and `killed`), and such an
+    error is not penalised when its message mentions a syntax or indentation error (e.g. a
+    `SyntaxError` raised by `eval` at run time); a wrong answer (`failed`) and a program that does
+    not compile (`syntax_error`) give 0.
     """
     if result.passed:
         return 1.0
-    if result.status in penalized:
+    if result.status in penalized and not any(w in result.error.lower() for w in SYNTAX_ERROR_WORDS):
         return -0.05
     return 0.0
 
 
 def code_correct_values(completions: Sequence[str], examples: Sequence[dict], *, timeout_s: float = 10.0,
-                        max_workers: int | None = None, penalized: Sequence[str] = PENALIZED_STATUSES,
-                        **sandbox_kwargs) -> np.ndarray:
+                        apps_case_timeout_s: float = APPS_CASE_TIMEOUT_S, max_workers: int | None = None,
+                        penalized: Sequence[str] = PENALIZED_STATUSES, **sandbox_kwargs) -> np.ndarray:
     """Per row: `code_reward_value` of the completion's program (`extract_program`, after the row's
-    `program_prefix`) run against its tests (`example["tests"]`, or APPS's `input_output`; and
-    `example["entry_point"]`), concurrently; NaN for rows without tests."""
-    tests = [_tests_of(ex) for ex in examples]
-    rows = [i for i, t in enumerate(tests) if t is not None]
+    `program_prefix`) run concurrently against its tests: `example["tests"]` (+ `entry_point`)
+    within `timeout_s`, or else, for APPS rows, every case of `example["input_output"]`
+    (`check_apps_program`, `apps_case_timeout_s` per case; a row without cases gives 0, as in the
+    reference). NaN for rows with neither."""
     out = np.full(len(completions), np.nan, np.float32)
-    if not rows:
-        return out
-    programs = [_program_of(completions[i], examples[i]) for i in rows]
-    results = check_programs(programs, [tests[i] for i in rows],
-                             entry_points=[examples[i].get("entry_point") for i in rows],
-                             max_workers=max_workers, timeout_s=timeout_s, **sandbox_kwargs)
-    for i, res in zip(rows, results):
-        out[i] = code_reward_value(res, penalized)
+    tests = [_tests_of(ex) for ex in examples]
+    test_rows = [i for i, t in enumerate(tests) if t is not None]
+    apps_io = [_apps_io_of(ex) for ex in examples]
+    apps_rows = [i for i, io in enumerate(apps_io) if io is not None]
+    if test_rows:
+        results = check_programs([_program_of(completions[i], examples[i]) for i in test_rows],
+                                 [tests[i] for i in test_rows],
+                                 entry_points=[examples[i].get("entry_point") for i in test_rows],
+                                 max_workers=max_workers, timeout_s=timeout_s, **sandbox_kwargs)
+        for i, res in zip(test_rows, results):
+            out[i] = code_reward_value(res, penalized)
+    if apps_rows:
+        # The reference dedents and strips the extracted code (`_prepare_candidate_code`).
+        programs = [textwrap.dedent(_program_of(completions[i], examples[i])).strip() for i in apps_rows]
+        results = check_apps_programs(programs, [apps_io[i] for i in apps_rows], max_workers=max_workers,
+                                      case_timeout_s=apps_case_timeout_s, **sandbox_kwargs)
+        for i, res in zip(apps_rows, results):
+            out[i] = code_reward_value(res, penalized)
     return out
 
 
 @register("code_correct")
-def code_correct(inputs: RewardInputs, *, timeout_s: float = 10.0, max_workers: int | None = None,
-                 penalized: Sequence[str] = PENALIZED_STATUSES, **sandbox_kwargs) -> np.ndarray:
+def code_correct(inputs: RewardInputs, *, timeout_s: float = 10.0, apps_case_timeout_s: float = APPS_CASE_TIMEOUT_S,
+                 max_workers: int | None = None, penalized: Sequence[str] = PENALIZED_STATUSES,
+                 **sandbox_kwargs) -> np.ndarray:
     """1 if all tests pass, -0.05 on an execution error that is not a syntax error (`penalized`
-    statuses, see `code_reward_value`), else 0; NaN without tests. Options: `timeout_s` (10 s),
+    statuses, see `code_reward_value`), else 0; NaN without tests. Options: `timeout_s` (10 s for
+    a row's `tests`), `apps_case_timeout_s` (10 s per APPS test case, the reference's limit),
     `max_workers`, `penalized`, and `check_program`'s limits."""
     return code_correct_values(inputs.completions, inputs.examples, timeout_s=timeout_s,
-                               max_workers=max_workers, penalized=penalized, **sandbox_kwargs)
+                               apps_case_timeout_s=apps_case_timeout_s, max_workers=max_workers,
+                               penalized=penalized, **sandbox_kwargs)

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from dultra_jax.data.tokenizer import load_tokenizer
-from dultra_jax.interop.hf_teacher import load_teacher
+from dultra_jax.hub import resolve_model_dir
+from dultra_jax.interop.hf_teacher import load_teacher, teacher_config
 from dultra_jax.models.teacher import score_jit
 from dultra_jax.rewards.registry import RewardInputs, register
 
@@ -60,15 +61,28 @@ class Teacher:
 
     @classmethod
     def from_dir(cls, path: str, *, dtype: str = "bfloat16", param_dtype: str | None = None, mesh=None,
-                 tokenizer_dir: str | None = None, **kwargs) -> "Teacher":
-        """Loads an HF Qwen2 / Llama directory (config, safetensors, tokenizer files).
+                 tokenizer_dir: str | None = None, key: str = "rewards.teacher_path", **kwargs) -> "Teacher":
+        """Loads an HF Qwen2 / Llama directory (config, safetensors, tokenizer files), or a hub id
+        of one (`hub.resolve_model_dir`; `key` names `path` in errors).
 
         `dtype` is the compute dtype (bfloat16, as the reference runs the teacher), `param_dtype`
         the storage dtype (default: `dtype`); `mesh` shards the parameters; `kwargs` set the other
         attributes.
         """
+        path = resolve_model_dir(path, key)
+        tokenizer = load_tokenizer(tokenizer_dir or path, key="tokenizer_dir" if tokenizer_dir else key)
         params, config = load_teacher(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
-        return cls(params=params, config=config, tokenizer=load_tokenizer(tokenizer_dir or path), **kwargs)
+        return cls(params=params, config=config, tokenizer=tokenizer, **kwargs)
+
+    @staticmethod
+    def check_dir(path: str, *, dtype: str = "bfloat16", tokenizer_dir: str | None = None,
+                  key: str = "rewards.teacher_path") -> str:
+        """What `from_dir` checks before reading a weight: the path resolves, its `config.json` is a
+        supported teacher and its tokenizer loads. Returns the resolved directory."""
+        path = resolve_model_dir(path, key)
+        teacher_config(path, dtype=dtype, key=key)
+        load_tokenizer(tokenizer_dir or path, key="tokenizer_dir" if tokenizer_dir else key)
+        return path
 
     # ----------------------------------------------------------------------------------------------
 

@@ -232,11 +232,13 @@ class _Worker:
         line, self._buf = self._buf.split(b"\n", 1)
         return line
 
-    def ask(self, gold: str, pred: str, timeout_s: float) -> bool | None:
-        """True/False, or None when the worker missed the deadline or died."""
+    def ask(self, gold: str, pred: str, timeout_s: float, style: str = "boxed") -> bool | str | None:
+        """True/False (or "unparsed" for `style="official"`, see `verify_official`), or None when the
+        worker missed the deadline or died."""
         inner = max(1, int(timeout_s // 3))  # math-verify's own alarm per parse / comparison
         try:
-            self.proc.stdin.write((json.dumps({"gold": gold, "pred": pred, "t": inner}) + "\n").encode())
+            request = {"gold": gold, "pred": pred, "t": inner, "style": style}
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
         except OSError:
             return None
@@ -244,7 +246,8 @@ class _Worker:
         if line is None:
             return None
         try:
-            return bool(json.loads(line)["ok"])
+            ok = json.loads(line)["ok"]
+            return ok if ok == "unparsed" else bool(ok)
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -305,13 +308,13 @@ class _VerifierPool:
                 self._alive -= 1
             self._cond.notify()
 
-    def verify(self, gold: str, pred: str, timeout_s: float) -> bool | None:
+    def verify(self, gold: str, pred: str, timeout_s: float, style: str = "boxed") -> bool | str | None:
         worker = self._acquire()
         if worker is None:
             return None
         result = None
         try:
-            result = worker.ask(gold, pred, timeout_s)
+            result = worker.ask(gold, pred, timeout_s, style)
         finally:
             self._release(worker, healthy=result is not None)
         if result is None:
@@ -373,6 +376,14 @@ def is_correct(completion: str, reference, *, timeout_s: float = DEFAULT_TIMEOUT
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
     return bool(_POOL.verify(gold, pred, timeout_s))
+
+
+def verify_official(gold: str, pred: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool | None:
+    """math-verify as the official MATH-500 scorer calls it (each side wrapped in `$...$`, its
+    default extraction): True/False when it parsed both, None when it could not parse one, timed
+    out or is not installed (the official scorer then falls back to the string comparison)."""
+    result = _POOL.verify(gold, pred, timeout_s, style="official")
+    return result if isinstance(result, bool) else None
 
 
 def check_answers(completions: Sequence[str], references: Sequence, *, timeout_s: float = DEFAULT_TIMEOUT_S,

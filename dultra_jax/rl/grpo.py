@@ -21,7 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dultra_jax.config import DecodeConfig, ModelConfig, RLConfig
+from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig, RLConfig
 from dultra_jax.decoding.action import action_log_prob
 from dultra_jax.decoding.rollout import Trajectory, canvas_before_step, evaluate_block
 from dultra_jax.models import policy
@@ -156,9 +156,41 @@ def grpo_gradients(trainable: Params, frozen: Params, reference: Params | None, 
     Returns:
       `(grads` float32 like `trainable`, `loss` scalar, `metrics)`: `clip_fraction` (clipped
       steps / steps taken) and `logp_gap` (max |rollout - replayed| step log-prob).
+
+    With `rl.update_micro_batches = n > 1` the rows are replayed in n slices (slice c: rows
+    c, c + n, c + 2n, ..., so each device keeps replaying its own rows) with the gradient
+    accumulated: every row's loss has the whole batch's denominator, so the sum over slices is
+    the one-pass gradient, with 1/n of the activations alive at a time.
     """
     rows, gen_length = trajectory.tokens.shape
     denominator = float(rows * gen_length)  # the reference divides by rows and by Lg
+    slices = rl.update_micro_batches
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+    if slices == 1:
+        grads, loss, clipped_count, gap = _accumulate(trainable, frozen, reference, trajectory, advantages, init,
+                                                      denominator, model=model, decode=decode, rl=rl)
+    else:
+        if rows % slices:
+            raise ConfigError(f"rl.update_micro_batches={slices} does not divide the update's {rows} rows")
+        # [B, ...] -> [n, B/n, ...] with slice c = rows c::n: a reshape of each device's own rows.
+        split = lambda x: jnp.swapaxes(x.reshape((rows // slices, slices) + x.shape[1:]), 0, 1)  # noqa: E731
+
+        def body(carry, part):
+            part_trajectory, part_advantages = part
+            return _accumulate(trainable, frozen, reference, part_trajectory, part_advantages, carry, denominator,
+                               model=model, decode=decode, rl=rl), None
+
+        (grads, loss, clipped_count, gap), _ = jax.lax.scan(body, init, jax.tree.map(split, (trajectory, advantages)))
+    metrics = {"clip_fraction": clipped_count / jnp.maximum(jnp.sum(trajectory.num_steps), 1), "logp_gap": gap}
+    return grads, loss, metrics
+
+
+def _accumulate(trainable: Params, frozen: Params, reference: Params | None, trajectory: Trajectory,
+                advantages: jax.Array, init, denominator: float, *, model: ModelConfig, decode: DecodeConfig,
+                rl: RLConfig):
+    """`init` (gradients, loss, clipped steps, gap) plus those of `trajectory`'s rows, one denoising
+    step at a time up to their largest NFE."""
 
     def step_loss(trainable, k, ref_logp):
         logp = replay_step_logp(policy.merge_params(trainable, frozen), trajectory, k, model, decode)
@@ -176,8 +208,4 @@ def grpo_gradients(trainable: Params, frozen: Params, reference: Params | None, 
         step_gap = jnp.max(jnp.where(taken, jnp.abs(logp - trajectory.step_logps[:, k]), 0.0))
         return grads, loss_sum + loss, clipped_count + jnp.sum(clipped), jnp.maximum(gap, step_gap)
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
-    grads, loss, clipped_count, gap = jax.lax.fori_loop(0, jnp.max(trajectory.num_steps), body, init)
-    metrics = {"clip_fraction": clipped_count / jnp.maximum(jnp.sum(trajectory.num_steps), 1), "logp_gap": gap}
-    return grads, loss, metrics
+    return jax.lax.fori_loop(0, jnp.max(trajectory.num_steps), body, init)

@@ -19,6 +19,7 @@ from dultra_jax.data.pipeline import make_train_iterator
 from dultra_jax.data.tasks import THINKING, get_task, load_task_records
 from dultra_jax.data.tokenizer import decode_completion, load_tokenizer, stop_token_ids
 from dultra_jax.decoding.rollout import Trajectory
+from dultra_jax.errors import DataError
 from dultra_jax.rewards.distill import Teacher
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,12 @@ def generate_records(spec: Mapping[str, Any], prefix: str = "data.generator.") -
 
 
 class TrainData:
-    """Batches of prompts for the trainer and the rewards of their completions."""
+    """Batches of prompts for the trainer and the rewards of their completions.
+
+    Construction reads the records and the tokenizer and checks the rewards (the teacher's
+    config.json and tokenizer too) without reading a weight; `load_teacher` then reads the
+    distillation teacher's weights, once the policy's are in place.
+    """
 
     def __init__(self, data: DataConfig, rewards: RewardsConfig, model: ModelConfig, decode: DecodeConfig,
                  seed: int, model_path: str | None = None):
@@ -69,12 +75,17 @@ class TrainData:
         elif data.generator:
             records = generate_records(data.generator)
         elif data.path:
-            records = load_task_records(self.task, data.path, data.split, data_dir=data.data_dir, limit=data.limit)
+            try:
+                records = load_task_records(self.task, data.path, data.split, data_dir=data.data_dir,
+                                            limit=data.limit)
+            except DataError as e:  # the message names the file (line, field); say which setting it is
+                raise DataError(f"data.path: {e}") from None
         else:
             raise ConfigError("data needs `path` (--config.data.path=FILE: a JSONL, JSON or Parquet file, a directory "
                               "of split files or tfds:NAME:SPLIT), `generator` or `examples`")
         tokenizer_dir = data.tokenizer or model_path
-        self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+        self.tokenizer = (load_tokenizer(tokenizer_dir, key="data.tokenizer" if data.tokenizer else "model.path")
+                          if tokenizer_dir else None)
         if self.tokenizer is None and not all("prompt_ids" in r for r in records):
             raise ConfigError("data: records without `prompt_ids` need a tokenizer (data.tokenizer or model.path)")
         self.stop_ids = stop_token_ids(self.tokenizer, extra=(model.eos_token_id,) + (
@@ -85,15 +96,23 @@ class TrainData:
             process_count=jax.process_count(), pad_id=model.pad_token_id)
 
         self.options = {k: dict(v) for k, v in (rewards.options or {}).items()}
-        if rewards.teacher_path:
-            teacher = Teacher.from_dir(rewards.teacher_path, dtype=rewards.teacher_dtype)
+        self.teacher_dir = self.teacher_dtype = None
+        if rewards.uses_teacher:  # checked now (config.json, tokenizer); its weights load in `load_teacher`
+            self.teacher_dir = Teacher.check_dir(rewards.teacher_path, dtype=rewards.teacher_dtype)
+            self.teacher_dtype = rewards.teacher_dtype
             self.weights["distill"] = float(rewards.teacher_weight)
-            self.options.setdefault("distill", {})["teacher"] = teacher
         unknown = sorted(set(self.weights) - set(reward_lib.REWARDS))
         if unknown:
             raise ConfigError(f"rewards.weights: unknown reward(s) {', '.join(unknown)}; "
                               f"known: {', '.join(sorted(reward_lib.REWARDS))}")
         self.accuracy_part = self.task.correctness_part
+
+    def load_teacher(self) -> None:
+        """Reads the distillation teacher's weights (when the rewards use one): after the checks of
+        `__init__` and the policy's weights, so a mistake in the data never waits for either."""
+        if self.teacher_dir is not None and "teacher" not in self.options.get("distill", {}):
+            teacher = Teacher.from_dir(self.teacher_dir, dtype=self.teacher_dtype)
+            self.options.setdefault("distill", {})["teacher"] = teacher
 
     def next_batch(self) -> dict[str, np.ndarray]:
         return next(self.iterator)

@@ -26,7 +26,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 
 from dultra_jax import evaluation
-from dultra_jax.config import ConfigError, DecodeConfig, FinalEvalConfig, from_config
+from dultra_jax.config import ConfigError, DecodeConfig, FinalEvalConfig, TrainEvalConfig, from_config
 from dultra_jax.data.tasks import load_task_records
 from dultra_jax.sharding import BATCH_AXES
 from dultra_jax.training.data_setup import generate_records
@@ -54,12 +54,12 @@ class Plan(NamedTuple):
     sweeps: dict[str, list[Point]]
 
 
-def _records(spec: FinalEvalConfig, task) -> list[dict]:
+def _records(spec: FinalEvalConfig | TrainEvalConfig, task, section: str = "final_eval") -> list[dict]:
     if spec.generator:
-        return generate_records(spec.generator, "final_eval.generator.")
+        return generate_records(spec.generator, f"{section}.generator.")
     if spec.path:
         return load_task_records(task, spec.path, spec.split, limit=spec.limit)
-    raise ConfigError("final_eval needs `generator` or `path`")
+    raise ConfigError(f"{section} needs `generator` or `path`")
 
 
 def _rule(where: str, rule: Any) -> str | None:
@@ -173,3 +173,49 @@ def compare(spec: FinalEvalConfig | Mapping[str, Any], params_by_group: Mapping[
                               f"x {len(spec.seeds)} seed(s)")
     log.info("final evaluation on %d held-out records:\n%s", len(plan.records), evaluation.format_table(results))
     return results
+
+
+# --------------------------------------------------------------------- while training
+
+
+def heldout_records(spec: TrainEvalConfig, task) -> list[dict] | None:
+    """The records of GRPO's `eval` section, read (and the rule checked) at start-up; None when
+    `eval.every` is 0."""
+    if not spec.every:
+        return None
+    if spec.rule is not None:
+        _rule("eval", spec.rule)
+    return _records(spec, task, "eval")
+
+
+def heldout_evaluator(spec: TrainEvalConfig, records: list[dict] | None, model, tokenizer, task,
+                      decode: DecodeConfig, stop_ids, workdir: str, mesh=None, reward_options=None):
+    """The `train_loop` evaluation of GRPO's `eval` section on `records` (None when there are none).
+
+    Returns `evaluate(state, step) -> {"eval_accuracy" (percent), "eval_nfe", "eval_tpf",
+    "eval_objective"}`: the current parameters decode the records with the rollout's rule and
+    knob (or `eval.rule` with its default knob) at temperature 0, scored as the final evaluation
+    scores; the samples and summary go to `WORKDIR/eval/step_N/`.
+    """
+    if records is None:
+        return None
+    rule = spec.rule or decode.rule
+    value = evaluation.effective_value(decode) if rule == decode.rule else None
+    batch_size = batch_rows(spec.batch_size, mesh)
+    log.info("held-out evaluation every %d steps: %s (%s) on %d records x %d seed(s)", spec.every, rule,
+             value if value is not None else "default knob", len(records), len(spec.seeds))
+
+    def evaluate(state, step: int) -> dict[str, float]:
+        summary = evaluation.evaluate(
+            state.params, model, tokenizer, records, task, rules_and_sweeps=[(rule, [value])], seeds=tuple(spec.seeds),
+            gen_length=decode.gen_length, block_length=decode.block_length, prompt_length=decode.prompt_length,
+            max_steps=decode.max_steps, batch_size=batch_size, temperature=0.0,
+            out_dir=os.path.join(workdir, "eval", f"step_{step}"), progress=False, mesh=mesh, stop_ids=stop_ids,
+            reward_options=reward_options, plot=False, scoring=spec.scoring)
+        row = summary["rows"][0]
+        accuracy, nfe = float(row["accuracy"]), float(row["nfe"])
+        objective = accuracy if spec.objective == "accuracy" else accuracy / max(nfe, 1e-9)
+        return {"eval_accuracy": accuracy, "eval_nfe": nfe, "eval_tpf": float(row["tpf"]),
+                "eval_objective": objective}
+
+    return evaluate

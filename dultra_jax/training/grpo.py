@@ -6,40 +6,28 @@ step function of the training scaffold (`training.loop`), then the final compari
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import optax
 
-from dultra_jax.config import ConfigError, DecodeConfig, GRPOConfig, ModelConfig, RLConfig, from_config
-from dultra_jax.decoding.rollout import Trajectory, rollout
-from dultra_jax.interop.build import build_model
-from dultra_jax.rl.grpo import compute_advantages, exact_old_logps, grpo_gradients, old_logps_need_replay
+from dultra_jax.config import ConfigError, GRPOConfig, from_config
+from dultra_jax.hub import resolve_optional
+from dultra_jax.interop.build import build_model, model_config
+from dultra_jax.rl.grpo import compute_advantages
 from dultra_jax.sharding import all_rows, check_batch, check_groups_stay_whole, global_rows, local_rows
 from dultra_jax.training import final_eval
 from dultra_jax.training.data_setup import TrainData
 from dultra_jax.training.loop import setup, train_loop
-from dultra_jax.training.state import TrainState, apply_update, learning_rate_schedule, step_key
+from dultra_jax.training.programs import grpo_programs, resolve_prompts_per_step
+from dultra_jax.training.state import TrainState, learning_rate_schedule, step_key
 
 log = logging.getLogger(__name__)
 
 PROGRESS_KEYS = ("loss", "reward_mean", "accuracy", "nfe_mean", "tokens_per_forward", "logp_gap")
-
-
-def grpo_update(state: TrainState, trajectory: Trajectory, advantages: jax.Array, *, model: ModelConfig,
-                decode: DecodeConfig, rl: RLConfig, tx: optax.GradientTransformation):
-    """One optimiser update from a batch of trajectories (`rl.grpo.grpo_gradients`).
-
-    Returns `(new_state, metrics)`: scalars `loss`, `grad_norm`, `clip_fraction`, `logp_gap` (max
-    |rollout - replayed| step log-prob), `skipped` (non-finite loss or gradient: no update).
-    """
-    grads, loss, metrics = grpo_gradients(state.trainable, state.frozen, state.reference, trajectory, advantages,
-                                          model=model, decode=decode, rl=rl)
-    new_state, grad_norm, finite = apply_update(state, grads, loss, tx)
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite, **metrics}
 
 
 def repeat_rows(batch: dict[str, np.ndarray], group_size: int) -> dict[str, np.ndarray]:
@@ -68,16 +56,21 @@ def step_metrics(num_steps: np.ndarray, gen_length: int, total: np.ndarray, part
     return row
 
 
-def _check_mesh(cfg: GRPOConfig):
+def check_prompts_per_step(cfg: GRPOConfig) -> None:
+    """`data.prompts_per_step` against the processes (before the data pipeline is built on it)."""
+    prompts = cfg.data.prompts_per_step
+    if prompts < 1 or prompts % jax.process_count():
+        raise ConfigError(f"data.prompts_per_step={prompts} must be a positive multiple of the "
+                          f"{jax.process_count()} process(es): each process rolls out whole groups")
+
+
+def check_mesh(cfg: GRPOConfig):
     """Start-up checks of the batch against the processes and the mesh."""
     prompts = cfg.data.prompts_per_step
     rows = prompts * cfg.rl.group_size
     rows_name = f"batch rows = data.prompts_per_step ({prompts}) * rl.group_size ({cfg.rl.group_size})"
 
     def check(mesh) -> None:
-        if prompts < 1 or prompts % jax.process_count():
-            raise ConfigError(f"data.prompts_per_step={prompts} must be a positive multiple of the "
-                              f"{jax.process_count()} process(es): each process rolls out whole groups")
         check_batch(rows_name, rows, mesh)
         check_groups_stay_whole(rows_name, rows, cfg.rl.group_size, mesh)
         if cfg.final_eval is not None:  # at start-up, not after training
@@ -86,28 +79,52 @@ def _check_mesh(cfg: GRPOConfig):
     return check
 
 
+def resolve_model_paths(cfg: GRPOConfig) -> tuple[GRPOConfig, dict[str, dict[str, str]]]:
+    """`cfg` with its model paths (`model.path`, `data.tokenizer`, `rewards.teacher_path`) as local
+    directories (`hub.resolve_model_dir`: a hub id becomes its cached snapshot), and
+    `{key: {"id", "dir"}}` for each hub id among them (what checkpoints record)."""
+    given = {"model.path": cfg.model.get("path"), "data.tokenizer": cfg.data.tokenizer,
+             "rewards.teacher_path": cfg.rewards.teacher_path if cfg.rewards.uses_teacher else None}
+    resolved = {key: resolve_optional(path, key) for key, path in given.items()}
+    sources = {key: {"id": given[key], "dir": resolved[key]} for key in given if resolved[key] != given[key]}
+    cfg = dataclasses.replace(
+        cfg, model={**cfg.model, **({"path": resolved["model.path"]} if given["model.path"] else {})},
+        data=dataclasses.replace(cfg.data, tokenizer=resolved["data.tokenizer"]),
+        rewards=dataclasses.replace(cfg.rewards, teacher_path=resolved["rewards.teacher_path"] or
+                                    cfg.rewards.teacher_path))
+    return cfg, sources
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Runs (or resumes) GRPO training in `workdir`; returns this run's metric rows."""
-    cfg = from_config(GRPOConfig, config)
-    run = setup(config, workdir, model_section=cfg.model, mesh=cfg.mesh, optim=cfg.optim,
-                total_steps=cfg.total_steps, seed=cfg.seed, updates_per_step=cfg.rl.num_iterations,
-                keep_reference=cfg.rl.beta > 0, check_mesh=_check_mesh(cfg))
-    mesh, model, decode = run.mesh, run.model, cfg.decode
+    # Everything a user can get wrong is checked before a weight is read: the config, the model's
+    # config.json, the records, the tokenizer and the rewards (the teacher's config and tokenizer).
+    cfg = resolve_prompts_per_step(from_config(GRPOConfig, config), jax.device_count())
+    cfg, sources = resolve_model_paths(cfg)
+    check_prompts_per_step(cfg)
+    decode, model = cfg.decode, model_config(cfg.model)
     decode.check_model(model)
     data = TrainData(cfg.data, cfg.rewards, model, decode, seed=cfg.seed, model_path=cfg.model.get("path"))
     plan = final_eval.check(cfg.final_eval, data.task) if cfg.final_eval is not None else None
+    heldout = final_eval.heldout_records(cfg.eval, data.task)
+    # Then the policy's weights, then the teacher's.
+    run = setup(config, workdir, model_section=cfg.model, mesh=cfg.mesh, optim=cfg.optim,
+                total_steps=cfg.total_steps, seed=cfg.seed, updates_per_step=cfg.rl.num_iterations,
+                keep_reference=cfg.rl.beta > 0, check_mesh=check_mesh(cfg))
+    if sources:  # each checkpoint records which snapshot a hub id named
+        run = dataclasses.replace(run, config_json={**run.config_json, "sources": sources})
+    mesh, model = run.mesh, run.model
+    data.load_teacher()
 
-    update = jax.jit(lambda s, t, a: grpo_update(s, t, a, model=model, decode=decode, rl=cfg.rl, tx=run.tx),
-                     out_shardings=(run.shardings, None), donate_argnums=(0,))
-    old_logps = (jax.jit(lambda p, t: exact_old_logps(p, t, model, decode))
-                 if old_logps_need_replay(decode, cfg.rl.num_iterations) else None)
+    programs = grpo_programs(run.programs, decode, cfg.rl)
+    update, old_logps = programs.update, programs.old_logps
     schedule = learning_rate_schedule(cfg.optim, cfg.total_steps)  # per training step, for the log
 
     def step_fn(state: TrainState, step: int):
         # Each process holds its own rows (whole groups); arrays are assembled globally.
         batch = repeat_rows(data.next_batch(), cfg.rl.group_size)
-        trajectory = rollout(state.params, global_rows(batch["prompt_tokens"], mesh),
-                             global_rows(batch["prompt_valid"], mesh), step_key(state), decode, model)
+        trajectory = programs.rollout(state.params, global_rows(batch["prompt_tokens"], mesh),
+                                      global_rows(batch["prompt_valid"], mesh), step_key(state))
         cache_gap = None
         if old_logps is not None:
             trajectory, cache_gap = old_logps(state.params, trajectory)
@@ -125,8 +142,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             metrics["logp_gap"] = float(cache_gap)
         return state, metrics
 
+    evaluate = final_eval.heldout_evaluator(cfg.eval, heldout, model, data.tokenizer, data.task, decode,
+                                            data.stop_ids, workdir, mesh=mesh, reward_options=data.options)
     state, history = train_loop(run, step_fn, total_steps=cfg.total_steps, checkpoint=cfg.checkpoint, name="train",
-                                progress_keys=PROGRESS_KEYS, data=data)
+                                progress_keys=PROGRESS_KEYS, data=data, evaluate=evaluate,
+                                evaluate_every=cfg.eval.every, keep_best="eval_objective" if evaluate else None)
     if cfg.final_eval is not None:
         initial, _ = build_model(cfg.model, mesh=mesh, seed=cfg.seed)
         final_eval.compare(cfg.final_eval, {"initial": initial, "trained": state.params}, model, data.tokenizer,

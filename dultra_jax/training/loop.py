@@ -16,7 +16,9 @@ group, the optimiser state, the step, the rng and the data iterator), logging of
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, Mapping, Protocol
@@ -32,7 +34,8 @@ from dultra_jax.config import CheckpointConfig, MeshConfig, ModelConfig, OptimCo
 from dultra_jax.metrics import MetricsWriter, mean_metrics
 from dultra_jax.interop.build import build_model
 from dultra_jax.sharding import check_same_on_all_processes, describe, make_mesh
-from dultra_jax.training.state import TrainState, checkpointed, create_state, make_optimizer, state_shardings
+from dultra_jax.training.programs import StatePrograms, state_programs
+from dultra_jax.training.state import TrainState, checkpointed
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ class Run:
       workdir: the run directory; mesh: the device mesh; model: the model's static config.
       tx: the optimiser; state: the initial train state, sharded; shardings: the state's shardings
         (for the trainer's jitted step); config_json: what each checkpoint saves beside the state.
+      programs: the state's programs (`training.programs`), which the trainer's programs build on.
     """
 
     workdir: str
@@ -64,6 +68,7 @@ class Run:
     state: TrainState
     shardings: TrainState
     config_json: dict
+    programs: StatePrograms
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, *, model_section: Mapping[str, Any], mesh: MeshConfig,
@@ -85,12 +90,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, model_section: Map
     if check_mesh is not None:
         check_mesh(device_mesh)
     params, model = build_model(model_section, mesh=device_mesh, seed=seed)
-    tx = make_optimizer(optim, total_steps, updates_per_step=updates_per_step)
-    make_state = lambda p: create_state(p, tx, optim.train, seed, keep_reference)  # noqa: E731
-    shardings = state_shardings(jax.eval_shape(make_state, params), tx, device_mesh)
-    state = jax.jit(make_state, out_shardings=shardings)(params)
+    programs = state_programs(model, device_mesh, optim, total_steps=total_steps, seed=seed,
+                              updates_per_step=updates_per_step, keep_reference=keep_reference, params_shape=params)
+    state = programs.init(params)
     config_json = {"config": config.to_dict(), "model": model_config_to_dict(model)}
-    return Run(workdir, device_mesh, model, tx, state, shardings, config_json)
+    return Run(workdir, device_mesh, model, programs.tx, state, programs.shardings, config_json, programs)
 
 
 def itstime(step: int, every: int, total_steps: int | None = None) -> bool:
@@ -117,10 +121,39 @@ def progress_line(name: str, step: int, total_steps: int, row: Mapping[str, Any]
     return f"{name} step {step}/{total_steps}: {metrics} | {timing}"
 
 
+BEST_DIR = "best"          # in a workdir: the checkpoint(s) of the best evaluation so far
+BEST_FILE = "best.json"    # ... and which step it is: {"step", "metric", "value", "checkpoint"}
+
+
+def read_best(workdir: str) -> dict | None:
+    """`WORKDIR/best.json` (None when no evaluation has been kept)."""
+    path = os.path.join(workdir, BEST_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _keep_best(run: Run, state: TrainState, step: int, metric: str, value: float) -> None:
+    """Saves `state` under `WORKDIR/best/` (the two latest bests are kept, so the step that
+    `best.json` names always exists, also after a kill between the two writes), then names it."""
+    keeper = ckpt_lib.Checkpointer(os.path.join(run.workdir, BEST_DIR), keep=2, async_save=False)
+    try:
+        keeper.save(step, checkpointed(state), None, run.config_json)
+    finally:
+        keeper.close()
+    if jax.process_index() == 0:
+        path = os.path.join(run.workdir, BEST_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"step": step, "metric": metric, "value": value,
+                       "checkpoint": os.path.join(BEST_DIR, str(step))}, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
 def train_loop(run: Run, step_fn: StepFn, *, total_steps: int, checkpoint: CheckpointConfig, name: str,
                log_every: int = 1, progress_keys: tuple[str, ...] = ("loss",), data: DataState | None = None,
-               evaluate: Callable[[TrainState], dict[str, float]] | None = None,
-               evaluate_every: int = 0) -> tuple[TrainState, list[dict]]:
+               evaluate: Callable[[TrainState, int], dict[str, float]] | None = None,
+               evaluate_every: int = 0, keep_best: str | None = None) -> tuple[TrainState, list[dict]]:
     """Runs (or resumes) `step_fn` from the latest checkpoint of `run.workdir` to `total_steps`.
 
     Args:
@@ -131,8 +164,11 @@ def train_loop(run: Run, step_fn: StepFn, *, total_steps: int, checkpoint: Check
       progress_keys: the metrics the progress line shows.
       data: a data source whose state is checkpointed and restored (None: the data is a pure
         function of the step).
-      evaluate: scalars joined to the logged row every `evaluate_every` steps (not after the last:
-        the trainer evaluates its final state itself).
+      evaluate: `(state, step) -> scalars` joined to the logged row every `evaluate_every` steps
+        (a multiple of `log_every`; not after the last step, which the trainer evaluates itself,
+        unless `keep_best` is set).
+      keep_best: a key of the evaluation's scalars; the state with its highest value so far is
+        saved under `WORKDIR/best/` and named in `WORKDIR/best.json` (read back on resume).
     Returns:
       `(final state, this run's logged rows)`.
     """
@@ -147,6 +183,8 @@ def train_loop(run: Run, step_fn: StepFn, *, total_steps: int, checkpoint: Check
         if data is not None:
             data.set_state(data_state)
         log.info("%s: resumed from step %d in %s", name, start, checkpointer.directory)
+    best = read_best(run.workdir) if keep_best is not None else None
+    best_value = best["value"] if best is not None and best["step"] <= start else -math.inf
     writer = MetricsWriter(run.workdir, start)
     history, pending = [], []
     last = time.perf_counter()
@@ -161,8 +199,14 @@ def train_loop(run: Run, step_fn: StepFn, *, total_steps: int, checkpoint: Check
                 now = time.perf_counter()
                 row["step_time_s"] = (now - last) / len(pending)
                 pending = []
-                if evaluate is not None and itstime(done, evaluate_every) and done != total_steps:
-                    row.update(evaluate(state))
+                if (evaluate is not None and itstime(done, evaluate_every)
+                        and (done != total_steps or keep_best is not None)):
+                    row.update(evaluate(state, done))
+                    if keep_best is not None and row[keep_best] > best_value:
+                        best_value = row[keep_best]
+                        _keep_best(run, state, done, keep_best, best_value)
+                        log.info("%s: step %d is the best so far (%s %.4g), kept in %s", name, done, keep_best,
+                                 best_value, os.path.join(run.workdir, BEST_DIR))
                 writer.write(row)
                 history.append(row)
                 log.log(logging.INFO if writer.enabled else logging.DEBUG,  # results: process 0 only

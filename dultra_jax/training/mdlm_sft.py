@@ -11,14 +11,15 @@ included) and average over rows. The EOS padding is part of the answer, so the m
 fill the tail of a generation with EOS.
 
 `pretrain(config, workdir)` is the whole job (`launch/pretrain.py` parses flags and calls it):
-fixed-shape batches from a deterministic, resumable shuffle of the task's training examples
-(`data.sft`), a jitted, sharded, donated AdamW step run by the training scaffold
+fixed-shape batches from a deterministic, resumable shuffle of a generator task's training
+examples (`data.sft`) or of chat records (`data.chat`: `[prompt | response | EOS fill]` rows, the
+prompt never masked), a jitted, sharded, donated AdamW step run by the training scaffold
 (`training.loop`), an HF export of the backbone with the task's tokenizer files, and a held-out
-accuracy check with `low_confidence` decoding (`training.sft`). The config is
+accuracy check with `low_confidence` decoding for generator tasks (`training.sft`). The config is
 `config.PretrainConfig` (`configs/demo_pretrain.py`: `model.planner` None, `optim.train` "all").
 
 Outputs in `workdir`: `checkpoints/`, `metrics.jsonl`, `tensorboard/`, `pretrain_eval.json`,
-`tokenizer/` (the task's tokenizer files, written at start-up so that a mid-run checkpoint is a
+`tokenizer/` (the run's tokenizer files, written at start-up so that a mid-run checkpoint is a
 complete model source for export and evaluation), and the HF directory.
 """
 
@@ -29,7 +30,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,8 @@ import optax
 from jax.experimental import multihost_utils
 
 from dultra_jax.config import MASK_EPS, ModelConfig, PretrainConfig, from_config
-from dultra_jax.data.sft import SFTTask, get_sft_task
+from dultra_jax.data.sft import get_sft_task
+from dultra_jax.interop.build import model_config
 from dultra_jax.models import policy
 from dultra_jax.training import sft
 from dultra_jax.training.loop import setup, train_loop
@@ -109,45 +111,65 @@ def mdlm_update(state: TrainState, batch: Batch, *, model: ModelConfig, tx: opta
     return apply_gradients(state, loss_fn, tx)
 
 
-def save_workdir_tokenizer(task: SFTTask, workdir: str) -> str:
-    """Writes the task's tokenizer files to `workdir/tokenizer` (process 0, renamed into place when
-    complete; kept when present, so a resume leaves it alone) and returns that path. Every process
-    waits until it is there."""
+def save_workdir_tokenizer(save: Callable[[str], Any], workdir: str) -> str:
+    """Writes the run's tokenizer files (`save(directory)`) to `workdir/tokenizer` (process 0,
+    renamed into place when complete; kept when present, so a resume leaves it alone) and returns
+    that path. Every process waits until it is there."""
     directory = os.path.join(workdir, TOKENIZER_DIR)
     if jax.process_index() == 0 and not os.path.isdir(directory):
         tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=workdir)
-        task.save_tokenizer(tmp)
+        save(tmp)
         os.replace(tmp, directory)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"tokenizer {os.path.abspath(directory)}")
     return directory
 
 
+ROW_KEYS = ("tokens", "valid", "response")
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) masked-diffusion SFT of a LLaDA backbone in `workdir`, exports it as an
-    HF directory with the task's tokenizer, and scores held-out decoding.
+    HF directory with the run's tokenizer, and scores held-out decoding (generator tasks).
+
+    The data is a generator task's rows or chat records (`data.task="chat"`, read and checked
+    before the weights load; their stream position is checkpointed with the state).
 
     Returns `{"history": metric rows, "export_dir": path, "eval": [per-rule results],
     "train_time_s": seconds}`.
     """
     cfg = from_config(PretrainConfig, config)
-    task = get_sft_task(cfg.data.task)
-    cfg = dataclasses.replace(cfg, data=sft.with_task_defaults(cfg.data, task))
+    chat, task = None, None
+    if cfg.data.is_chat:  # the data, tokenizer and row widths are checked before any weight is read
+        chat = sft.open_chat_data(cfg.data, cfg.model.get("path"))
+        sft.chat_encoder(chat, cfg.data, model_config(cfg.model))
+    else:
+        task = get_sft_task(cfg.data.task)
+        cfg = dataclasses.replace(cfg, data=sft.with_task_defaults(cfg.data, task))
     run = setup(config, workdir, model_section=cfg.model, mesh=cfg.mesh, optim=cfg.optim,
                 total_steps=cfg.total_steps, seed=cfg.seed, check_mesh=sft.check_batch_size(cfg.data))
     model = run.model
-    task.check_model(model)
-    sft.check_row_widths(cfg.data, task, model)
-    tokenizer_dir = save_workdir_tokenizer(task, workdir)
-    data = sft.training_rows(task, cfg.data, model, cfg.seed)
-    log.info("pretrain: %d %s examples, batch %d, %d steps (%.1f epochs)", data.size, task.name, data.batch_size,
-             cfg.total_steps, cfg.total_steps * data.batch_size / data.size)
     update = sft.jit_batch_update(lambda s, b: mdlm_update(s, b, model=model, tx=run.tx, eps=cfg.mask_eps), run)
+    if chat is not None:
+        data = sft.chat_batches(chat, cfg.data, model, cfg.seed)
+        step_fn, stream = sft.stream_step(update, data, run, ROW_KEYS), data
+        tokenizer_dir = save_workdir_tokenizer(chat.tokenizer.save_pretrained, workdir)
+        log.info("pretrain: %d chat records, rows of %d tokens, batch %d, %d steps (%.2f epochs)", data.size,
+                 cfg.data.sequence_length, data.batch_size, cfg.total_steps,
+                 cfg.total_steps * data.batch_size / data.size)
+    else:
+        task.check_model(model)
+        sft.check_row_widths(cfg.data, task, model)
+        tokenizer_dir = save_workdir_tokenizer(task.save_tokenizer, workdir)
+        data = sft.training_rows(task, cfg.data, model, cfg.seed)
+        step_fn, stream = sft.batch_step(update, data, run), None
+        log.info("pretrain: %d %s examples, batch %d, %d steps (%.1f epochs)", data.size, task.name,
+                 data.batch_size, cfg.total_steps, cfg.total_steps * data.batch_size / data.size)
 
     began = time.perf_counter()
-    state, history = train_loop(run, sft.batch_step(update, data, run), total_steps=cfg.total_steps,
-                                checkpoint=cfg.checkpoint, name="pretrain", log_every=cfg.log_every,
-                                progress_keys=("loss", "masked_ce", "masked_accuracy"),
+    state, history = train_loop(run, step_fn, total_steps=cfg.total_steps, checkpoint=cfg.checkpoint,
+                                name="pretrain", log_every=cfg.log_every,
+                                progress_keys=("loss", "masked_ce", "masked_accuracy"), data=stream,
                                 evaluate=sft.periodic_decode_eval(model, task, cfg, run.mesh),
                                 evaluate_every=cfg.eval.every)
     train_time = time.perf_counter() - began
@@ -157,5 +179,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results = sft.run_decode_eval(state.params, model, task, cfg, run.mesh, "pretrain")
     summary = {"steps": cfg.total_steps, "train_time_s": train_time, "export_dir": export_dir,
                "final_loss": history[-1]["loss"] if history else None, "eval": results}
+    if chat is not None:
+        summary["rows_truncated"] = data.encoder.num_truncated
+        summary["rows_encoded"] = data.encoder.num_encoded
     sft.write_json(os.path.join(workdir, "pretrain_eval.json"), summary)
     return {"history": history, "export_dir": export_dir, "eval": results, "train_time_s": train_time}

@@ -54,6 +54,8 @@ from flax import struct
 from dultra_jax.config import CORRUPTIONS, ConfigError, DecodeConfig, ModelConfig, PlannerInitConfig, from_config
 from dultra_jax.data.sft import SFTTask, get_sft_task
 from dultra_jax.decoding import rules
+from dultra_jax.hub import resolve_model_dir
+from dultra_jax.interop.build import model_config
 from dultra_jax.models import policy
 from dultra_jax.sharding import global_batch
 from dultra_jax.training import sft
@@ -123,22 +125,31 @@ def corrupt_block(tokens: jax.Array, rng: jax.Array, *, prompt_length: int, bloc
 
 
 def span_canvas(tokens: jax.Array, ends: jax.Array, t: jax.Array, scores: jax.Array, *, prompt_length: int,
-                block_length: int, mask_id: int):
+                block_length: int, mask_id: int, starts: jax.Array | None = None):
     """The reference's corruption (`dLLMDataCollator`, `mask_type="random"`) from given draws.
 
     Args:
       tokens: `[B, L]` clean rows `[prompt (Lp) | response (Lr)]`.
-      ends: `[B, 2]` int positions drawn in `[Lp, L - 1)`; sorted, they give the span
+      ends: `[B, 2]` int positions drawn in `[start, L - 1)`; sorted, they give the span
         `[b0, b1)` with `b0 = min(lo, L - block_length)` and `b1 = max(hi, b0 + block_length)`.
       t: `[B]` in `[0, 1)`: `n = max(1, ceil(t * (b1 - b0)))` of the span's positions are masked,
-        those with the smallest `scores` `[B, Lr]` (uniform draws over the response positions).
+        those with the smallest `scores` `[B, L - Lp]` (uniform draws over the positions from Lp on).
+      starts: `[B]` int, each row's first response position (chat rows, whose prompts differ in
+        width; `Lp` is then 0); None: every row's response starts at `Lp`. The span never starts
+        before it (the reference's `min(lo, L - 32)` could reach into a long prompt), and a row
+        with at most 2 response positions gets no span, as the reference skips it.
     Returns:
-      `(canvas [B, L], positions [B, Lr]` (the response), `candidates [B, Lr]` bool,
-      `in_block [B, L]` bool); every position from `b1` on is masked too, and is no candidate.
+      `(canvas [B, L], positions [B, L - Lp]`, `candidates [B, L - Lp]` bool, `in_block [B, L]`
+      bool); every position from `b1` on is masked too, and is no candidate.
     """
     batch, length = tokens.shape
     b0 = jnp.minimum(jnp.min(ends, axis=-1), length - block_length)
+    if starts is not None:
+        b0 = jnp.maximum(b0, starts)
     b1 = jnp.maximum(jnp.max(ends, axis=-1), b0 + block_length)
+    if starts is not None:
+        b1 = jnp.where(length - starts <= 2, length, b1)  # no span, nothing masked
+        b0 = jnp.where(length - starts <= 2, length, b0)
     n = jnp.maximum(1, jnp.ceil(t * (b1 - b0))).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(prompt_length, length, dtype=jnp.int32), (batch, length - prompt_length))
     in_span = (positions >= b0[:, None]) & (positions < b1[:, None])
@@ -149,16 +160,19 @@ def span_canvas(tokens: jax.Array, ends: jax.Array, t: jax.Array, scores: jax.Ar
     return jnp.where(is_masked, mask_id, tokens), positions, candidates, in_block
 
 
-def corrupt_span(tokens: jax.Array, rng: jax.Array, *, prompt_length: int, block_length: int, mask_id: int):
-    """`span_canvas` with the reference's random draws: two positions uniform in `[Lp, L - 1)`,
-    `t ~ U(0, 1)`, and a uniformly random choice of the masked positions."""
+def corrupt_span(tokens: jax.Array, rng: jax.Array, *, prompt_length: int, block_length: int, mask_id: int,
+                 starts: jax.Array | None = None):
+    """`span_canvas` with the reference's random draws: two positions uniform in `[start, L - 1)`
+    (`start` = `starts` per row, else `Lp`), `t ~ U(0, 1)`, and a uniformly random choice of the
+    masked positions."""
     batch, length = tokens.shape
     e_key, t_key, u_key = jax.random.split(rng, 3)
-    ends = jax.random.randint(e_key, (batch, 2), prompt_length, length - 1)
+    low = prompt_length if starts is None else jnp.minimum(starts, length - 2)[:, None]
+    ends = jax.random.randint(e_key, (batch, 2), low, length - 1)
     t = jax.random.uniform(t_key, (batch,), jnp.float32)
     scores = jax.random.uniform(u_key, (batch, length - prompt_length))
     return span_canvas(tokens, ends, t, scores, prompt_length=prompt_length, block_length=block_length,
-                       mask_id=mask_id)
+                       mask_id=mask_id, starts=starts)
 
 
 def factor_targets(token_logits: jax.Array, candidates: jax.Array, decode: DecodeConfig):
@@ -185,11 +199,17 @@ def planner_example(params: Params, batch: dict[str, jax.Array], rng: jax.Array,
 
     `decode` fixes `prompt_length`, `gen_length`, `block_length` and the factor (`rule="factor"`);
     `corruption` is `"span"` (`corrupt_span`, the reference) or `"aligned"` (`corrupt_block`).
+    Chat rows carry `batch["prompt_length"]` `[B]` (each prompt's width): their spans start after
+    it, every position is a possible candidate, and only `decode`'s block length and factor count.
     Only the backbone of `params` is read (any planner entry is ignored), under `stop_gradient`:
     nothing here is differentiated.
     """
     backbone = jax.lax.stop_gradient({k: v for k, v in params.items() if k != policy.PLANNER_KEY})
-    if corruption == "span":
+    if "prompt_length" in batch:
+        canvas, positions, candidates, in_block = corrupt_span(
+            batch["tokens"], rng, prompt_length=0, block_length=decode.block_length, mask_id=model.mask_token_id,
+            starts=batch["prompt_length"])
+    elif corruption == "span":
         canvas, positions, candidates, in_block = corrupt_span(
             batch["tokens"], rng, prompt_length=decode.prompt_length, block_length=decode.block_length,
             mask_id=model.mask_token_id)
@@ -266,66 +286,105 @@ def planner_eval(params: Params, batch: dict[str, jax.Array], rng: jax.Array, *,
     return {"loss": loss, "pos_weight": pos_weight, **agreement(z, example.targets, example.candidates)}
 
 
-def heldout_agreement(params: Params, model: ModelConfig, task: SFTTask, cfg: PlannerInitConfig,
+def heldout_agreement(params: Params, model: ModelConfig, heldout: sft.SFTData | None, cfg: PlannerInitConfig,
                       decode: DecodeConfig, mesh) -> dict[str, float] | None:
-    """Mean loss and agreement over `eval.agreement_batches` batches of the eval split."""
-    batches = cfg.eval.agreement_batches
-    if batches <= 0:
+    """Mean loss and agreement over the batches of `heldout` (None: not measured)."""
+    if heldout is None:
         return None
-    section = dataclasses.replace(cfg.data, split=cfg.eval.split, start=cfg.eval.start,
-                                  num_examples=batches * cfg.data.batch_size)
-    data = sft.training_rows(task, section, model, cfg.seed, keys=("tokens", "valid"))
     evaluate = jax.jit(lambda p, b, k: planner_eval(p, b, k, model=model, decode=decode,
                                                     corruption=cfg.data.corruption))
     key = jax.random.key(cfg.seed + 1)
-    metrics = [evaluate(params, global_batch(data.local_batch(j), mesh), jax.random.fold_in(key, j))
-               for j in range(batches)]
+    metrics = [evaluate(params, global_batch(heldout.local_batch(j), mesh), jax.random.fold_in(key, j))
+               for j in range(heldout.size // heldout.batch_size)]
     host = jax.device_get(metrics)
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+ROW_KEYS = ("tokens", "valid")
+CHAT_ROW_KEYS = ("tokens", "valid", "prompt_length")
+
+
+def _heldout_rows(cfg: PlannerInitConfig, model: ModelConfig, task: SFTTask | None,
+                  chat: sft.ChatSource | None) -> sft.SFTData | None:
+    """`eval.agreement_batches` batches of held-out rows (None when 0)."""
+    batches = cfg.eval.agreement_batches
+    if batches <= 0:
+        return None
+    if chat is not None:
+        return sft.chat_heldout_rows(chat, cfg, model, batches * cfg.data.batch_size, CHAT_ROW_KEYS)
+    section = dataclasses.replace(cfg.data, split=cfg.eval.split, start=cfg.eval.start,
+                                  num_examples=batches * cfg.data.batch_size)
+    return sft.training_rows(task, section, model, cfg.seed, keys=ROW_KEYS)
+
+
+def target_decode(cfg: PlannerInitConfig) -> DecodeConfig:
+    """The factor rule whose decisions the planner imitates, on the rows' canvas. Chat rows have
+    no fixed prompt width: their canvas here is one block after a one-token prompt, of which
+    only the block length (the shortest span) and the factor are read."""
+    if cfg.data.is_chat:
+        return DecodeConfig(rule="factor", prompt_length=1, gen_length=cfg.data.block_length,
+                            block_length=cfg.data.block_length, temperature=0.0, factor=cfg.factor)
+    return DecodeConfig(rule="factor", prompt_length=cfg.data.prompt_length, gen_length=cfg.data.response_length,
+                        block_length=cfg.data.block_length, temperature=0.0, factor=cfg.factor)
 
 
 def init_planner(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) planner initialisation in `workdir` and exports an HF directory with the
     planner.
 
+    The data is a generator task's rows or chat records (`data.task="chat"`, read and checked
+    before the weights load; their stream position is checkpointed with the state).
+
     Returns `{"history", "export_dir", "agreement" (held-out), "eval" (decoding), "train_time_s"}`.
     """
     cfg = from_config(PlannerInitConfig, config)
-    task = get_sft_task(cfg.data.task)
-    cfg = dataclasses.replace(cfg, data=sft.with_task_defaults(cfg.data, task))
-    if cfg.data.response_length % cfg.data.block_length:
-        raise ConfigError(f"data.response_length={cfg.data.response_length} is not a multiple of "
-                          f"data.block_length={cfg.data.block_length}")
-    base_dir = cfg.model["path"]
+    base_dir = resolve_model_dir(cfg.model["path"], "model.path")
+    chat, task = None, None
+    if cfg.data.is_chat:  # the data, tokenizer and row widths are checked before any weight is read
+        chat = sft.open_chat_data(cfg.data, base_dir)
+        sft.chat_encoder(chat, cfg.data, model_config(cfg.model))
+    else:
+        task = get_sft_task(cfg.data.task)
+        cfg = dataclasses.replace(cfg, data=sft.with_task_defaults(cfg.data, task))
+        if cfg.data.response_length % cfg.data.block_length:
+            raise ConfigError(f"data.response_length={cfg.data.response_length} is not a multiple of "
+                              f"data.block_length={cfg.data.block_length}")
     run = setup(config, workdir, model_section=cfg.model, mesh=cfg.mesh, optim=cfg.optim,
                 total_steps=cfg.total_steps, seed=cfg.seed, check_mesh=sft.check_batch_size(cfg.data))
     model = run.model
-    task.check_model(model)
-    decode = DecodeConfig(rule="factor", prompt_length=cfg.data.prompt_length, gen_length=cfg.data.response_length,
-                          block_length=cfg.data.block_length, temperature=0.0, factor=cfg.factor)
+    decode = target_decode(cfg)
     decode.check_model(model)
-    data = sft.training_rows(task, cfg.data, model, cfg.seed, keys=("tokens", "valid"))
-    log.info("init_planner: base %s, %d %s examples, batch %d, %d steps", base_dir, data.size, task.name,
-             data.batch_size, cfg.total_steps)
     update = sft.jit_batch_update(lambda s, b: planner_update(s, b, model=model, decode=decode, tx=run.tx,
                                                               corruption=cfg.data.corruption), run)
+    if chat is not None:
+        data = sft.chat_batches(chat, cfg.data, model, cfg.seed)
+        step_fn, stream = sft.stream_step(update, data, run, CHAT_ROW_KEYS), data
+        described = f"{data.size} chat records in rows of {cfg.data.sequence_length} tokens"
+    else:
+        task.check_model(model)
+        data = sft.training_rows(task, cfg.data, model, cfg.seed, keys=ROW_KEYS)
+        step_fn, stream = sft.batch_step(update, data, run), None
+        described = f"{data.size} {task.name} examples"
+    heldout = _heldout_rows(cfg, model, task, chat)  # read before training: a bad eval file fails now
+    log.info("init_planner: base %s, %s, batch %d, %d steps", base_dir, described, data.batch_size, cfg.total_steps)
 
     began = time.perf_counter()
-    state, history = train_loop(run, sft.batch_step(update, data, run), total_steps=cfg.total_steps,
-                                checkpoint=cfg.checkpoint, name="init_planner", log_every=cfg.log_every,
-                                progress_keys=("loss", "accuracy", "precision", "recall"))
+    state, history = train_loop(run, step_fn, total_steps=cfg.total_steps, checkpoint=cfg.checkpoint,
+                                name="init_planner", log_every=cfg.log_every,
+                                progress_keys=("loss", "accuracy", "precision", "recall"), data=stream)
     train_time = time.perf_counter() - began
 
     params = state.params
-    export_dir = sft.export(params, model, cfg, workdir, base_dir)
+    export_dir = sft.export(params, model, cfg, workdir, chat.tokenizer_dir if chat is not None else base_dir)
     log.info("init_planner: exported the model with its planner to %s", export_dir)
-    heldout = heldout_agreement(params, model, task, cfg, decode, run.mesh)
-    if heldout is not None:
-        log.info("init_planner held-out agreement: %s", " ".join(f"{k} {v:.4g}" for k, v in heldout.items()))
+    agreement_heldout = heldout_agreement(params, model, heldout, cfg, decode, run.mesh)
+    if agreement_heldout is not None:
+        log.info("init_planner held-out agreement: %s",
+                 " ".join(f"{k} {v:.4g}" for k, v in agreement_heldout.items()))
     results = sft.run_decode_eval(params, model, task, cfg, run.mesh, "init_planner")
     summary = {"steps": cfg.total_steps, "train_time_s": train_time, "base_dir": base_dir, "export_dir": export_dir,
-               "final_train_metrics": history[-1] if history else None, "heldout_agreement": heldout,
+               "final_train_metrics": history[-1] if history else None, "heldout_agreement": agreement_heldout,
                "eval": results}
     sft.write_json(os.path.join(workdir, "planner_init_eval.json"), summary)
-    return {"history": history, "export_dir": export_dir, "agreement": heldout, "eval": results,
+    return {"history": history, "export_dir": export_dir, "agreement": agreement_heldout, "eval": results,
             "train_time_s": train_time}

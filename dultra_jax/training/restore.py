@@ -12,6 +12,7 @@ import ml_collections
 
 from dultra_jax import checkpoint as ckpt_lib
 from dultra_jax.config import ConfigError, ModelConfig, OptimConfig, from_config, model_config_from_dict
+from dultra_jax.hub import parse_hub_id, resolve_model_dir
 from dultra_jax.interop.hf_llada import load_hf
 from dultra_jax.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError
 from dultra_jax.models import policy
@@ -31,9 +32,19 @@ def is_workdir(path: str) -> bool:
                                     or any(name.isdigit() for name in os.listdir(path)))
 
 
+def resolve_source(path: str, key: str = "model") -> str:
+    """The local path of a model source: `path` itself when it exists or does not read as a hub
+    id (a missing local path is left for `model_source_kind` to name), else the HF-cache snapshot
+    of the hub id (`hub.resolve_model_dir`; ConfigError `KEY='ID': ...` when it does not resolve)."""
+    if os.path.exists(path) or parse_hub_id(path) is None:
+        return path
+    return resolve_model_dir(path, key)
+
+
 def model_source_kind(path: str) -> str:
-    """What `path` holds, `"hf"` or `"workdir"`, without reading weights; CheckpointError naming
-    `path` when it is neither."""
+    """What `path` (a local path or hub id, `resolve_source`) holds, `"hf"` or `"workdir"`,
+    without reading weights; CheckpointError naming `path` when it is neither."""
+    path = resolve_source(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if is_hf_dir(path):
@@ -82,7 +93,21 @@ def restore_params(workdir: str, mesh=None) -> tuple[Any, ModelConfig, str | Non
         source, _ = build_model(model_section, mesh=mesh, seed=seed)
         params = merge_params(state.trainable, partition_params(source, optim.train)[1])
     tokenizer_dir = os.path.join(os.path.dirname(os.path.abspath(directory)), TOKENIZER_DIR)
-    return params, model, tokenizer_dir if os.path.isdir(tokenizer_dir) else model_section.get("path")
+    if os.path.isdir(tokenizer_dir):
+        return params, model, tokenizer_dir
+    return params, model, _source_dir(model_section.get("path"))
+
+
+def _source_dir(path: str | None) -> str | None:
+    """The run's `model.path` as a local directory for its tokenizer; None (with a warning) when a
+    hub id no longer resolves here, since only the tokenizer needs it."""
+    if not path:
+        return None
+    try:
+        return resolve_source(path, "model.path")
+    except ConfigError as e:
+        log.warning("the training run's tokenizer is not available: %s", e)
+        return None
 
 
 def load_model_source(path: str, *, mesh=None, dtype: str | None = None,
@@ -90,8 +115,8 @@ def load_model_source(path: str, *, mesh=None, dtype: str | None = None,
     """`(params, ModelConfig, source_dir)` of an HF LLaDA directory or a training workdir.
 
     Args:
-      path: an HF directory (config.json + safetensors), or a workdir of `launch/train.py`,
-        `pretrain.py` or `init_planner.py` (`restore_params`).
+      path: an HF directory (config.json + safetensors) or the hub id of one (`resolve_source`),
+        or a workdir of `launch/train.py`, `pretrain.py` or `init_planner.py` (`restore_params`).
       mesh: parameters are placed with their `sharding.param_shardings` on it (None: default device
         for an HF directory, all devices on 'fsdp' for a workdir).
       dtype, param_dtype: compute and storage dtypes (None: float32 for an HF directory, the
@@ -100,8 +125,10 @@ def load_model_source(path: str, *, mesh=None, dtype: str | None = None,
       `source_dir`: the directory with the tokenizer (the directory itself, a pretrain workdir's
       `tokenizer/`, or the HF directory the training run started from; None when it had none).
     Raises:
-      CheckpointError naming `path` when it is missing or neither kind of source.
+      CheckpointError naming `path` when it is missing or neither kind of source; ConfigError
+      for a hub id that does not resolve.
     """
+    path = resolve_source(path)
     if model_source_kind(path) == "hf":
         params, config, _ = load_hf(path, mesh=mesh, dtype=dtype or "float32", param_dtype=param_dtype or "float32")
         return params, config, path

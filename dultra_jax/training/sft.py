@@ -1,6 +1,7 @@
 """What the two SFT trainers (masked-diffusion pre-training, planner initialisation) share beyond
-the training scaffold: the task and its fixed-shape rows, the jitted batch step, held-out
-decoding accuracy (periodic and final), the HF export and the summary file.
+the training scaffold: their data (a generator task's fixed-shape rows, or chat records), the
+jitted batch step, held-out decoding accuracy (periodic and final), the HF export and the summary
+file.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from dultra_jax.config import SCHEDULED_RULES, ConfigError, DecodeConfig, ModelConfig, SFTConfig, SFTDataConfig
+from dultra_jax.data.chat import ChatBatches, ChatEncoder, chat_rows, check_chat_template, load_chat_records
 from dultra_jax.data.sft import SFTData, SFTTask, encode_rows, task_rows
-from dultra_jax.data.tokenizer import decode_completion
+from dultra_jax.data.tokenizer import decode_completion, load_tokenizer
+from dultra_jax.hub import resolve_model_dir
 from dultra_jax.decoding.rollout import rollout
 from dultra_jax.interop.hf_llada import export_hf
 from dultra_jax.models.policy import Params
-from dultra_jax.sharding import batch_sharding, check_batch, global_batch, local_rows, process_row_range
+from dultra_jax.sharding import check_batch, global_batch, local_rows, process_row_range
+from dultra_jax.training import programs
 from dultra_jax.training.loop import Run
 from dultra_jax.training.state import TrainState
 
@@ -50,12 +54,78 @@ def training_rows(task: SFTTask, data: SFTDataConfig, model: ModelConfig, seed: 
     return SFTData({k: rows[k] for k in keys}, data.batch_size, seed)
 
 
+# ------------------------------------------------------------------------------ chat data
+
+
+@dataclasses.dataclass
+class ChatSource:
+    """The chat records and tokenizer of an SFT run, opened and checked before any weights load."""
+
+    records: Sequence[dict]
+    tokenizer: Any
+    tokenizer_dir: str
+
+
+def open_chat_data(data: SFTDataConfig, model_path: str | None) -> ChatSource:
+    """Reads (and checks) `data.path`'s records and loads the tokenizer (`data.tokenizer`, else
+    `model.path`: a directory or hub id) with its chat template; errors name the file, record and
+    field. Reads no weights."""
+    if not (data.tokenizer or model_path):
+        raise ConfigError("data.task='chat' renders records with a tokenizer: set data.tokenizer or model.path")
+    key = "data.tokenizer" if data.tokenizer else "model.path"
+    tokenizer_dir = resolve_model_dir(data.tokenizer or model_path, key)
+    tokenizer = load_tokenizer(tokenizer_dir, key=key)
+    check_chat_template(tokenizer, tokenizer_dir)
+    records = load_chat_records(data.path, data.split, data_dir=data.data_dir, limit=data.limit)
+    log.info("chat data: %d records of split %s at %s, rendered with the chat template of %s", len(records),
+             data.split, data.path, tokenizer_dir)
+    return ChatSource(records=records, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)
+
+
+def chat_encoder(source: ChatSource, data: SFTDataConfig, model: ModelConfig) -> ChatEncoder:
+    """Rows `data.sequence_length` wide, filled with the model's EOS; the width must fit the model."""
+    if data.sequence_length > model.max_sequence_length:
+        raise ConfigError(f"data.sequence_length={data.sequence_length} exceeds "
+                          f"model.max_sequence_length={model.max_sequence_length}")
+    if len(source.tokenizer) > model.vocab_size:
+        raise ConfigError(f"the tokenizer in {source.tokenizer_dir} has {len(source.tokenizer)} tokens, more than "
+                          f"model.vocab_size={model.vocab_size}")
+    return ChatEncoder(source.tokenizer, sequence_length=data.sequence_length, eos_id=model.eos_token_id,
+                       strip_think=data.strip_think, path=data.path)
+
+
+def chat_batches(source: ChatSource, data: SFTDataConfig, model: ModelConfig, seed: int) -> ChatBatches:
+    """This process's shuffled training batches of chat rows, resumable from their state."""
+    return ChatBatches(source.records, chat_encoder(source, data, model), batch_size=data.batch_size,
+                       seed=seed if data.shuffle_seed is None else data.shuffle_seed,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def chat_heldout_rows(source: ChatSource, cfg: SFTConfig, model: ModelConfig, num_rows: int,
+                      keys: Sequence[str]) -> SFTData:
+    """The first `num_rows` records of `eval.split` at `eval.path` (None: `data.path`), encoded in
+    order, as fixed batches of `data.batch_size` rows."""
+    path = cfg.eval.path or cfg.data.path
+    records = load_chat_records(path, cfg.eval.split, data_dir=cfg.data.data_dir, limit=num_rows)
+    encoder = chat_encoder(source, dataclasses.replace(cfg.data, path=path), model)
+    rows = chat_rows(records, encoder, num_rows)
+    return SFTData({k: rows[k] for k in keys}, cfg.data.batch_size, cfg.seed)
+
+
+def stream_step(update: Callable, data: ChatBatches, run: Run, keys: Sequence[str]) -> Callable:
+    """The scaffold's step function over a checkpointed stream: this process's rows of its next
+    batch (entries `keys`)."""
+    return lambda state, step: update(state, global_batch({k: v for k, v in data.next_batch().items() if k in keys},
+                                                          run.mesh))
+
+
+# ------------------------------------------------------------------------------ the step
+
+
 def jit_batch_update(update: Callable, run: Run) -> Callable:
     """`update(state, batch)` jitted with the state's shardings, rows over ('data', 'fsdp'), and
     the state donated."""
-    rows = batch_sharding(run.mesh, 2)
-    return jax.jit(update, in_shardings=(run.shardings, rows), out_shardings=(run.shardings, None),
-                   donate_argnums=(0,))
+    return programs.batch_update(update, run.programs)
 
 
 def batch_step(update: Callable, data: SFTData, run: Run) -> Callable:
@@ -123,7 +193,7 @@ def _eval_batch_size(cfg: SFTConfig) -> int:
     return cfg.eval.batch_size or cfg.data.batch_size
 
 
-def periodic_decode_eval(model: ModelConfig, task: SFTTask, cfg: SFTConfig, mesh) -> Callable[[TrainState], dict] | None:
+def periodic_decode_eval(model: ModelConfig, task: SFTTask, cfg: SFTConfig, mesh) -> Callable[[TrainState, int], dict] | None:
     """The `train_loop` evaluation: the first eval rule's accuracy and NFE on the first
     `eval.every_examples` eval problems (None when `eval.every` is 0 or there is no rule)."""
     num = min(cfg.eval.every_examples, cfg.eval.num_examples)
@@ -133,7 +203,7 @@ def periodic_decode_eval(model: ModelConfig, task: SFTTask, cfg: SFTConfig, mesh
     problems = task.make_problems(cfg.eval.split, num, cfg.eval.start)
     decode = eval_decode_config(rule, cfg, task, model)
 
-    def evaluate(state: TrainState) -> dict[str, float]:
+    def evaluate(state: TrainState, step: int) -> dict[str, float]:
         result = decode_accuracy(state.params, model, task, problems, decode, _eval_batch_size(cfg), mesh,
                                  seed=cfg.seed, num_samples=0)
         return {f"eval_{rule}_accuracy": result["accuracy"], f"eval_{rule}_nfe": result["nfe_mean"]}

@@ -65,13 +65,32 @@ def make_optimizer(optim: OptimConfig, total_steps: int, updates_per_step: int =
     """
     per_step = learning_rate_schedule(optim, total_steps)
     schedule = per_step if updates_per_step == 1 else (lambda count: per_step(count // updates_per_step))
-    steps = [optax.clip_by_global_norm(optim.grad_clip),
-             optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                         weight_decay=optim.weight_decay, mask=lambda tree: jax.tree.map(lambda x: x.ndim > 1, tree))]
+    adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                        weight_decay=optim.weight_decay, mask=lambda tree: jax.tree.map(lambda x: x.ndim > 1, tree))
+    if optim.moment_dtype is not None:
+        adamw = stored_in(adamw, jnp.dtype(optim.moment_dtype))
+    steps = [optax.clip_by_global_norm(optim.grad_clip), adamw]
     if optim.backbone_lr_scale != 1.0:  # AdamW's step is linear in the rate: scaling it scales the rate
         backbone = lambda tree: {k: jax.tree.map(lambda _: k != PLANNER_KEY, v) for k, v in tree.items()}  # noqa: E731
         steps.append(optax.masked(optax.scale(optim.backbone_lr_scale), backbone))
     return optax.chain(*steps)
+
+
+def stored_in(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`inner` with its floating-point state (Adam's moments) stored in `dtype` between steps and
+    computed in float32 within one: the memory of the state at `dtype`, the arithmetic unchanged
+    but for the rounding of the stored moments."""
+    def cast(tree, to):
+        return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return cast(inner.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
 
 
 def create_state(params: Params, tx: optax.GradientTransformation, train: str, seed: int,
