@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from dultra_jax.config import ModelConfig, PlannerConfig
+from dultra_jax.config import CACHE_MODES, CACHE_REFRESHES, ModelConfig, PlannerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +106,20 @@ def json_line(record: dict[str, Any]) -> str:
 
 
 MODEL_NAMES = ("tiny", "small", "small_llada_vocab", "llada_1b")  # the shapes `model_configs` builds
+
+
+# `--caches` entries: a `decode.cache` mode, a cached one with `+REFRESH` for `decode.cache_refresh`.
+CACHE_SPECS = CACHE_MODES + tuple(f"{cache}+{refresh}" for cache in CACHE_MODES if cache != "none"
+                                  for refresh in CACHE_REFRESHES if refresh != "full")
+
+
+def cache_fields(spec: str) -> dict[str, str]:
+    """A `--caches` entry (`CACHE_SPECS`: `none`, `dual`, `dual+blocks`, ...) as `DecodeConfig`
+    fields `{"cache", "cache_refresh"}`; ValueError for any other."""
+    if spec not in CACHE_SPECS:
+        raise ValueError(f"unknown cache mode {spec!r}; known: {', '.join(CACHE_SPECS)}")
+    cache, _, refresh = spec.partition("+")
+    return {"cache": cache, "cache_refresh": refresh or "full"}
 
 
 def model_configs(length: int) -> dict[str, ModelConfig]:

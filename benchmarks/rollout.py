@@ -29,15 +29,18 @@ Per way, from the trajectory of the timed calls (same key every call, so the sam
 
   tokens_per_s        generated (revealed) tokens / seconds
   nfe_per_s           sum over rows of the row NFEs / seconds (a forward counts once per row)
-  loop_iters_per_s    loop iterations / seconds; an iteration is one batched forward, and the loop
-                      runs until the slowest row is done, so iterations = max row NFE
+  loop_iters_per_s    loop iterations / seconds; an iteration is one batched forward. Without a
+                      cache the loop runs until the slowest row is done, so iterations = max row
+                      NFE; with one the rows take each block together, so iterations = the sum
+                      over blocks of the slowest row's steps there (`rollout.loop_iterations`)
   mean_nfe            mean row NFE; tokens_per_forward = gen_length / mean_nfe
 
 and (with both ways) `speedup` = python_loop best seconds / while_loop best seconds; `s_per_loop_iter` is the time
 per NFE (one batched forward).
 
 Every rule runs once per `--caches` mode (`decode.cache`: `none` recomputes the canvas every step;
-`prefix` / `dual` use the block KV cache, `dultra_jax/decoding/cache.py`). When `none` ran first,
+`prefix` / `dual` use the block KV cache, `dultra_jax/decoding/cache.py`; `prefix+blocks` /
+`dual+blocks` the same with `decode.cache_refresh="blocks"`). When `none` ran first,
 each cached run also reports `token_agreement_vs_none` (share of generated tokens equal to the
 exact rollout's on the same prompts and key), `rows_identical_vs_none`,
 `batch_speedup_vs_none` (exact / cached best seconds for the whole batch) and
@@ -62,7 +65,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from dultra_jax.config import CACHE_MODES, RULES, ConfigError, DecodeConfig, ModelConfig
+from dultra_jax.config import RULES, ConfigError, DecodeConfig, ModelConfig
 from dultra_jax.decoding import rollout as rollout_lib
 from dultra_jax.models import policy
 
@@ -74,7 +77,8 @@ else:  # run as `python benchmarks/rollout.py`: the script's folder is on sys.pa
 _MODELS = flags.DEFINE_list("models", ["tiny"], f"Model shapes to run: any of {', '.join(common.MODEL_NAMES)} "
                             "(see the module docstring).")
 _RULES = flags.DEFINE_list("rules", list(RULES), "Decoding rules to run.")
-_CACHES = flags.DEFINE_list("caches", ["none"], "Block KV cache modes to run (none, prefix, dual); "
+_CACHES = flags.DEFINE_list("caches", ["none"], "Block KV cache modes to run (none, prefix, dual, prefix+blocks, "
+                            "dual+blocks: decode.cache_refresh='blocks'); "
                             "`none` first gives the others a token-agreement reference.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows B.")
 _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 32, "Prompt tokens per row Lp.")
@@ -105,7 +109,7 @@ def trajectory_figures(trajectory: rollout_lib.Trajectory, model: ModelConfig, c
     """Counts off a finished trajectory, and their rates over `seconds`."""
     nfe = np.asarray(trajectory.num_steps)
     generated = int(np.sum(np.asarray(trajectory.tokens) != model.mask_token_id))
-    sum_nfe, loop_iters, mean_nfe = int(nfe.sum()), int(nfe.max()), float(nfe.mean())
+    sum_nfe, loop_iters, mean_nfe = int(nfe.sum()), int(rollout_lib.loop_iterations(trajectory, config)), float(nfe.mean())
     return {"generated_tokens": generated, "sum_nfe": sum_nfe, "loop_iters": loop_iters, "mean_nfe": mean_nfe,
             "tokens_per_forward": config.gen_length / mean_nfe, "tokens_per_s": generated / seconds,
             "nfe_per_s": sum_nfe / seconds, "loop_iters_per_s": loop_iters / seconds,
@@ -125,7 +129,7 @@ def bench_rule(name: str, model: ModelConfig, params, rule: str, caches: list[st
     ways = {mode: ways[mode] for mode in MODES if mode in _WAYS.value}
     configs = {cache: DecodeConfig(rule=rule, prompt_length=_PROMPT_LENGTH.value, gen_length=_GEN_LENGTH.value,
                                    block_length=_BLOCK_LENGTH.value, temperature=_TEMPERATURE.value,
-                                   eos_token_id=model.eos_token_id, cache=cache) for cache in caches}
+                                   eos_token_id=model.eos_token_id, **common.cache_fields(cache)) for cache in caches}
 
     compile_s = {}
     for cache, config in configs.items():
@@ -204,9 +208,9 @@ def main(argv):
     unknown = [r for r in _RULES.value if r not in RULES]
     if unknown:
         raise app.UsageError(f"--rules: unknown rule(s) {unknown}; known: {', '.join(RULES)}")
-    unknown = [c for c in _CACHES.value if c not in CACHE_MODES]
+    unknown = [c for c in _CACHES.value if c not in common.CACHE_SPECS]
     if unknown:
-        raise app.UsageError(f"--caches: unknown mode(s) {unknown}; known: {', '.join(CACHE_MODES)}")
+        raise app.UsageError(f"--caches: unknown mode(s) {unknown}; known: {', '.join(common.CACHE_SPECS)}")
     unknown = [w for w in _WAYS.value if w not in MODES]
     if unknown or "while_loop" not in _WAYS.value:
         raise app.UsageError(f"--ways={','.join(_WAYS.value)}: list while_loop and optionally python_loop")

@@ -81,7 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dultra_jax.config import CACHE_MODES, ConfigError, DecodeConfig, ModelConfig, OptimConfig, RLConfig
+from dultra_jax.config import ConfigError, DecodeConfig, ModelConfig, OptimConfig, RLConfig
 from dultra_jax.decoding import rollout as rollout_lib
 from dultra_jax.decoding.rollout import Trajectory
 from dultra_jax.models import policy
@@ -109,7 +109,7 @@ _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Semi-autoregressive bl
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters, tokens and advantages.")
 _ROLLOUT_CACHES = flags.DEFINE_list(
     "rollout_caches", [], "Also time whole GRPO steps (a real rollout + the update on its trajectory) with each of "
-    "these decode.cache modes (none, prefix, dual); see the module docstring.")
+    "these decode.cache modes (none, prefix, dual, prefix+blocks, dual+blocks); see the module docstring.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype (parameters and optimiser state stay float32).")
 
@@ -230,7 +230,7 @@ def bench_grpo_steps(model: ModelConfig, params, caches: list[str], iters: int, 
     rng = jax.random.key(seed + 2)
     advantages = jax.random.normal(jax.random.key(seed + 1), (batch,), jnp.float32)
     update = programs.grpo_programs(state_programs, decode, rl).update  # one update serves every mode
-    configs = {cache: decode.replace(cache=cache) for cache in caches}
+    configs = {cache: decode.replace(**common.cache_fields(cache)) for cache in caches}
     trajectories, compile_s = {}, {}
     for cache, config in configs.items():
         start = time.perf_counter()
@@ -297,9 +297,9 @@ def main(argv):
         raise app.UsageError(f"--iters={_ITERS.value} must be at least 1")
     if _BATCH.value < 1:
         raise app.UsageError(f"--batch={_BATCH.value} must be at least 1")
-    unknown = [c for c in _ROLLOUT_CACHES.value if c not in CACHE_MODES]
+    unknown = [c for c in _ROLLOUT_CACHES.value if c not in common.CACHE_SPECS]
     if unknown:
-        raise app.UsageError(f"--rollout_caches: unknown mode(s) {unknown}; known: {', '.join(CACHE_MODES)}")
+        raise app.UsageError(f"--rollout_caches: unknown mode(s) {unknown}; known: {', '.join(common.CACHE_SPECS)}")
     try:
         decode = DecodeConfig(rule="planner_bernoulli", prompt_length=_PROMPT_LENGTH.value,
                               gen_length=_GEN_LENGTH.value, block_length=_BLOCK_LENGTH.value)

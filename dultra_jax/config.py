@@ -40,12 +40,21 @@ class PlannerConfig:
     adaln_eps: float = 1e-4
 
 
+# `jax.checkpoint_policies` a remat block may use (`ModelConfig.remat_policy`), least memory first.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Static description of a LLaDA backbone (+ optional planner head).
 
     Attributes mirror the HF LLaDA `config.json` names where one exists. `dtype` is the compute
     dtype (activations, matmul inputs), `param_dtype` the storage dtype of the parameters.
+    `remat` recomputes each block's activations in the backward pass; `remat_policy` (one of
+    `REMAT_POLICIES`, `jax.checkpoint_policies` names) says which of them a remat block keeps
+    instead: `nothing_saveable` keeps only the block's input (least memory, a second forward),
+    `dots_with_no_batch_dims_saveable` and `dots_saveable` keep the matmul outputs (more memory,
+    less recomputation). The gradients are the same under every policy.
     """
 
     vocab_size: int
@@ -66,6 +75,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
     # docs/algorithm.md section 9: the reference attends to left padding; we mask padding keys by default.
     mask_padding: bool = True
 
@@ -89,6 +99,9 @@ class ModelConfig:
                 f"model.mask_token_id={self.mask_token_id} is outside the vocabulary [0, {self.vocab_size})")
         for key in ("dtype", "param_dtype"):
             parse_dtype(getattr(self, key), f"model.{key}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat_policy={self.remat_policy!r} is unknown; use one of "
+                              f"{', '.join(REMAT_POLICIES)}")
         if self.rope_theta <= 0:
             raise ConfigError(f"model.rope_theta={self.rope_theta} must be positive")
         if self.planner is not None and self.planner.num_head_layers != 1:
@@ -140,6 +153,7 @@ RANDOM_RULES = ("planner_bernoulli", "random")  # the rules that draw random num
 SCHEDULED_RULES = ("low_confidence", "random")
 CONFIDENCE_RULES = ("threshold", "factor", "low_confidence", "ass")
 CACHE_MODES = ("none", "prefix", "dual")
+CACHE_REFRESHES = ("full", "blocks")
 FORCED_LOGPROB_MODES = ("reference", "exact")
 # The rules' numeric knobs: traced inputs of the compiled rollout (`rules.Knobs`), not part of its
 # static config, so that one compile serves a whole sweep over them.
@@ -178,6 +192,11 @@ class DecodeConfig:
         row enters a new block, and later steps of the block run only the block and everything
         after it against the cached prefix; `dual` also reuses the cached suffix, so steps run
         only the block. Cached keys/values are stale by the tokens revealed since the refresh.
+      cache_refresh: how a cache is refreshed when the rows enter a new block after the first:
+        `full`, one full forward (Fast-dLLM); `blocks`, a window forward over the new block and
+        the one just finished (`prefix`: and everything after), which writes those positions'
+        keys/values and leaves the rest (the prompt, earlier blocks) as they were: a further
+        approximation, about `L / (2 Lb)` times cheaper than a full refresh under `dual`.
     """
 
     rule: str = "planner_bernoulli"
@@ -196,12 +215,16 @@ class DecodeConfig:
     eoser_gamma_min: float = 0.4
     eos_token_id: int = 126081
     cache: str = "none"
+    cache_refresh: str = "full"
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ConfigError(f"decode.rule={self.rule!r} is unknown; use one of {', '.join(RULES)}")
         if self.cache not in CACHE_MODES:
             raise ConfigError(f"decode.cache={self.cache!r} is unknown; use one of {', '.join(CACHE_MODES)}")
+        if self.cache_refresh not in CACHE_REFRESHES:
+            raise ConfigError(f"decode.cache_refresh={self.cache_refresh!r} is unknown; use one of "
+                              f"{', '.join(CACHE_REFRESHES)}")
         for key in ("prompt_length", "gen_length", "block_length"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
@@ -789,6 +812,7 @@ class EvalRunConfig:
     temperature: float = 0.0
     max_steps: int | None = None
     cache: str = "none"
+    cache_refresh: str = "full"
     scoring: str | None = None
     speed_records: int = 0
     dtype: str | None = "bfloat16"
@@ -799,6 +823,8 @@ class EvalRunConfig:
             raise ConfigError(f"evaluate.scoring={self.scoring!r}; use one of {', '.join(EVAL_SCORINGS)} or None")
         if self.cache not in CACHE_MODES:
             raise ConfigError(f"evaluate.cache={self.cache!r}; use one of {', '.join(CACHE_MODES)}")
+        if self.cache_refresh not in CACHE_REFRESHES:
+            raise ConfigError(f"evaluate.cache_refresh={self.cache_refresh!r}; use one of {', '.join(CACHE_REFRESHES)}")
         if not isinstance(self.speed_records, int) or self.speed_records < -1:
             raise ConfigError(f"evaluate.speed_records={self.speed_records!r} must be an integer >= -1")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:

@@ -50,7 +50,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dultra_jax import cli, distributed
-from dultra_jax.config import CACHE_MODES, EVAL_SCORINGS, ConfigError, EvalRunConfig, from_config
+from dultra_jax.config import CACHE_MODES, CACHE_REFRESHES, EVAL_SCORINGS, ConfigError, EvalRunConfig, from_config
 from dultra_jax.evaluation import summary_table
 from dultra_jax.model_source import evaluate_source
 from dultra_jax.model_source import eoser_fields
@@ -89,6 +89,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Token temperature (0 = ar
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Step budget (default gen_length).")
 _CACHE = flags.DEFINE_enum("cache", "none", list(CACHE_MODES),
                            "Block KV cache (none is exact; prefix / dual reuse keys/values within a block).")
+_CACHE_REFRESH = flags.DEFINE_enum("cache_refresh", "full", list(CACHE_REFRESHES),
+                                   "How a cache is refreshed at a new block: full forward (Fast-dLLM) or blocks "
+                                   "(the new and the finished block only; cheaper, a further approximation).")
 _EOSER = flags.DEFINE_bool("eoser", False, "EOS early rejection (confidence rules).")
 _EOSER_GAMMA_MIN = flags.DEFINE_float("eoser_gamma_min", None, "EOSER's starting factor on EOS confidence "
                                       "(default 0.4; needs --eoser).")
@@ -105,7 +108,7 @@ _DISTRIBUTED = distributed.define_launcher_flags()
 
 FLAG_NAMES = {
     **cli.decode_flag_names("gen_length", "block_length", "prompt_length", "temperature", "max_steps", "cache",
-                            "eoser", "eoser_gamma_min", rule="rules", factor="factors", threshold="thresholds",
+                            "cache_refresh", "eoser", "eoser_gamma_min", rule="rules", factor="factors", threshold="thresholds",
                             steps="steps", entropy_bound="entropy_bounds"),
     "model": "--model", "config": "--config", "tokenizer": "--tokenizer", "task": "--task",
     "task_options": "--task_option", "data": "--data", "rules": "--rules", "seeds": "--seeds",
@@ -118,7 +121,7 @@ _EVAL_FLAGS = {"task": _TASK, "data": _DATA, "split": _SPLIT, "limit": _LIMIT, "
                "factors": _FACTORS, "thresholds": _THRESHOLDS, "steps": _STEPS, "entropy_bounds": _ENTROPY_BOUNDS,
                "seeds": _SEEDS, "gen_length": _GEN_LENGTH, "block_length": _BLOCK_LENGTH,
                "prompt_length": _PROMPT_LENGTH, "batch_size": _BATCH_SIZE, "temperature": _TEMPERATURE,
-               "max_steps": _MAX_STEPS, "cache": _CACHE, "scoring": _SCORING, "speed_records": _SPEED_RECORDS,
+               "max_steps": _MAX_STEPS, "cache": _CACHE, "cache_refresh": _CACHE_REFRESH, "scoring": _SCORING, "speed_records": _SPEED_RECORDS,
                "dtype": _DTYPE, "out": _OUT}
 
 
@@ -155,7 +158,7 @@ def main() -> None:
         prompt_length=v["prompt_length"], batch_size=v["batch_size"], temperature=v["temperature"],
         max_steps=v["max_steps"], out_dir=v["out"], progress=_PROGRESS.value, scoring=v["scoring"],
         speed_records=v["speed_records"],
-        decode_overrides={"cache": v["cache"], **eoser_fields(_EOSER.value, _EOSER_GAMMA_MIN.value)})
+        decode_overrides={"cache": v["cache"], "cache_refresh": v["cache_refresh"], **eoser_fields(_EOSER.value, _EOSER_GAMMA_MIN.value)})
     if jax.process_index() == 0:  # every process holds the same summary
         print(summary_table(summary, params=model or "config"))
 

@@ -27,7 +27,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from dultra_jax import cli
-from dultra_jax.config import CACHE_MODES, RULES
+from dultra_jax.config import CACHE_MODES, CACHE_REFRESHES, RULES
 from dultra_jax.model_source import eoser_fields, sample_source
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `model` section.")
@@ -51,6 +51,9 @@ _EOSER_GAMMA_MIN = flags.DEFINE_float("eoser_gamma_min", None, "EOSER's starting
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and init seed of random weights).")
 _CACHE = flags.DEFINE_enum("cache", "none", list(CACHE_MODES), "Block KV cache (none is exact; prefix / dual "
                            "reuse keys/values within a block, Fast-dLLM).")
+_CACHE_REFRESH = flags.DEFINE_enum("cache_refresh", "full", list(CACHE_REFRESHES),
+                                   "How a cache is refreshed at a new block: full forward (Fast-dLLM) or blocks "
+                                   "(the new and the finished block only; cheaper, a further approximation).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Compute dtype (default: the checkpoint's torch_dtype, or the config's).")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"],
@@ -58,7 +61,7 @@ _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "f
 
 FLAG_NAMES = {
     **cli.decode_flag_names("rule", "gen_length", "block_length", "temperature", "threshold", "factor", "steps",
-                            "entropy_bound", "eoser", "eoser_gamma_min", "cache"),
+                            "entropy_bound", "eoser", "eoser_gamma_min", "cache", "cache_refresh"),
     "model": "--model", "config": "--config", "prompt": "--prompt", "prompt_ids": "--prompt_ids",
     "model.dtype": "--dtype", "model.param_dtype": "--param_dtype",
 }
@@ -68,6 +71,7 @@ def main() -> None:
     decode = dict(rule=_RULE.value, gen_length=_GEN_LENGTH.value, block_length=_BLOCK_LENGTH.value,
                   temperature=_TEMPERATURE.value, threshold=_THRESHOLD.value, factor=_FACTOR.value,
                   steps=_STEPS.value, entropy_bound=_ENTROPY_BOUND.value, cache=_CACHE.value,
+                  cache_refresh=_CACHE_REFRESH.value,
                   **eoser_fields(_EOSER.value, _EOSER_GAMMA_MIN.value))
     result = sample_source(model=_MODEL.value, config=None if _CONFIG.value is None else _CONFIG.value.model,
                            prompt=_PROMPT.value, prompt_ids=_PROMPT_IDS.value, decode=decode,

@@ -82,16 +82,22 @@ def test_one_step_per_block_is_exact(cache):
     assert np.all(np.asarray(cached.num_steps) == LG // LB)
 
 
-@pytest.mark.parametrize("cache, block_length", [("prefix", LG), ("prefix", LB), ("dual", LB)],
-                         ids=["prefix-one-block", "prefix", "dual"])
-def test_one_layer_model_decodes_exactly_with_the_cache(cache, block_length):
+ONE_LAYER_CASES = [("prefix", LG, "full"), ("prefix", LB, "full"), ("dual", LB, "full"), ("prefix", LB, "blocks"),
+                   ("dual", LB, "blocks")]
+
+
+@pytest.mark.parametrize("cache, block_length, refresh", ONE_LAYER_CASES,
+                         ids=["prefix-one-block", "prefix", "dual", "prefix-blocks", "dual-blocks"])
+def test_one_layer_model_decodes_exactly_with_the_cache(cache, block_length, refresh):
     """With one layer a cached backbone key/value is a projection of its own token, and the cached
     tokens (those before the block; for `dual` also the all-mask suffix) do not change while the
     block decodes, so the cache is exact for a rule that does not read the planner (whose keys come
-    from the backbone's output), for a block covering the whole generation too. With two layers
-    the prompt's keys at layer 1 have attended to the changing generation (Fast-dLLM's
-    approximation): the same rollout then differs from `none`, which shows the cache was in use."""
-    config = decode("threshold", cache, block_length=block_length, threshold=0.3)
+    from the backbone's output), for a block covering the whole generation too. A `blocks`
+    refresh is exact there as well, provided it rewrites the finished block's keys/values (its
+    tokens are the only ones revealed since they were cached). With two layers the prompt's keys
+    at layer 1 have attended to the changing generation (Fast-dLLM's approximation): the same
+    rollout then differs from `none`, which shows the cache was in use."""
+    config = decode("threshold", cache, block_length=block_length, threshold=0.3, cache_refresh=refresh)
     one_layer = tiny_config(n_layers=1)
     params = random_params(one_layer)
     exact = R.rollout(params, PROMPTS, None, jax.random.key(0), config.replace(cache="none"), one_layer)
@@ -115,56 +121,99 @@ def test_first_step_of_each_block_is_exact():
 
 
 CASES = [("low_confidence", "prefix", {}), ("threshold", "dual", dict(threshold=0.3)), ("factor", "prefix", {}),
-         ("planner_bernoulli", "dual", dict(temperature=0.7)), ("planner_topk", "prefix", {})]
+         ("planner_bernoulli", "dual", dict(temperature=0.7)), ("planner_topk", "prefix", {}),
+         ("planner_bernoulli", "dual", dict(temperature=0.7, cache_refresh="blocks")),
+         ("factor", "prefix", dict(cache_refresh="blocks"))]
 
 
-@pytest.mark.parametrize("rule, cache, kw", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize("rule, cache, kw", CASES, ids=[f"{c[0]}-{c[1]}-{c[2].get('cache_refresh', 'full')}"
+                                                        for c in CASES])
 def test_cached_rollouts_keep_the_rollout_invariants(rule, cache, kw):
     config = decode(rule, cache, **kw)
     _check_invariants(R.rollout(PARAMS, PROMPTS, None, jax.random.key(3), config, MODEL), config)
 
 
-@pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_cached_while_loop_equals_python_loop(cache):
-    config = decode("planner_bernoulli", cache, temperature=0.7)
+@pytest.mark.parametrize("cache, refresh", [("prefix", "full"), ("dual", "full"), ("prefix", "blocks"),
+                                            ("dual", "blocks")])
+def test_cached_while_loop_equals_python_loop(cache, refresh):
+    config = decode("planner_bernoulli", cache, temperature=0.7, cache_refresh=refresh)
     jitted = R.rollout(PARAMS, PROMPTS, None, jax.random.key(3), config, MODEL)
     looped = R.rollout_python_loop(PARAMS, PROMPTS, None, jax.random.key(3), config, MODEL)
     _assert_same(jitted, looped)
 
 
-def test_rows_refresh_at_their_own_block_boundaries():
-    """Rows move through blocks at different speeds; each row's cache follows its own block."""
-    config = decode("threshold", "dual", threshold=0.3)
-    state = R.init_state_jit(jnp.asarray(PROMPTS, jnp.int32)[:, :LP], jnp.ones(PROMPTS.shape, bool), jax.random.key(0),
-                             model=MODEL, config=config.replace(prompt_length=PROMPTS.shape[1]))
-    config = config.replace(prompt_length=PROMPTS.shape[1])
-    seen = []
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_rows_enter_blocks_together_and_wait_at_no_cost(cache):
+    """With a cache only the rows in the batch's earliest block step: a row that finished its block
+    waits (no NFE, canvas and cache unchanged) until the others have finished theirs, so every
+    refresh is one full forward for all stepping rows."""
+    config = decode("threshold", cache, threshold=0.08, prompt_length=PROMPTS.shape[1])
+    state = R.init_state_jit(jnp.asarray(PROMPTS, jnp.int32), jnp.ones(PROMPTS.shape, bool), jax.random.key(0),
+                             model=MODEL, config=config)
+    waited = refreshed = 0
     while bool(R.keep_going(state, config)):
-        state = R.denoise_step_jit(PARAMS, state, model=MODEL, config=config)
         positions, active = R.block_positions(state.canvas, MASK_ID, config)
-        seen.append(np.asarray(state.cache.block))
-        # After a step, a row's cache block is the block it just worked on: the current block,
-        # or the previous one when the step finished it.
-        current = (np.asarray(positions[:, 0]) - config.prompt_length) // LB
-        assert np.all((seen[-1] == current) | (seen[-1] == current - 1) | ~np.asarray(active))
-    assert seen[0].tolist() == [0] * 4 and seen[-1].tolist() == [LG // LB - 1] * 4
+        block = (np.asarray(positions[:, 0]) - config.prompt_length) // LB
+        new = R.denoise_step_jit(PARAMS, state, model=MODEL, config=config)
+        stepped = np.asarray(new.nfe - state.nfe) == 1
+        assert np.all(stepped <= np.asarray(active))
+        assert len(set(block[stepped])) == 1 and block[stepped][0] == block[np.asarray(active)].min()
+        np.testing.assert_array_equal(np.asarray(new.canvas)[~stepped], np.asarray(state.canvas)[~stepped])
+        np.testing.assert_array_equal(np.asarray(new.cache.block)[~stepped], np.asarray(state.cache.block)[~stepped])
+        np.testing.assert_array_equal(np.asarray(new.cache.block)[stepped], block[stepped])
+        entering = np.asarray(state.cache.block)[stepped] != block[stepped]
+        assert entering.all() or not entering.any()                    # refreshes are all or none
+        refreshed += entering.all()
+        waited += int(np.sum(np.asarray(active) & ~stepped))
+        state = new
+    assert refreshed == LG // LB and waited > 0 and np.asarray(state.done).all()
+    assert int(R.loop_iterations(R.to_trajectory(state, config), config)) == int(state.step)
 
 
 def test_unknown_cache_mode_names_the_key():
     with pytest.raises(ConfigError, match="decode.cache='full'"):
         decode("low_confidence", "full")
+    with pytest.raises(ConfigError, match="decode.cache_refresh='window' is unknown; use one of full, blocks"):
+        decode("low_confidence", "dual", cache_refresh="window")
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_a_blocks_refresh_rewrites_the_finished_and_the_new_block_only(cache):
+    """Rows entering block 2 with caches made for block 1 on an older canvas: the outputs are those
+    of the window forward over the new block and the finished one (`prefix`: to the canvas end)
+    against the old cache, the keys/values of exactly those positions are rewritten, and at
+    the backbone's layer 0 (a projection of each position's own token) they equal the full
+    forward's."""
+    config = decode("planner_bernoulli", cache, cache_refresh="blocks")
+    canvas, older, valid = _staggered_canvas([2, 2, 2, 2])
+    positions, active = R.block_positions(canvas, MASK_ID, config)
+    in_block = R.scatter_positions(jnp.zeros(canvas.shape, bool), positions, jnp.ones(positions.shape, bool))
+    candidates = (canvas == MASK_ID) & in_block
+    _, _, stale = apply_kv(PARAMS, older, MODEL, valid=valid, candidates=candidates, logit_positions=positions)
+    logits, unmask, new = jax.jit(C.evaluate_block_cached, static_argnums=(7, 8))(
+        PARAMS, canvas, valid, C.BlockCache(kv=stale, block=jnp.ones(4, jnp.int32)), positions, active,
+        candidates, MODEL, config)
+    np.testing.assert_array_equal(new.block, [2] * 4)
+    end = LP + 3 * LB if cache == "dual" else LP + LG
+    window = jnp.tile(jnp.arange(LP + LB, end, dtype=jnp.int32)[None], (4, 1))
+    want_logits, want_unmask, want_kv = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
+                                                 logit_positions=positions, cache=stale,
+                                                 window=jnp.concatenate([positions, window], axis=1))
+    np.testing.assert_allclose(logits, want_logits, atol=2e-5)
+    np.testing.assert_allclose(unmask, want_unmask, atol=2e-5)
+    _, _, full = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates, logit_positions=positions)
+    rewritten = np.zeros(LP + LG, bool)
+    rewritten[LP + LB:end] = True
+    for got, want, old in zip(jax.tree.leaves(new.kv), jax.tree.leaves(want_kv), jax.tree.leaves(stale)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(got)[:, :, ~rewritten], np.asarray(old)[:, :, ~rewritten])
+    finished = slice(LP + LB, LP + 2 * LB)
+    for got, old, exact in zip(new.kv[0], stale[0], full[0]):  # the backbone's keys, values
+        np.testing.assert_allclose(np.asarray(got)[0, :, rewritten], np.asarray(exact)[0, :, rewritten], atol=1e-5)
+        assert np.abs(np.asarray(old)[0, :, finished] - np.asarray(exact)[0, :, finished]).max() > 1e-2
 
 
 # ------------------------------------------------------------------ refresh scheduling
-
-
-def test_refresh_sizes():
-    assert C.refresh_sizes(1) == ()
-    assert C.refresh_sizes(2) == (1,)
-    assert C.refresh_sizes(4) == (1, 2)
-    assert C.refresh_sizes(6) == (1, 3)
-    assert C.refresh_sizes(8) == (1, 2, 4)
-    assert C.refresh_sizes(64) == (8, 16, 32)
 
 
 def _staggered_canvas(current_blocks):
@@ -187,10 +236,9 @@ def _staggered_canvas(current_blocks):
     return as_canvas(gen), as_canvas(older), jnp.asarray(valid)
 
 
-# Rows' current blocks (None: done) and the rows whose cache is for an older block. With B = 4
-# the sub-batch sizes are 1 and 2; three refreshing rows of four take the whole batch and the
-# window; all active rows refreshing take the full forward alone. With B = 8 (sizes 1, 2, 4)
-# three refreshing rows take a sub-batch of 4 where a row that does not refresh rides along.
+# Rows' current blocks (None: done) and the rows whose cache is for an older block: none refresh
+# (the window forward), some (the full forward and the window forward), every active row (the
+# full forward alone). The rollout's lockstep makes only the first and last; all stay exact.
 REFRESH_CASES = [([0, 1, 2, 1], []), ([0, 1, 2, 1], [2]), ([0, 1, 2, 1], [0, 3]), ([0, 1, 2, 1], [0, 1, 3]),
                  ([0, 1, 2, 1], [0, 1, 2, 3]), ([1, 2, 0, None], [0, 1, 2]), ([1, 2, 0, None], [1]),
                  ([0, 1, 2, 1, 0, 2, None, 1], [0, 2, 5]), ([0, 1, 2, 1, 0, 2, None, 1], [1, 3, 4, 5, 7])]
@@ -240,22 +288,14 @@ def test_partial_refresh_equals_refreshing_rows_one_by_one(cache, blocks, refres
     assert np.abs(np.asarray(fresh[0][0]) - np.asarray(stale[0][0])).max() > 1e-2
 
 
-def _refreshes_per_step(trajectory: R.Trajectory, config: DecodeConfig):
-    """`(rows entering a block, active rows)` at each loop iteration of a rollout whose rows step
-    every iteration until done: row-step k is iteration k, and a row enters block b at the first
-    step that revealed anything there."""
-    steps, nfe = np.asarray(trajectory.unmask_step), np.asarray(trajectory.num_steps)
-    entries = steps.reshape(len(nfe), config.num_blocks, config.block_length).min(-1)
-    return [(int(np.sum(np.any(entries == k, axis=-1))), int(np.sum(nfe > k))) for k in range(int(nfe.max()))]
-
-
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_rows_at_their_own_pace_decode_exactly_on_a_one_layer_model(cache):
-    """Rows in different blocks, rows that finish early, blocks decoded in one step: the threshold
-    chosen makes this rollout have them all (asserted), and on a one-layer model (where the cache
-    is exact, see above) the cached rollout must equal `none` step for step, so every partial
-    refresh (1 and 2 rows of 4) gave the refreshing rows their exact keys/values and left the
-    others' alone. Each row's NFE is its number of revealing steps."""
+    """Rows that need different numbers of steps per block (so with the cache some wait for the
+    others), rows that finish early, blocks decoded in one step: the threshold chosen makes this
+    rollout have them all (asserted), and on a one-layer model (where the cache is exact, see
+    above) the cached rollout must equal `none` step for step: waiting changed no row's tokens,
+    steps or log-probs, and every refresh gave the rows their exact keys/values. Each row's NFE
+    is its number of revealing steps."""
     config = decode("threshold", cache, threshold=0.08)
     one_layer = tiny_config(n_layers=1)
     params = random_params(one_layer)
@@ -265,13 +305,12 @@ def test_rows_at_their_own_pace_decode_exactly_on_a_one_layer_model(cache):
     looped = R.rollout_python_loop(params, PROMPTS, None, jax.random.key(0), config, one_layer)
     _assert_same(looped, cached)
 
-    refreshes = _refreshes_per_step(exact, config)
-    partial = {n for n, active in refreshes if 0 < n < active}
-    assert {1, 2} <= partial, refreshes
     steps, nfe = np.asarray(cached.unmask_step), np.asarray(cached.num_steps)
     assert len(set(nfe.tolist())) > 1                                  # rows finish at different steps
     per_block = steps.reshape(4, config.num_blocks, LB)
     one_step = per_block.min(-1) == per_block.max(-1)
     assert np.any(one_step) and not np.all(one_step)                   # some blocks took one step
+    block_steps = per_block.max(-1) - per_block.min(-1) + 1
+    assert np.any(block_steps.min(0) < block_steps.max(0))             # so rows waited in some block
     for row in range(4):
         assert len(set(steps[row].tolist())) == nfe[row]               # NFE = revealing steps

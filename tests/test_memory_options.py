@@ -1,5 +1,6 @@
 """Memory options change nothing numerically except where they must: the update replayed in
-row slices equals one pass; Adam moments stored in bfloat16 only round the moments."""
+row slices equals one pass; every remat policy gives the gradient without remat; Adam moments
+stored in bfloat16 only round the moments."""
 
 import dataclasses
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dultra_jax.config import ConfigError, DecodeConfig, OptimConfig, RLConfig
+from dultra_jax.config import REMAT_POLICIES, ConfigError, DecodeConfig, OptimConfig, RLConfig
 from dultra_jax.decoding import rollout as R
 from dultra_jax.rl.grpo import compute_advantages, grpo_gradients
 from dultra_jax.sharding import batch_sharding, make_mesh
@@ -70,6 +71,24 @@ def test_the_sliced_sharded_update_equals_the_one_pass_update(batch):
     assert moved > 1e-4  # the step moved the parameters: the comparison below can fail
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_every_remat_policy_gives_the_gradient_without_remat(batch):
+    """`model.remat` with each `model.remat_policy`: the GRPO gradient of the backbone and the
+    planner (whose block is rematerialised too) equals the one without remat (float32; XLA may
+    order a recomputed sum differently)."""
+    trajectory, advantages = batch
+    gradients = jax.jit(grpo_gradients, static_argnames=("model", "decode", "rl"))
+    want, want_loss, _ = gradients(PARAMS, {}, None, trajectory, advantages, model=MODEL, decode=DECODE, rl=RL)
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want["planner"])) > 0
+    for policy in REMAT_POLICIES:
+        model = MODEL.replace(remat=True, remat_policy=policy)
+        got, got_loss, _ = gradients(PARAMS, {}, None, trajectory, advantages, model=model, decode=DECODE, rl=RL)
+        assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6), policy
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5, err_msg=policy)
+    with pytest.raises(ConfigError, match=r"model.remat_policy='dots' is unknown; use one of nothing_saveable, "):
+        MODEL.replace(remat_policy="dots")
 
 
 def test_bfloat16_moments_store_the_moments_in_bfloat16_and_only_round_them():

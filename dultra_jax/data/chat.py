@@ -36,7 +36,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from dultra_jax.data.pipeline import collate, shuffled_batches
+from dultra_jax.data.pipeline import CheckpointedBatches, collate, shuffled_batches
 from dultra_jax.data.sources import TFDS_PREFIX, DataError, IndexedSource, load_records, open_tfds, record_location
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class _Concatenated(Sequence):
         return self.sources[k][index - int(self.offsets[k])]
 
 
-class ChatBatches:
+class ChatBatches(CheckpointedBatches):
     """Shuffled, repeated batches of chat rows for the SFT trainers, with a checkpointable
     position: `next_batch()` gives this process's rows of the next global batch (`ChatEncoder`'s
     fields, `[batch_size // process_count, ...]` each); `get_state()` / `set_state()` round-trip
@@ -228,16 +228,6 @@ class ChatBatches:
                               process_index=process_index, process_count=process_count, what=encoder.path)
         options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
         self.iterator = iter(ds.to_iter_dataset(options))
-
-    def next_batch(self) -> dict[str, np.ndarray]:
-        return next(self.iterator)
-
-    def get_state(self) -> dict:
-        return self.iterator.get_state()
-
-    def set_state(self, state: dict | None) -> None:
-        if state is not None:
-            self.iterator.set_state(state)
 
 
 def chat_rows(records: Sequence[Mapping[str, Any]], encoder: ChatEncoder, num_rows: int) -> dict[str, np.ndarray]:

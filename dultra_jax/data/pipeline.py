@@ -244,6 +244,24 @@ def make_train_iterator(records: Sequence[Mapping[str, Any]], task: Task, tokeni
 _COUNTERS: dict[int, TruncationCounter] = {}
 
 
+class CheckpointedBatches:
+    """Batches from a grain iterator (`self.iterator`, set by the subclass) with a checkpointable
+    position: `get_state()` / `set_state()` round-trip exactly (`training.loop.train_loop`
+    checkpoints them; a None state, a run without one, leaves the iterator at its start)."""
+
+    iterator: Any
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        return next(self.iterator)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict | None) -> None:
+        if state is not None:
+            self.iterator.set_state(state)
+
+
 def truncation_counter(iterator) -> TruncationCounter:
     """The `TruncationCounter` of an iterator made by `make_train_iterator`."""
     counter = getattr(iterator, "truncation_counter", None) or _COUNTERS.get(id(iterator))

@@ -15,19 +15,26 @@ Everything stays fixed-shape inside the rollout's `lax.while_loop`. The cache ho
 positions (`[n_layers, B, L, Hkv, Dh]`, keys and values); a window forward writes the window's
 fresh keys/values over it and attends to all `L` keys, so one code path serves both modes.
 
-Rows move through blocks at their own pace (as without a cache: the same per-row steps and NFE),
-so each row remembers the block its cache was made for (`block`) and is refreshed when it moves
-on. Under rules whose step counts differ by row (`threshold`, `factor`, the planner's) rows
-rarely enter a block together: an iteration where only some rows refresh runs the full forward
-over just those rows (gathered into the smallest of a few fixed sub-batch sizes,
-`refresh_sizes`), so a row's refresh costs about its share of a batched full forward, plus the
-window forward of the batch. An iteration where every active row refreshes runs only the full
-forward (over the batch), one where none does only the window forward. The prefix window's
-width depends on the block, so it is a `lax.switch` over the slowest active row's block (rows
-further on read a window clipped at the canvas end; the clipped duplicates of the last position
-compute the same values).
+While a cache is on, rows enter blocks together: the rollout steps only the rows in the batch's
+earliest current block (`rollout.stepping_rows`), and rows that finished it wait at no NFE. So a
+refresh is one batched full forward for every stepping row at once, as in Fast-dLLM's lockstep
+decoding, while each row still spends only its own steps (rows at their own pace would each need
+a refresh at a different iteration, on top of the batch's window forward). Each row remembers
+the block its cache was made for (`block`) and is refreshed when it moves on; an iteration where
+only some stepping rows refresh (which the rollout does not produce, but which stays exact) runs
+the full forward and the window forward. The prefix window's width depends on the block, so it is
+a `lax.switch` over the earliest stepping row's block (rows further on read a window clipped at
+the canvas end; the clipped duplicates of the last position compute the same values).
 
-Exactness. A refresh step is exact (it is the full forward). Later steps differ from `none` by
+`decode.cache_refresh="blocks"` makes every refresh after the first block cheaper: instead of
+the full forward, a window forward over the new block and the block just finished (`prefix`: and
+everything after them) against the cache, whose fresh keys/values are kept. The finished
+block's keys/values then see its revealed tokens, while the prompt's and earlier blocks' stay as
+their last refresh made them: an approximation beyond Fast-dLLM's (exact still on a one-layer
+model, where keys/values are projections of a position's own token). Under `dual` it costs two
+blocks' worth of queries where the full forward costs the whole canvas.
+
+Exactness. A full refresh step is exact (it is the full forward). Later steps differ from `none` by
 the staleness of the cached keys/values, so tokens can differ; `benchmarks/rollout.py` reports
 how often. In particular, even a single block covering the whole generation is not exact under
 `prefix`: the prompt's keys/values at layers > 0 depend on the revealed generation tokens
@@ -81,14 +88,6 @@ def _prefix_window(block_start: jax.Array, width: int, length: int) -> jax.Array
     return jnp.minimum(block_start[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :], length - 1)
 
 
-def refresh_sizes(batch: int) -> tuple[int, ...]:
-    """The sub-batch sizes a partial refresh can run over: `B/8`, `B/4`, `B/2` rounded down (at
-    least 1), those below `B`. Rows refresh when they enter a block, at their own pace, so an
-    iteration usually refreshes a few rows; a full forward over the smallest size that holds them
-    costs that share of one over the whole batch. Three sizes bound the compiled variants."""
-    return tuple(sorted({max(1, batch >> shift) for shift in (3, 2, 1)} - {batch}))
-
-
 def _where_rows(rows: jax.Array, new, old):
     """`new` on the rows `rows` `[B]` of every `[B, ...]` leaf, `old` elsewhere (None leaves stay)."""
     return jax.tree.map(lambda n, o: jnp.where(rows.reshape(rows.shape + (1,) * (n.ndim - 1)), n, o), new, old)
@@ -102,32 +101,32 @@ def _where_kv_rows(rows: jax.Array, new, old):
 def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, cache: BlockCache,
                           positions: jax.Array, active: jax.Array, candidates: jax.Array,
                           model: ModelConfig, config: DecodeConfig):
-    """One NFE on each row's current block, through the cache.
+    """One NFE on each stepping row's current block, through the cache.
 
     Rows that entered a new block since their cache was made (`refresh`) get a full forward: its
     keys/values replace theirs and its outputs are theirs (exact). The others run the window
-    forward against the cache. Which forwards run depends on how many rows refresh (one
-    `lax.switch`): none -> the window forward alone; every active row -> the full forward over the
-    batch alone; some -> the full forward over the smallest sub-batch of `refresh_sizes(B)` that
-    holds them (rows gathered, results scattered back; the whole batch when none does) and the
-    window forward.
+    forward against the cache. Which forwards run depends on which rows refresh (one
+    `lax.switch`): none -> the window forward alone; every stepping row (what the rollout's
+    lockstep produces) -> the full forward alone, or with `cache_refresh="blocks"` and every
+    refreshing row past its first block, the block refresh's window forward alone; some -> both.
 
     Args:
-      canvas, valid: `[B, L]`; positions: `[B, Lb]` each row's current block; active: `[B]`;
+      canvas, valid: `[B, L]`; positions: `[B, Lb]` each row's current block; active: `[B]` the
+        rows that step;
       candidates: `[B, L]` bool, the masked positions of the current blocks.
     Returns:
       `(token_logits [B, Lb, V]`, `unmask_logits [B, Lb]` or None, the updated `BlockCache`).
     """
-    batch = canvas.shape[0]
     block_index = (positions[:, 0] - config.prompt_length) // config.block_length
     refresh = active & (block_index != cache.block)
+    # Windows whose width depends on the block branch on the earliest stepping row's block (the
+    # others' windows are clipped at the canvas end).
+    earliest = jnp.min(jnp.where(active, block_index, config.num_blocks - 1))
 
-    def full_forward(rows: jax.Array | None):
-        """The full forward over the rows `rows` `[S]` (every row when None)."""
-        take = (lambda x: x) if rows is None else (lambda x: x[rows])
+    def full_forward():
         token_logits, unmask_logits, fresh = policy.policy_apply_kv(
-            params, take(canvas), model, valid=take(valid), candidates=take(candidates),
-            logit_positions=take(positions), with_planner=config.uses_planner)
+            params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
+            with_planner=config.uses_planner)
         return (token_logits, unmask_logits), fresh
 
     def window_forward(window, kv):
@@ -139,44 +138,48 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
     def cached_outputs(kv):
         if config.cache == "dual":
             return window_forward(positions, kv)
-        # prefix: the window runs from the block start to the canvas end; its width is static per
-        # block, so branch on the slowest active row's block (the others' windows are clipped).
-        slowest = jnp.min(jnp.where(active, block_index, config.num_blocks - 1))
+        # prefix: the window runs from the block start to the canvas end.
         start = positions[:, 0]
         branches = [lambda kv, k=k: window_forward(
             _prefix_window(start, config.gen_length - k * config.block_length, config.canvas_length), kv)
             for k in range(config.num_blocks)]
-        return jax.lax.switch(slowest, branches, kv)
+        return jax.lax.switch(earliest, branches, kv)
 
     def no_refresh(kv):
         return kv, cached_outputs(kv)
 
+    def refresh_blocks(kv):
+        """The window forward over each row's current block, then the block its cache was made
+        for (`prefix`: and everything after it), keeping the window's fresh keys/values."""
+        finished = config.prompt_length + jnp.maximum(cache.block, 0) * config.block_length
+
+        def run(window):
+            token_logits, unmask_logits, fresh = policy.policy_apply_kv(
+                params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
+                cache=kv, window=jnp.concatenate([positions, window], axis=1), with_planner=config.uses_planner)
+            return _where_kv_rows(refresh, fresh, kv), (token_logits, unmask_logits)
+
+        if config.cache == "dual":
+            return run(_prefix_window(finished, config.block_length, config.canvas_length))
+        # prefix: from the finished block (one before the current one) to the canvas end.
+        return jax.lax.switch(earliest, [lambda k=k: run(_prefix_window(
+            finished, config.gen_length - max(k - 1, 0) * config.block_length, config.canvas_length))
+            for k in range(config.num_blocks)])
+
     def refresh_all(kv):
-        outputs, fresh = full_forward(None)
+        outputs, fresh = full_forward()
         return _where_kv_rows(refresh, fresh, kv), outputs
 
     def refresh_batch_and_window(kv):
-        outputs, fresh = full_forward(None)
+        outputs, fresh = full_forward()
         kv = _where_kv_rows(refresh, fresh, kv)
         return kv, _where_rows(refresh, outputs, cached_outputs(kv))
 
-    def refresh_rows_and_window(size: int, kv):
-        # The refreshing rows first (stable: in row order), topped up with others that only ride along.
-        rows = jnp.argsort(~refresh, stable=True)[:size]
-        keep = refresh[rows]
-        outputs, fresh = full_forward(rows)
-        kv = jax.tree.map(lambda old, new: old.at[:, rows].set(
-            jnp.where(keep[None, :, None, None, None], new, old[:, rows])), kv, fresh)
-        window_outputs = cached_outputs(kv)
-        return kv, jax.tree.map(lambda w, f: w.at[rows].set(
-            jnp.where(keep.reshape(keep.shape + (1,) * (f.ndim - 1)), f, w[rows])), window_outputs, outputs)
-
-    sizes = refresh_sizes(batch)
-    branches = ([no_refresh] + [lambda kv, size=size: refresh_rows_and_window(size, kv) for size in sizes]
-                + [refresh_batch_and_window, refresh_all])
-    num_refresh = jnp.sum(refresh, dtype=jnp.int32)
-    # The smallest sub-batch that holds the refreshing rows: the number of sizes below their count.
-    partial = 1 + jnp.sum(num_refresh > jnp.asarray(sizes, jnp.int32), dtype=jnp.int32) if sizes else 1
-    branch = jnp.where(num_refresh == 0, 0, jnp.where(jnp.all(refresh | ~active), len(sizes) + 2, partial))
+    branches = [no_refresh, refresh_batch_and_window, refresh_all]
+    whole = 2  # every stepping row refreshes
+    if config.cache_refresh == "blocks":  # a row's first refresh has no cache to start from: full
+        branches.append(refresh_blocks)
+        whole = jnp.where(jnp.all(~refresh | (cache.block >= 0)), 3, 2)
+    branch = jnp.where(~jnp.any(refresh), 0, jnp.where(jnp.all(refresh | ~active), whole, 1))
     kv, (token_logits, unmask_logits) = jax.lax.switch(branch, branches, cache.kv)
     return token_logits, unmask_logits, BlockCache(kv=kv, block=jnp.where(refresh, block_index, cache.block))

@@ -3,9 +3,9 @@
 The canvas is `[prompt (Lp, left-padded) | gen (Lg)]`. Each row works on its current block (the
 first block of its generation that still has masks), moves on as soon as that block is done, and
 is frozen once nothing is masked: a frozen row spends no NFE. Every iteration of the loop is one
-NFE for each active row: a backbone + planner forward, a rule's choice, the reveal, and the
-action's log-probability, computed by `action_log_prob`, which the trainer's
-replay reuses.
+NFE for each stepping row (every active row; with a KV cache those in the batch's earliest
+block, `stepping_rows`): a backbone + planner forward, a rule's choice, the reveal, and the
+action's log-probability, computed by `action_log_prob`, which the trainer's replay reuses.
 
 Each row counts its own steps (`nfe`), so a trajectory is fully described by the final tokens
 and, per position, the row-step at which it was revealed: the canvas before row-step k is
@@ -113,15 +113,46 @@ def sample_tokens(token_logits: jax.Array, temperature: float, rng: jax.Array) -
     return jnp.argmax(token_logits + temperature * gumbel, axis=-1).astype(jnp.int32)
 
 
+def stepping_rows(positions: jax.Array, active: jax.Array, nfe: jax.Array, config: DecodeConfig) -> jax.Array:
+    """`[B]` bool: the rows that take a step this loop iteration.
+
+    A row steps while it has masks and steps left in its budget. Without a cache every such row
+    steps every iteration. With a KV cache only the rows in the batch's earliest current block
+    step; rows that finished that block wait, spending no NFE, until the others catch up. So rows
+    enter each block together and one batched full forward refreshes all their caches, where rows
+    at their own pace would each need a refresh of their own at a different iteration (and the
+    batch's window forward besides). Waiting changes no row's computation, only the loop
+    iteration at which it takes each step, and so which random draws it gets (a rule without
+    randomness takes the same steps, with the same NFE, either way).
+
+    Args:
+      positions: `[B, Lb]` each row's current block (`block_positions`); active: `[B]` the row
+        has masks; nfe: `[B]` int32 steps the row has taken.
+    """
+    can_step = active & (nfe < config.step_budget)
+    if config.cache == "none":
+        return can_step
+    start = positions[:, 0]
+    earliest = jnp.min(jnp.where(can_step, start, config.canvas_length))
+    return can_step & (start == earliest)
+
+
 def evaluate_block(params: Params, canvas: jax.Array, valid: jax.Array, model: ModelConfig,
-                   config: DecodeConfig, cache: block_cache.BlockCache | None = None):
-    """One NFE on each row's current block (through the block KV cache when one is given).
+                   config: DecodeConfig, cache: block_cache.BlockCache | None = None,
+                   nfe: jax.Array | None = None):
+    """One NFE on each stepping row's current block (through the block KV cache when one is given).
+
+    With `nfe` `[B]` (the rollout) the stepping rows are `stepping_rows`'; without (the replay,
+    which evaluates each row's own step) every row with masks.
 
     Returns:
-      `(positions [B, Lb]`, `active [B]`, `candidates [B, Lb]`, `token_logits [B, Lb, V]` float32
-      with the mask logit at -inf, `unmask_logits [B, Lb]` float32 or None, the updated cache).
+      `(positions [B, Lb]`, `active [B]` the row steps, `candidates [B, Lb]`, `token_logits
+      [B, Lb, V]` float32 with the mask logit at -inf, `unmask_logits [B, Lb]` float32 or None,
+      the updated cache).
     """
     positions, active = block_positions(canvas, model.mask_token_id, config)
+    if nfe is not None:
+        active = stepping_rows(positions, active, nfe, config)
     is_masked = canvas == model.mask_token_id
     in_block = jnp.zeros(canvas.shape, jnp.bool_)
     in_block = scatter_positions(in_block, positions, jnp.ones(positions.shape, jnp.bool_))
@@ -157,11 +188,11 @@ def init_state(prompt_tokens: jax.Array, prompt_valid: jax.Array, rng: jax.Array
 
 def denoise_step(params: Params, state: RolloutState, model: ModelConfig, config: DecodeConfig,
                  knobs: rules.Knobs | None = None) -> RolloutState:
-    """One loop iteration: one NFE for every active row, nothing for done rows. The rules' knobs
-    are `knobs` (traced) when given, else `config`'s."""
+    """One loop iteration: one NFE for every stepping row (`stepping_rows`), nothing for the
+    others. The rules' knobs are `knobs` (traced) when given, else `config`'s."""
     knobs = rules.Knobs.of(config) if knobs is None else knobs
     positions, active, candidates, token_logits, unmask_logits, cache = evaluate_block(
-        params, state.canvas, state.valid, model, config, state.cache)
+        params, state.canvas, state.valid, model, config, state.cache, state.nfe)
     rng, token_key, rule_key = jax.random.split(state.rng, 3)
     x0 = sample_tokens(token_logits, config.temperature, token_key)
     confidence = jnp.take_along_axis(jax.nn.softmax(token_logits, axis=-1), x0[..., None], axis=-1)[..., 0]
@@ -209,8 +240,8 @@ def constrain_rows(state: RolloutState) -> RolloutState:
 
 
 def keep_going(state: RolloutState, config: DecodeConfig) -> jax.Array:
-    """Loop condition: some row still has masks and the step budget is not spent."""
-    return (state.step < config.step_budget) & ~jnp.all(state.done)
+    """Loop condition: some row still has masks and steps left in its budget."""
+    return jnp.any(~state.done & (state.nfe < config.step_budget))
 
 
 def to_trajectory(state: RolloutState, config: DecodeConfig) -> Trajectory:
@@ -331,6 +362,20 @@ def rollout_python_loop(params: Params, prompt_tokens, prompt_valid, rng: jax.Ar
     while bool(keep_going(state, config)):
         state = denoise_step_jit(params, state, model=model, config=config)
     return to_trajectory(state, config)
+
+
+def loop_iterations(trajectory: Trajectory, config: DecodeConfig) -> jax.Array:
+    """The loop iterations (batched forwards) the rollout of `trajectory` took, a scalar: the
+    largest row NFE without a cache; with one, where rows take each block together
+    (`stepping_rows`), the sum over blocks of the most steps a row spent there. A row's steps in
+    a block are consecutive row-steps, so their number is last - first + 1."""
+    if config.cache == "none":
+        return jnp.max(trajectory.num_steps)
+    budget = config.step_budget
+    steps = trajectory.unmask_step.reshape(-1, config.num_blocks, config.block_length)
+    first = jnp.min(steps, axis=-1)
+    last = jnp.max(jnp.where(steps < budget, steps, -1), axis=-1)
+    return jnp.sum(jnp.max(jnp.where(last >= 0, last - first + 1, 0), axis=0))
 
 
 def canvas_before_step(trajectory: Trajectory, k: jax.Array, mask_id: int) -> jax.Array:

@@ -22,7 +22,7 @@ from dultra_jax.sharding import param_shardings
 log = logging.getLogger(__name__)
 
 # Fields of the model section that a checkpoint does not fix: they always come from the config.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "mask_padding")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "remat_policy", "mask_padding")
 
 
 def _section(model_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -99,7 +99,7 @@ def model_config_from_hf(hf: dict[str, Any], *, with_planner: bool, **overrides)
     """`ModelConfig` from an HF LLaDA `config.json` dict; unsupported values raise `ConfigError`.
 
     `overrides` set fields that are not part of the checkpoint (dtype, param_dtype, scan_layers,
-    remat, mask_padding).
+    remat, remat_policy, mask_padding).
     """
     for key, required in _REQUIRED.items():
         if key in hf and hf[key] != required and not (required is False and hf[key] is None):
@@ -201,7 +201,8 @@ def _is_planner_tensor(name: str) -> bool:
 
 def load_hf(directory: str, *, mesh: Mesh | None = None, with_planner: bool | None = None,
             planner_rng: jax.Array | None = None, dtype: str = "float32", param_dtype: str = "float32",
-            scan_layers: bool = True, remat: bool = False, mask_padding: bool = True):
+            scan_layers: bool = True, remat: bool = False, remat_policy: str = "nothing_saveable",
+            mask_padding: bool = True):
     """Reads an HF LLaDA directory into `(params, config, hf_config)`.
 
     Args:
@@ -211,7 +212,7 @@ def load_hf(directory: str, *, mesh: Mesh | None = None, with_planner: bool | No
         everything on the default device.
       with_planner: None loads the planner iff the checkpoint has its tensors; True requires it
         (or initialises a fresh one from `planner_rng`); False ignores planner tensors.
-      dtype, param_dtype, scan_layers, remat, mask_padding: `ModelConfig` fields.
+      dtype, param_dtype, scan_layers, remat, remat_policy, mask_padding: `ModelConfig` fields.
     Raises:
       CheckpointError naming the missing / unexpected tensor, or the tensor with both shapes;
       ConfigError naming an unsupported config.json key and value.
@@ -226,7 +227,8 @@ def load_hf(directory: str, *, mesh: Mesh | None = None, with_planner: bool | No
     elif with_planner and not has_planner_tensors and planner_rng is not None:
         init_planner = True
     config = model_config_from_hf(hf, with_planner=with_planner, dtype=dtype, param_dtype=param_dtype,
-                                  scan_layers=scan_layers, remat=remat, mask_padding=mask_padding)
+                                  scan_layers=scan_layers, remat=remat, remat_policy=remat_policy,
+                                  mask_padding=mask_padding)
     table = [e for e in tensor_map(config) if not (init_planner and e.path.startswith("planner/"))]
     abstract = policy.abstract_params(config)
     validate(ckpt, table, leaf_shapes(abstract),

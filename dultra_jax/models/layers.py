@@ -192,11 +192,12 @@ def make_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, 
 
 
 def run_layers(layers, x: jax.Array, rope, valid, *, stacked: bool, remat: bool,
-               query_positions: jax.Array | None = None) -> jax.Array:
+               remat_policy: str = "nothing_saveable", query_positions: jax.Array | None = None) -> jax.Array:
     """Applies `layer(x, rope, valid)` in order: `lax.scan` over stacked parameters, or a loop.
 
     With `remat`, each layer's activations are recomputed in the backward pass, so training
-    memory holds one layer's activations plus the `[B, L, D]` residual per layer.
+    memory holds one layer's activations plus the `[B, L, D]` residual per layer, and what
+    `remat_policy` (a `jax.checkpoint_policies` name) keeps besides.
     With `query_positions` `[B, K]`, the last layer runs its queries, attention output and MLP only
     at those positions (its keys/values still come from all `L`) and the result is `[B, K, D]`:
     the same values as the full stack gathered there, without the `L - K` rows nobody reads.
@@ -208,7 +209,8 @@ def run_layers(layers, x: jax.Array, rope, valid, *, stacked: bool, remat: bool,
         return layer(h, rope, valid, query_positions)
 
     if remat:
-        apply = jax.checkpoint(apply, static_argnums=(0,), prevent_cse=not stacked)
+        apply = jax.checkpoint(apply, static_argnums=(0,), prevent_cse=not stacked,
+                               policy=getattr(jax.checkpoint_policies, remat_policy))
     if stacked:
         graphdef, state = nnx.split(layers)
         if query_positions is None:

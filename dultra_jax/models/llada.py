@@ -36,7 +36,8 @@ class LLaDAModel(nnx.Module):
         only at `query_positions` `[B, K]` (`[B, K, D]`, the last layer's other rows skipped) if given."""
         x = self.wte(tokens)
         x = run_layers(self.blocks, x, self.rope(positions), valid, stacked=self.config.scan_layers,
-                       remat=self.config.remat, query_positions=query_positions)
+                       remat=self.config.remat, remat_policy=self.config.remat_policy,
+                       query_positions=query_positions)
         return constrain(self.ln_f(x), BATCH_AXES)
 
     def logits(self, h: jax.Array) -> jax.Array:

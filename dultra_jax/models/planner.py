@@ -68,7 +68,7 @@ class PlannerHead(nnx.Module):
         self.mask_head = make_blocks(config, pc.num_head_layers, rngs, stacked=False)
         self.mask_linear = Linear(config.d_model, 1, use_bias=True,
                                   kernel_init=jax.nn.initializers.normal(stddev=0.02), **kw)
-        self.remat = config.remat
+        self.remat, self.remat_policy = config.remat, config.remat_policy
 
     def __call__(self, h_last: jax.Array, t: jax.Array, candidates: jax.Array, rope, valid) -> jax.Array:
         """Unmask logits.
@@ -82,7 +82,8 @@ class PlannerHead(nnx.Module):
           `[B, L]` float32 logits (apply a sigmoid for the unmask probability).
         """
         temb, h = self._modulated_input(h_last, t, candidates)
-        f = run_layers(self.mask_head, h, rope, valid, stacked=False, remat=self.remat)
+        f = run_layers(self.mask_head, h, rope, valid, stacked=False, remat=self.remat,
+                       remat_policy=self.remat_policy)
         return self._logits(f, temb)
 
     def with_kv(self, h_last: jax.Array, t: jax.Array, candidates: jax.Array, rope, valid,

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -314,6 +314,61 @@ def compile_run(config: ml_collections.ConfigDict, topology_name: str, *, num_sl
     return CompileReport(slice_, describe_mesh(mesh), tuple(reports))
 
 
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int, step: int = 1) -> int:
+    """The largest multiple `n` of `step` in `[step, limit]` with `fits(n)`, for a `fits` that is
+    monotone (true up to some size, false beyond); 0 when even `step` does not fit.
+
+    Doubles from `start` (rounded to a multiple of `step`) while it fits, halves while it does
+    not, then bisects between the last size that fit and the first that did not: about
+    `2 log2(limit / step)` calls of `fits`, each a compilation.
+    """
+    size = min(max(step, start // step * step), limit)
+    if fits(size):
+        good, bad = size, None
+        while bad is None and good < limit:
+            size = min(2 * good, limit)
+            good, bad = (size, None) if fits(size) else (good, size)
+        if bad is None:
+            return good
+    else:
+        good, bad = 0, size
+        while good == 0 and bad > step:
+            size = max(bad // 2 // step * step, step)
+            good, bad = (size, bad) if fits(size) else (0, size)
+        if good == 0:
+            return 0
+    while bad - good > step:
+        middle = (good + bad) // 2 // step * step
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good
+
+
+def largest_group_size(config: ml_collections.ConfigDict, topology_name: str, *, num_slices: int = 1,
+                       teacher: str | None = None, limit: int = 64,
+                       known: dict[int, bool] | None = None) -> tuple[int, dict[int, bool]]:
+    """The largest `rl.group_size` up to `limit` at which every program of the GRPO run `config`
+    fits `topology_name` (`largest_fitting` over whole compilations), with one prompt of G rows
+    per chip of the batch axes (`data.prompts_per_step=-1`, as the reference runs one prompt per
+    GPU) and the other settings as given. Sizes step by `rl.update_micro_batches`, which must
+    divide each chip's rows. `known`: `{size: fits}` already compiled (at one prompt per chip),
+    not compiled again. Returns `(size or 0, {size: fits} for every size tried)`."""
+    tried: dict[int, bool] = {}
+
+    def fits(size: int) -> bool:
+        if known and size in known:
+            tried[size] = known[size]
+            return tried[size]
+        trial = ml_collections.ConfigDict(config.to_dict())
+        trial.rl.group_size = size
+        trial.data.prompts_per_step = programs.PER_DEVICE
+        tried[size] = compile_run(trial, topology_name, num_slices=num_slices, teacher=teacher).all_fit
+        log.info("rl.group_size=%d on %s: %s", size, topology_name, "fits" if tried[size] else "does not fit")
+        return tried[size]
+
+    step = config.rl.get("update_micro_batches", 1)
+    return largest_fitting(fits, config.rl.group_size, limit, step), tried
+
+
 def host_contiguous(devices: Sequence[jax.Device]) -> list[jax.Device]:
     """Devices ordered by process, then id (each host's devices consecutive)."""
     return sorted(devices, key=lambda d: (d.process_index, d.id))
@@ -359,12 +414,12 @@ def failure_line(report: CompileReport) -> str | None:
             f"{_gib(report.topology.hbm_bytes)} GiB")
 
 
-def report_json(report: CompileReport) -> str:
+def report_json(report: CompileReport, **extra: Any) -> str:
     """One JSON line: `{"compile": topology, "mesh", "hbm_bytes", "fits", "programs": {name: {bytes
-    per chip and flops, "fits", "error"}}}`."""
+    per chip and flops, "fits", "error"}}}` and the `extra` items."""
     rows = {p.name: {"arguments": p.arguments, "outputs": p.outputs, "aliased": p.aliased, "temporaries": p.temporaries,
                      "code": p.code, "resident": p.resident, "total": p.total, "flops": p.flops,
                      "fits": report.fits(p), "error": p.error} for p in report.programs}
     return json.dumps({"compile": report.topology.name, "device_kind": report.topology.device_kind,
                        "mesh": report.mesh, "hbm_bytes": report.topology.hbm_bytes, "fits": report.all_fit,
-                       "programs": rows})
+                       "programs": rows, **extra})

@@ -15,7 +15,7 @@ import numpy as np
 from dultra_jax import rewards as reward_lib
 from dultra_jax.config import ConfigError, DataConfig, DecodeConfig, ModelConfig, RewardsConfig, from_config
 from dultra_jax.data import arithmetic, fill
-from dultra_jax.data.pipeline import make_train_iterator
+from dultra_jax.data.pipeline import CheckpointedBatches, make_train_iterator
 from dultra_jax.data.tasks import THINKING, get_task, load_task_records
 from dultra_jax.data.tokenizer import decode_completion, load_tokenizer, stop_token_ids
 from dultra_jax.decoding.rollout import Trajectory
@@ -47,7 +47,7 @@ def generate_records(spec: Mapping[str, Any], prefix: str = "data.generator.") -
     return GENERATORS[generator.name](generator.split, int(generator.n))
 
 
-class TrainData:
+class TrainData(CheckpointedBatches):
     """Batches of prompts for the trainer and the rewards of their completions.
 
     Construction reads the records and the tokenizer and checks the rewards (the teacher's
@@ -113,16 +113,6 @@ class TrainData:
         if self.teacher_dir is not None and "teacher" not in self.options.get("distill", {}):
             teacher = Teacher.from_dir(self.teacher_dir, dtype=self.teacher_dtype)
             self.options.setdefault("distill", {})["teacher"] = teacher
-
-    def next_batch(self) -> dict[str, np.ndarray]:
-        return next(self.iterator)
-
-    def get_state(self) -> dict:
-        return self.iterator.get_state()
-
-    def set_state(self, state: dict | None) -> None:
-        if state is not None:
-            self.iterator.set_state(state)
 
     def completions(self, trajectory: Trajectory) -> list[str]:
         """Generated text of every row, cut at the first EOS / end-of-turn token."""
