@@ -44,6 +44,23 @@ PARAM_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
 )
 
 
+def mesh_sizes(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """`(data, fsdp, tensor)` with the one -1 (if any) resolved to the rest of `num_devices`;
+    ShardingError naming the sizes when they do not make `num_devices`."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))}: at most one may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if num_devices % known:
+            raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))} do not divide {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if int(np.prod(sizes)) != num_devices:
+        raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))} multiply to {int(np.prod(sizes))}, "
+                            f"but there are {num_devices} devices")
+    return tuple(sizes)
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `('data', 'fsdp', 'tensor')` mesh with Auto axis types; one size may be -1 (the rest).
@@ -52,21 +69,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     batch axes (`host_contiguous_grid`), so a process's rows are one range whatever the batch.
     """
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))}: at most one may be -1")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))} do not divide {len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ShardingError(f"mesh sizes {dict(zip(AXES, sizes))} multiply to {int(np.prod(sizes))}, "
-                            f"but there are {len(devices)} devices")
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
     axis_types = (AxisType.Auto,) * 3
     if len({d.process_index for d in devices}) > 1:
-        return Mesh(host_contiguous_grid(tuple(sizes), devices), AXES, axis_types=axis_types)
-    return jax.make_mesh(tuple(sizes), AXES, axis_types=axis_types, devices=devices)
+        return Mesh(host_contiguous_grid(sizes, devices), AXES, axis_types=axis_types)
+    return jax.make_mesh(sizes, AXES, axis_types=axis_types, devices=devices)
 
 
 def host_contiguous_grid(sizes: tuple[int, int, int], devices: Sequence[Any],

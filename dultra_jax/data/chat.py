@@ -42,7 +42,6 @@ from dultra_jax.data.sources import TFDS_PREFIX, DataError, IndexedSource, load_
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
-ROW_KEYS = ("tokens", "valid", "response", "prompt_length")
 _THINK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 
 

@@ -197,7 +197,6 @@ def make_train_dataset(records: Sequence[Mapping[str, Any]], task: Task, tokeniz
                        process_count: int = 1, num_epochs: int | None = None, pad_id: int | None = None,
                        counter: TruncationCounter | None = None) -> grain.MapDataset:
     """The batched, process-sharded `grain.MapDataset` behind `make_train_iterator`."""
-    _local_batch(batch_size, process_index, process_count)
     source = _selected_source(records, task)
     encoder = PromptEncoder(task, tokenizer, prompt_length=prompt_length, mode=mode, pad_id=pad_id,
                             counter=counter)

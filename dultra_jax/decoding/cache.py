@@ -150,7 +150,8 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
 
     def refresh_blocks(kv):
         """The window forward over each row's current block, then the block its cache was made
-        for (`prefix`: and everything after it), keeping the window's fresh keys/values."""
+        for (`prefix`: and everything after the current block; no position twice), keeping the
+        window's fresh keys/values."""
         finished = config.prompt_length + jnp.maximum(cache.block, 0) * config.block_length
 
         def run(window):
@@ -159,12 +160,18 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
                 cache=kv, window=jnp.concatenate([positions, window], axis=1), with_planner=config.uses_planner)
             return _where_kv_rows(refresh, fresh, kv), (token_logits, unmask_logits)
 
+        finished_block = _prefix_window(finished, config.block_length, config.canvas_length)
         if config.cache == "dual":
-            return run(_prefix_window(finished, config.block_length, config.canvas_length))
-        # prefix: from the finished block (one before the current one) to the canvas end.
-        return jax.lax.switch(earliest, [lambda k=k: run(_prefix_window(
-            finished, config.gen_length - max(k - 1, 0) * config.block_length, config.canvas_length))
-            for k in range(config.num_blocks)])
+            return run(finished_block)
+
+        def after_current(k):  # prefix: and every position after the current block k
+            width = config.gen_length - (k + 1) * config.block_length
+            after = _prefix_window(positions[:, 0] + config.block_length, width, config.canvas_length)
+            return jnp.concatenate([finished_block, after], axis=1) if width else finished_block
+
+        # a blocks refresh enters block k >= 1 (block 0's refresh is the full forward)
+        return jax.lax.switch(jnp.maximum(earliest - 1, 0), [lambda k=k: run(after_current(k))
+                                                             for k in range(1, config.num_blocks)])
 
     def refresh_all(kv):
         outputs, fresh = full_forward()
@@ -177,7 +184,7 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
 
     branches = [no_refresh, refresh_batch_and_window, refresh_all]
     whole = 2  # every stepping row refreshes
-    if config.cache_refresh == "blocks":  # a row's first refresh has no cache to start from: full
+    if config.cache_refresh == "blocks" and config.num_blocks > 1:  # a first refresh has no cache: full
         branches.append(refresh_blocks)
         whole = jnp.where(jnp.all(~refresh | (cache.block >= 0)), 3, 2)
     branch = jnp.where(~jnp.any(refresh), 0, jnp.where(jnp.all(refresh | ~active), whole, 1))

@@ -747,7 +747,7 @@ def _apps_io_of(example: dict) -> str | None:
     return io if isinstance(io, str) else json.dumps(io)
 
 
-def _program_of(completion: str, example: dict) -> str:
+def program_of(completion: str, example: dict) -> str:
     """The program to run: `extract_program(completion)` after the row's `program_prefix` (the
     HumanEval prompt's imports and signature, as the reference assembles `prompt + "\n" + code`)."""
     program = extract_program(completion)
@@ -791,7 +791,7 @@ def code_correct_values(completions: Sequence[str], examples: Sequence[dict], *,
     apps_io = [_apps_io_of(ex) for ex in examples]
     apps_rows = [i for i, io in enumerate(apps_io) if io is not None]
     if test_rows:
-        results = check_programs([_program_of(completions[i], examples[i]) for i in test_rows],
+        results = check_programs([program_of(completions[i], examples[i]) for i in test_rows],
                                  [tests[i] for i in test_rows],
                                  entry_points=[examples[i].get("entry_point") for i in test_rows],
                                  max_workers=max_workers, timeout_s=timeout_s, **sandbox_kwargs)
@@ -799,7 +799,7 @@ def code_correct_values(completions: Sequence[str], examples: Sequence[dict], *,
             out[i] = code_reward_value(res, penalized)
     if apps_rows:
         # The reference dedents and strips the extracted code (`_prepare_candidate_code`).
-        programs = [textwrap.dedent(_program_of(completions[i], examples[i])).strip() for i in apps_rows]
+        programs = [textwrap.dedent(program_of(completions[i], examples[i])).strip() for i in apps_rows]
         results = check_apps_programs(programs, [apps_io[i] for i in apps_rows], max_workers=max_workers,
                                       case_timeout_s=apps_case_timeout_s, **sandbox_kwargs)
         for i, res in zip(apps_rows, results):

@@ -310,10 +310,7 @@ def strict_extract(kind: str, text: str, example: Mapping[str, Any]) -> Extracti
         # The box wins over `####`: the answer is the box's when it survives dropping every `####`.
         return Extraction(value, "boxed" if math_lib.extract_answer(text.replace("####", "")) == value else "hash")
     if kind == "code":
-        program = code_lib.extract_program(text)
-        prefix = example.get("program_prefix")
-        rule = "last_fence" if "```" in text else "whole_text"
-        return Extraction(f"{prefix}\n{program}" if prefix else program, rule)
+        return Extraction(code_lib.program_of(text, example), "last_fence" if "```" in text else "whole_text")
     return Extraction(None, None)
 
 

@@ -38,6 +38,7 @@ from dultra_jax.interop import build
 from dultra_jax.interop.tables import read_hf_config
 from dultra_jax.models import teacher as teacher_lib
 from dultra_jax.models.flops import forward_flops
+from dultra_jax.rewards.distill import Teacher
 from dultra_jax.sharding import make_mesh, param_shardings
 from dultra_jax.training import grpo, mdlm_sft, planner_init, programs, sft
 
@@ -242,7 +243,8 @@ def _grpo_reports(config: ml_collections.ConfigDict, mesh, teacher: str | None,
             flops, resident = forward * budget, state_bytes - params_bytes + teacher_bytes
         reports.append(_compile(name, lowered, resident, flops))
     if teacher_params is not None:
-        bucket = 64  # the distillation reward pads prompts and completions to multiples of 64 tokens
+        # the distillation reward pads prompts and completions to multiples of its length bucket
+        bucket = next(f.default for f in dataclasses.fields(Teacher) if f.name == "length_bucket")
         widths = (-(-decode.prompt_length // bucket) * bucket, -(-decode.gen_length // bucket) * bucket)
         ids = [programs.abstract_rows(mesh, (rows, w), jnp.int32) for w in widths]
         valid = [programs.abstract_rows(mesh, (rows, w), jnp.bool_) for w in widths]

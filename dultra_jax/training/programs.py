@@ -29,7 +29,7 @@ from dultra_jax.decoding import rules
 from dultra_jax.decoding.rollout import Trajectory, rollout, rollout_jit
 from dultra_jax.models import policy
 from dultra_jax.rl.grpo import exact_old_logps, grpo_gradients, old_logps_need_replay
-from dultra_jax.sharding import batch_sharding, param_shardings
+from dultra_jax.sharding import batch_sharding, mesh_sizes, param_shardings
 from dultra_jax.training.state import TrainState, apply_update, create_state, make_optimizer, state_shardings
 
 
@@ -124,10 +124,8 @@ PER_DEVICE = -1  # `data.prompts_per_step`: one prompt (G rows) per device of th
 
 def batch_width(mesh: MeshConfig, num_devices: int) -> int:
     """Devices along the batch axes (`data * fsdp`) of the mesh `mesh` builds on `num_devices`."""
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
-    known = math.prod(size for size in sizes.values() if size != -1)
-    resolved = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
-    return max(resolved["data"] * resolved["fsdp"], 1)
+    data, fsdp, _ = mesh_sizes(mesh.data, mesh.fsdp, mesh.tensor, num_devices)
+    return data * fsdp
 
 
 def resolve_prompts_per_step(cfg: GRPOConfig, num_devices: int) -> GRPOConfig:
