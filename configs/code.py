@@ -44,10 +44,10 @@ def get_config(arg=None):
         data=dict(task="apps", task_options={"difficulties": ("introductory",), "require_fn_name": True},
                   path=ml_collections.FieldReference(None, field_type=str), split=None, mode="non-thinking",
                   prompts_per_step=-1, shuffle_seed=42),  # one prompt of G rows per device, as the reference per GPU
-        rewards=dict(weights={"code_correct": 3.0, "code_fence": 1.0, "step_penalty": 0.1},
-                     distill=distill,
-                     teacher_path=ml_collections.FieldReference(CODE_TEACHER if distill else None, field_type=str),
-                     teacher_weight=1.0),
+        rewards=common.rewards(
+            weights={"code_correct": 3.0, "code_fence": 1.0, "step_penalty": 0.1}, distill=distill,
+            teacher_path=ml_collections.FieldReference(CODE_TEACHER if distill else None, field_type=str),
+            teacher_weight=1.0),
         mesh=common.mesh(),
         checkpoint=common.checkpoint(every=400, keep=3),
         total_steps=4800,

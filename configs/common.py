@@ -8,7 +8,7 @@ only where this project's recipes depart from those defaults.
 import ml_collections
 
 from dultra_jax.config import (CheckpointConfig, DecodeConfig, MeshConfig, ModelConfig, OptimConfig, PlannerConfig,
-                               RLConfig, as_config_dict)
+                               RewardsConfig, RLConfig, as_config_dict)
 
 
 def planner() -> ml_collections.ConfigDict:
@@ -46,6 +46,12 @@ def optim(**overrides) -> ml_collections.ConfigDict:
     """AdamW(0.9, 0.99, wd 0.1), lr 5e-6 constant, clip 1.0, backbone and planner trained
     (`OptimConfig`'s defaults)."""
     return as_config_dict(OptimConfig, **overrides)
+
+
+def rewards(**overrides) -> ml_collections.ConfigDict:
+    """The rewards and the distillation teacher (`RewardsConfig`'s defaults), every key declared so
+    that a command-line override (`--config.rewards.teacher_offload=True`) can set it."""
+    return as_config_dict(RewardsConfig, **overrides)
 
 
 def decode(**overrides) -> ml_collections.ConfigDict:

@@ -486,10 +486,16 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RewardsConfig:
     """The `rewards` section: `weights` (default: the task's), per-reward `options`, and the
-    distillation teacher (`teacher_path`: a directory or hub id, `teacher_weight`, `teacher_dtype`).
+    distillation teacher (`teacher_path`: a directory or hub id, `teacher_weight`, `teacher_dtype`,
+    `teacher_offload`).
 
     `distill` switches the distillation reward: None (on exactly when `teacher_path` is given),
     True (the reference's recipe: `teacher_path` is required) or False (off, whatever the path).
+
+    `teacher_offload` keeps the teacher's weights in host memory (the `pinned_host` memory kind)
+    between scorings: each scoring copies them to the chips and frees the copy afterwards, so the
+    rollout and the policy update run without them (what fits LLaDA-8B and the 7B teacher on a
+    v5litepod-8). It costs one host->device copy of the teacher per scoring.
     """
 
     weights: Mapping[str, float] | None = None
@@ -498,6 +504,7 @@ class RewardsConfig:
     teacher_path: str | None = None
     teacher_weight: float = 1.0
     teacher_dtype: str = "bfloat16"
+    teacher_offload: bool = False
 
     def __post_init__(self):
         if self.distill and not self.teacher_path:

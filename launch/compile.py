@@ -11,8 +11,9 @@ abstract shapes (nothing is loaded: `model.path`, when a local directory, gives 
 Needs `libtpu` (`pip install -e .[tpu]`).
 
 Prints per program and chip: arguments, outputs, temporaries, code, the run's other resident
-arrays, total against HBM, headroom, and the analytic TFLOPs of one call; then one JSON line with
-the same figures in bytes. With `--largest_group_size=LIMIT` (GRPO) it then searches the largest
+arrays (a resident teacher among them; an offloaded one, `--config.rewards.teacher_offload=True`,
+only in its scoring program), total against HBM, headroom, and the analytic TFLOPs of one call;
+then one JSON line with the same figures in bytes. With `--largest_group_size=LIMIT` (GRPO) it then searches the largest
 `rl.group_size` up to LIMIT at which every program fits (doubling, then bisecting: each size
 tried is one more compilation of the run) and prints it, also as `largest_group_size` in the JSON
 line. Exit status 0 when
@@ -36,8 +37,10 @@ from dultra_jax.training.compile_check import (compile_run, failure_line, format
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU accelerator type, e.g. v5litepod-8.", required=True)
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices over DCN (multi-slice).")
-_TEACHER = flags.DEFINE_string("teacher", None, "GRPO: the resident distillation teacher: qwen2.5-7b, none or an "
-                                                "HF directory (default: the config's rewards.teacher_path).")
+_TEACHER = flags.DEFINE_string("teacher", None, "GRPO: the distillation teacher: qwen2.5-7b, none or an HF directory "
+                                                "(default: the config's rewards.teacher_path); resident beside the "
+                                                "policy, or in host memory between scorings with "
+                                                "--config.rewards.teacher_offload=True.")
 _EVAL_ROWS = flags.DEFINE_integer("eval_rows", None, "GRPO: also compile the evaluation rollout at this many rows.")
 _LARGEST_GROUP_SIZE = flags.DEFINE_integer("largest_group_size", 0, "GRPO: also find the largest rl.group_size up to "
                                            "this limit at which every program fits (0: no search).")

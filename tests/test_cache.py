@@ -8,7 +8,7 @@ import pytest
 from dultra_jax.config import ConfigError, DecodeConfig
 from dultra_jax.decoding import cache as C
 from dultra_jax.decoding import rollout as R
-from dultra_jax.models import policy
+from dultra_jax.models import layers, policy
 from tests.helpers import MASK_ID, random_params, tiny_config
 from tests.test_rollout import _assert_same, _check_invariants
 
@@ -16,7 +16,7 @@ MODEL = tiny_config()
 PARAMS = random_params(MODEL)
 PROMPTS = np.random.default_rng(0).integers(3, MASK_ID, size=(4, 6))
 LP, LG, LB = 8, 12, 4
-apply_kv = jax.jit(policy.policy_apply_kv, static_argnums=2, static_argnames="with_planner")
+apply_kv = jax.jit(policy.policy_apply_kv, static_argnums=2, static_argnames=("with_planner", "suffix_start"))
 apply = jax.jit(policy.policy_apply, static_argnums=2, static_argnames="with_planner")
 
 
@@ -49,7 +49,7 @@ def test_window_forward_on_a_fresh_cache_equals_the_full_forward():
                                                  logit_positions=block)
     np.testing.assert_allclose(full_logits, ref_logits, atol=1e-5)
     np.testing.assert_allclose(full_unmask, ref_unmask, atol=1e-5)
-    assert kv[0][0].shape == (MODEL.n_layers, 4, LP + LG, MODEL.n_kv_heads, MODEL.head_dim)
+    assert kv[0][0].shape == (MODEL.n_layers, 4, MODEL.n_kv_heads, LP + LG, MODEL.head_dim)
     # dual: the block alone; prefix: block start to the canvas end, here clipped (duplicates of
     # the last position) as for a row ahead of the slowest one.
     prefix = C._prefix_window(block[:, 0], LG, LP + LG)
@@ -57,6 +57,13 @@ def test_window_forward_on_a_fresh_cache_equals_the_full_forward():
     for window in (block, prefix):
         logits, unmask, _ = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
                                                    logit_positions=block, cache=kv, window=window)
+        np.testing.assert_allclose(logits, full_logits, atol=1e-5)
+        np.testing.assert_allclose(unmask, full_unmask, atol=1e-5)
+    # prefix as the rollout runs it: one static suffix for every row, from the block or before it
+    # (the positions before a row's block then read from the cache), outputs at the block.
+    for start in (LP + LB, LP):
+        logits, unmask, _ = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
+                                     logit_positions=block, cache=kv, suffix_start=start)
         np.testing.assert_allclose(logits, full_logits, atol=1e-5)
         np.testing.assert_allclose(unmask, full_unmask, atol=1e-5)
     # Without the planner: no planner keys/values, the same logits and backbone keys/values.
@@ -70,6 +77,34 @@ def test_window_forward_on_a_fresh_cache_equals_the_full_forward():
         logits, _, _ = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates, logit_positions=block,
                                 cache=kv, window=window, with_planner=False)
         np.testing.assert_allclose(logits, full_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_over_cache_equals_attention_over_the_written_cache(dtype):
+    """Two key sets, one softmax: the same as writing the window's keys/values into the cache and
+    attending to all `S` keys. Grouped heads (4 query heads on 2 kv heads), left padding, and a
+    window with a repeated position (a prefix window clipped at the canvas end) whose key counts
+    once."""
+    rng = np.random.default_rng(1)
+    batch, length, heads, kv_heads, dim = 3, 10, 4, 2, 8
+    window = jnp.asarray([[4, 5, 6, 7], [6, 7, 8, 9], [7, 8, 9, 9]], jnp.int32)
+    valid = jnp.asarray(np.arange(length)[None] >= np.array([[0], [2], [3]]))  # rows 1, 2 left-padded
+    draw = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
+    q = draw(batch, 4, heads, dim)
+    # keys/values heads-major, as the cache keeps them: [B, Hkv, S|W, Dh]
+    cache, fresh = (draw(batch, kv_heads, length, dim), draw(batch, kv_heads, length, dim)), \
+        (draw(batch, kv_heads, 4, dim), draw(batch, kv_heads, 4, dim))
+    fresh = tuple(x.at[2, :, 3].set(x[2, :, 2]) for x in fresh)  # a repeated position computes the same keys/values
+    keys = layers.window_keys(valid, window, length)
+    got = layers.attention_over_cache(q, cache, fresh, keys.cache_valid, keys.fresh_valid)
+    rows = jnp.arange(batch)[:, None]
+    written = tuple(c.swapaxes(1, 2).at[rows, window].set(f.swapaxes(1, 2)) for c, f in zip(cache, fresh))
+    want = layers.attention(q, *written, key_valid=valid)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=1e-5 if dtype == jnp.float32 else 2e-2)
+    # the repeated key counted twice would shift row 2's output
+    doubled = layers.attention_over_cache(q, cache, fresh, keys.cache_valid, keys.fresh_valid.at[2, 3].set(True))
+    assert np.abs(np.asarray(doubled[2], np.float32) - np.asarray(want[2], np.float32)).max() > 1e-2
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
@@ -196,9 +231,10 @@ def test_a_blocks_refresh_rewrites_the_finished_and_the_new_block_only(cache):
     np.testing.assert_array_equal(new.block, [2] * 4)
     end = LP + 3 * LB if cache == "dual" else LP + LG
     window = jnp.tile(jnp.arange(LP + LB, end, dtype=jnp.int32)[None], (4, 1))
-    want_logits, want_unmask, want_kv = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
-                                                 logit_positions=positions, cache=stale,
-                                                 window=jnp.concatenate([positions, window], axis=1))
+    refresh_window = jnp.concatenate([positions, window], axis=1)
+    want_logits, want_unmask, fresh = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
+                                               logit_positions=positions, cache=stale, window=refresh_window)
+    want_kv = C.write_window(stale, refresh_window, fresh, jnp.ones(4, bool))
     np.testing.assert_allclose(logits, want_logits, atol=2e-5)
     np.testing.assert_allclose(unmask, want_unmask, atol=2e-5)
     _, _, full = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates, logit_positions=positions)
@@ -206,11 +242,11 @@ def test_a_blocks_refresh_rewrites_the_finished_and_the_new_block_only(cache):
     rewritten[LP + LB:end] = True
     for got, want, old in zip(jax.tree.leaves(new.kv), jax.tree.leaves(want_kv), jax.tree.leaves(stale)):
         np.testing.assert_allclose(got, want, atol=1e-5)
-        np.testing.assert_array_equal(np.asarray(got)[:, :, ~rewritten], np.asarray(old)[:, :, ~rewritten])
+        np.testing.assert_array_equal(np.asarray(got)[:, :, :, ~rewritten], np.asarray(old)[:, :, :, ~rewritten])
     finished = slice(LP + LB, LP + 2 * LB)
     for got, old, exact in zip(new.kv[0], stale[0], full[0]):  # the backbone's keys, values
-        np.testing.assert_allclose(np.asarray(got)[0, :, rewritten], np.asarray(exact)[0, :, rewritten], atol=1e-5)
-        assert np.abs(np.asarray(old)[0, :, finished] - np.asarray(exact)[0, :, finished]).max() > 1e-2
+        np.testing.assert_allclose(np.asarray(got)[0, :, :, rewritten], np.asarray(exact)[0, :, :, rewritten], atol=1e-5)
+        assert np.abs(np.asarray(old)[0, :, :, finished] - np.asarray(exact)[0, :, :, finished]).max() > 1e-2
 
 
 # ------------------------------------------------------------------ refresh scheduling
@@ -266,7 +302,10 @@ def test_partial_refresh_equals_refreshing_rows_one_by_one(cache, blocks, refres
 
     full_logits, full_unmask, fresh = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
                                                logit_positions=positions)
-    np.testing.assert_array_equal(new.block, np.where(np.asarray(active), current, block))
+    # When every active row refreshes, every row takes the full forward's keys/values and the
+    # others (here done rows) are marked stale (-1): they refresh if they ever step again.
+    whole = all(row in refreshing for row in range(batch) if blocks[row] is not None)
+    np.testing.assert_array_equal(new.block, np.where(np.asarray(active), current, -1 if whole else block))
     for row in range(batch):
         if blocks[row] is None:
             continue

@@ -50,6 +50,37 @@ def test_the_tiny_grpo_run_compiles_and_fits_on_a_small_slice():
 
 
 @needs_libtpu
+def test_an_offloaded_teacher_is_resident_only_while_it_scores(tmp_path, monkeypatch):
+    """With `rewards.teacher_offload` the teacher's bytes leave the rollout's and the update's
+    resident arrays; its scoring program is the same either way (the teacher as its arguments)."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(dict(
+        model_type="qwen2", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=48)))
+    reports = {}
+    for offload in (False, True):
+        config = tiny.get_config()
+        config.data.prompts_per_step = 1  # programs no other test compiles (persistent-cache hits warn)
+        config.rewards.teacher_offload = offload
+        reports[offload] = compile_check.compile_run(config, "v5litepod-4", teacher=str(teacher))
+        # The offloaded run lowers the same programs: its figures need no second compilation (which
+        # would also hit the persistent cache, unreadable without a TPU client, and warn).
+        monkeypatch.setattr(compile_check, "_compile", lambda name, lowered, resident, flops:
+                            compile_check.ProgramReport(name, resident=resident, flops=flops))
+    resident, offloaded = ({p.name: p for p in reports[k].programs} for k in (False, True))
+    assert list(resident) == list(offloaded) == ["rollout", "grpo_update", "teacher_score"]
+    assert reports[False].all_fit and resident["teacher_score"].arguments > 0
+    teacher_bytes = resident["grpo_update"].resident - offloaded["grpo_update"].resident
+    assert teacher_bytes > 0 and offloaded["grpo_update"].resident == 0
+    assert resident["rollout"].resident - offloaded["rollout"].resident == teacher_bytes
+    assert resident["teacher_score"].resident == offloaded["teacher_score"].resident > 0
+    assert "offloaded to host memory" in reports[True].teacher and "resident" in reports[False].teacher
+    assert reports[True].teacher in compile_check.format_report(reports[True]).splitlines()
+    assert json.loads(compile_check.report_json(reports[True]))["teacher"] == reports[True].teacher
+
+
+@needs_libtpu
 def test_unknown_topologies_and_sizes_are_one_line_errors():
     with pytest.raises(compile_check.TopologyError, match=r"--topology='a100-8' is not a TPU accelerator type"):
         compile_check.topology("a100-8")

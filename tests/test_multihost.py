@@ -339,6 +339,77 @@ def test_evaluate_launcher_on_two_processes_equals_one_process(tmp_path):
     assert summaries[0] == summaries[1]
 
 
+# The distillation teacher's scoring (`Teacher.token_logps`) on a mesh, each process with its own
+# rows. argv: coordinator address ("-": one process), process id, rows file (JSON: prompts and
+# completions of every row, and each process's share), output file.
+_TEACHER_SCORES = """
+import json, sys
+import jax
+from dultra_jax import distributed
+if sys.argv[1] != "-":
+    distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from dultra_jax.models.teacher import TeacherConfig, teacher_abstract_params, teacher_init_params
+from dultra_jax.rewards.distill import Teacher
+from dultra_jax.sharding import make_mesh, param_shardings
+mesh = make_mesh()
+distributed.connect_cpu_collectives(mesh)
+config = TeacherConfig(family="qwen2", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=48)
+shardings = param_shardings(teacher_abstract_params(config), mesh)
+# 7.5 x HF's 0.02 init: log-probs far from uniform, so a row scored against another's tokens shows.
+params = jax.jit(lambda key: jax.tree.map(lambda x: 7.5 * x, teacher_init_params(config, key)),
+                 out_shardings=shardings)(jax.random.key(0))
+with open(sys.argv[3]) as f:
+    rows = json.load(f)
+own = slice(*rows["share"][jax.process_index()]) if jax.process_count() > 1 else slice(None)
+prompts, completions = rows["prompts"][own], rows["completions"][own]
+teacher = Teacher(params, config, tokenizer=None, length_bucket=8, row_bucket=1, max_rows=2, mesh=mesh)
+out = {"rows": [l.tolist() for l in teacher.token_logps(prompts, completions)]}
+# A process without rows still joins every call (the other has 3 rows: 2 chunks).
+few = slice(0, 3) if jax.process_index() == 0 else slice(0, 0)
+out["few"] = [l.tolist() for l in teacher.token_logps(prompts[few], completions[few])]
+host = jax.device_put(params, jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), shardings))
+offloaded = Teacher(host, config, tokenizer=None, length_bucket=8, row_bucket=1, max_rows=2, mesh=mesh, offload=True)
+out["offloaded"] = [l.tolist() for l in offloaded.token_logps(prompts, completions)]
+with open(sys.argv[4] + f".{jax.process_index()}.json", "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_teacher_scores_on_two_processes_equal_one_process(tmp_path):
+    """Two processes x 4 devices, process 0 with 5 rows (3 chunks of max_rows=2) and process 1 with 2
+    (1 chunk) of different lengths, score as one process x 8 devices does all 7 rows; a process
+    with no rows joins the other's calls; an offloaded teacher scores the same (up to float
+    rounding: a call's padded widths depend on its rows)."""
+    rng = np.random.default_rng(3)
+    rows = {"prompts": [rng.integers(0, 96, size=rng.integers(1, 12)).tolist() for _ in range(7)],
+            "completions": [rng.integers(0, 96, size=rng.integers(0, 14)).tolist() for _ in range(7)],
+            "share": [[0, 5], [5, 7]]}
+    rows["prompts"][6] = rng.integers(0, 96, size=20).tolist()  # process 1's prompts are the widest
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    script = ["-c", _TEACHER_SCORES]
+    env = {k: v for k, v in _env(8).items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    _run_all([(script + ["-", "0", str(tmp_path / "rows.json"), str(tmp_path / "single")], env)], tmp_path, "single")
+    address = f"127.0.0.1:{_free_port()}"
+    _run_all([(script + [address, str(i), str(tmp_path / "rows.json"), str(tmp_path / "multi")],
+               {k: v for k, v in _env(4, address).items() if k != "JAX_COMPILATION_CACHE_DIR"}) for i in range(2)],
+             tmp_path, "multi")
+    single = json.loads((tmp_path / "single.0.json").read_text())
+    multi = [json.loads((tmp_path / f"multi.{i}.json").read_text()) for i in range(2)]
+    assert [len(r) for r in single["rows"]] == [len(c) for c in rows["completions"]]
+    assert len({round(v, 3) for r in single["rows"] for v in r}) > 20  # distinct log-probs, not padding
+    for key in ("rows", "offloaded"):
+        got = multi[0][key] + multi[1][key]
+        assert [len(r) for r in got] == [len(r) for r in single["rows"]]
+        for g, w in zip(got, single["rows"]):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    assert multi[1]["few"] == [] and len(multi[0]["few"]) == 3
+    for g, w in zip(multi[0]["few"], single["rows"][:3]):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.concatenate([np.asarray(r) for r in single["offloaded"]]),
+                               np.concatenate([np.asarray(r) for r in single["rows"]]), atol=1e-6, rtol=0)
+
+
 def test_flag_errors_name_the_flag():
     with pytest.raises(distributed.DistributedError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
         distributed.check_flags("127.0.0.1:1234", 2, 2, None)

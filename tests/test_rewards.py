@@ -341,3 +341,24 @@ def test_teacher_chunks_and_truncation(teacher_dir):
                                [_torch_mean_logp(model, tokenizer, "the cat", "sat on")], atol=1e-4)
     with pytest.raises(ValueError, match="needs RewardInputs.prompts"):
         compute_rewards(_inputs(["x"]), {"distill": 1.0}, options={"distill": {"teacher": teacher}})
+
+
+def test_teacher_from_dir_on_a_mesh_offloaded(teacher_dir):
+    """`from_dir(mesh=..., offload=True)` (what `rewards.teacher_offload` loads): sharded weights in
+    host memory, and the same scores as torch (5 rows over 8 devices, in chunks of 2)."""
+    import jax
+
+    from dultra_jax.rewards.distill import Teacher
+    from dultra_jax.sharding import make_mesh
+
+    path, model, tokenizer = teacher_dir
+    mesh = make_mesh(fsdp=-1)
+    teacher = Teacher.from_dir(path, mesh=mesh, offload=True, max_rows=2, **_teacher_kw(path))
+    assert teacher.mesh is mesh and teacher.offload
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(teacher.params)} == {"pinned_host"}
+    assert teacher.params["layers"]["gate_proj"]["kernel"].sharding.mesh == mesh
+    prompts = ["what is 1 + 2", "the cat", "2 + 2 =", "a dog", "what"]
+    completions = ["3", "sat on a mat", "", "ran to the cat", "4 <|end|>"]
+    expected = [_torch_mean_logp(model, tokenizer, p, c) for p, c in zip(prompts, completions)]
+    np.testing.assert_allclose(teacher.score_texts(prompts, completions), expected, atol=1e-4, rtol=1e-4)
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(teacher.params)} == {"pinned_host"}

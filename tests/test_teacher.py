@@ -1,5 +1,6 @@
 """Autoregressive teacher: HF Qwen2 / Llama import, logits and scores against transformers (torch)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from dultra_jax.config import ConfigError
 from dultra_jax.interop.hf_teacher import load_teacher
-from dultra_jax.sharding import ShardingError, param_partition_spec
+from dultra_jax.rewards.distill import Teacher
+from dultra_jax.sharding import ShardingError, make_mesh, param_partition_spec
 from dultra_jax.interop.safetensors_io import CheckpointError, open_checkpoint, save_file
 from dultra_jax.models.teacher import (TeacherConfig, score, score_jit, teacher_config_from_hf, teacher_forward,
                                        teacher_init_params)
@@ -155,6 +157,66 @@ def test_load_onto_mesh_matches(hf_models):
     again, _ = load_teacher(hf_dir, shardings=replicated)
     assert again["layers"]["q_proj"]["kernel"].sharding.spec == P()
     np.testing.assert_array_equal(np.asarray(again["layers"]["q_proj"]["kernel"]), np.asarray(q))
+
+
+def _ragged_rows(count, seed):
+    """`count` prompts (1-9 tokens) and completions (0-6 tokens, empty ones included) of token ids."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, TINY["vocab_size"], size=rng.integers(1, 10)).tolist() for _ in range(count)]
+    completions = [rng.integers(0, TINY["vocab_size"], size=rng.integers(0, 7)).tolist() for _ in range(count)]
+    completions[1] = []
+    return prompts, completions
+
+
+def _assert_rows_close(got, want, atol):
+    assert [len(g) for g in got] == [len(w) for w in want]
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, w, atol=atol, rtol=0)
+
+
+def test_teacher_on_a_mesh_scores_as_on_one_device(hf_models):
+    """Sharded parameters and rows over the batch axes (8 devices) give one device's log-probs,
+    for 5 rows (padded to the mesh's 8) and in chunks of max_rows=3 (3 + 2 rows, each padded to 8)."""
+    hf_dir, _ = hf_models["qwen2"]
+    mesh = make_mesh(fsdp=-1)
+    single = Teacher(*load_teacher(hf_dir), tokenizer=None, length_bucket=8, row_bucket=1)
+    sharded = Teacher(*load_teacher(hf_dir, mesh=mesh), tokenizer=None, length_bucket=8, row_bucket=1, mesh=mesh)
+    assert sharded.params["layers"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    assert sharded._row_multiple() == 8
+    prompts, completions = _ragged_rows(5, seed=11)
+    want = single.token_logps(prompts, completions)
+    assert sum(np.count_nonzero(w) for w in want) > 10  # real log-probs, not padding
+    _assert_rows_close(sharded.token_logps(prompts, completions), want, atol=1e-5)
+    chunked = dataclasses.replace(sharded, max_rows=3)
+    _assert_rows_close(chunked.token_logps(prompts, completions), want, atol=1e-5)
+    assert sharded.token_logps([], []) == [] and sharded.score_texts([], []).shape == (0,)
+
+
+def test_offloaded_teacher_keeps_its_weights_on_the_host(hf_models):
+    """`pinned_host` parameters (one device, and sharded on a mesh) stay in host memory, and intact,
+    after scoring, which copies them to the devices for the call: the same log-probs as resident ones."""
+    hf_dir, _ = hf_models["llama_untied"]
+    prompts, completions = _ragged_rows(6, seed=12)
+    for mesh in (None, make_mesh(data=2, fsdp=2, tensor=2)):
+        resident = Teacher(*load_teacher(hf_dir, mesh=mesh), tokenizer=None, length_bucket=8, mesh=mesh)
+        offloaded = Teacher(*load_teacher(hf_dir, mesh=mesh, memory_kind="pinned_host"), tokenizer=None,
+                            length_bucket=8, mesh=mesh, offload=True)
+        leaves = jax.tree.leaves(offloaded.params)
+        assert {x.sharding.memory_kind for x in leaves} == {"pinned_host"}
+        if mesh is not None:
+            assert offloaded.params["layers"]["o_proj"]["kernel"].sharding.spec == P(None, "tensor", "fsdp")
+        copies, copy = [], offloaded._device_params
+        offloaded._device_params = lambda: copies.append(copy()) or copies[-1]  # to see the device copy
+        want = resident.token_logps(prompts, completions)
+        _assert_rows_close(offloaded.token_logps(prompts, completions), want, atol=1e-6)
+        (device,) = copies  # one copy per call, in device memory, freed when the call returns
+        assert {x.sharding.memory_kind for x in jax.tree.leaves(device)} == {"device"}
+        assert all(x.is_deleted() for x in jax.tree.leaves(device))
+        assert {x.sharding.memory_kind for x in jax.tree.leaves(offloaded.params)} == {"pinned_host"}
+        assert not any(x.is_deleted() for x in jax.tree.leaves(offloaded.params))
+        for got, kept in zip(jax.tree.leaves(offloaded.params), jax.tree.leaves(resident.params)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(kept))
 
 
 def test_partition_rules_and_divisibility(hf_models):

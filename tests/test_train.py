@@ -191,6 +191,8 @@ def test_reference_configs_validate_and_match_the_reference():
         rewards = from_config(GRPOConfig, module.get_config()).rewards
         assert (rewards.distill, rewards.teacher_path, rewards.teacher_weight, rewards.uses_teacher) == (
             True, teacher, 1.0, True)
+        # Every rewards key is declared, so `--config.rewards.teacher_offload=True` overrides one.
+        assert module.get_config().rewards.teacher_offload is False and rewards.teacher_offload is False
         rewards = from_config(GRPOConfig, module.get_config("nodistill")).rewards
         assert (rewards.distill, rewards.teacher_path, rewards.uses_teacher) == (False, None, False)
     with pytest.raises(ConfigError, match=r"configs/math.py takes no argument or 'nodistill', got 'distil'"):

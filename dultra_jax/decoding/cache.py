@@ -12,8 +12,10 @@ block, and reuses them:
             suffix (the suffix is still all masks, so its cached keys/values are nearly current).
 
 Everything stays fixed-shape inside the rollout's `lax.while_loop`. The cache holds all `L`
-positions (`[n_layers, B, L, Hkv, Dh]`, keys and values); a window forward writes the window's
-fresh keys/values over it and attends to all `L` keys, so one code path serves both modes.
+positions (`[n_layers, B, Hkv, L, Dh]`, keys and values, heads before positions as the
+attention's batched products read them); a window's queries attend to the
+window's fresh keys/values and to the cached ones everywhere else (`layers.attention_over_cache`,
+which reads the cache and never copies it), so one code path serves both modes.
 
 While a cache is on, rows enter blocks together: the rollout steps only the rows in the batch's
 earliest current block (`rollout.stepping_rows`), and rows that finished it wait at no NFE. So a
@@ -22,9 +24,11 @@ decoding, while each row still spends only its own steps (rows at their own pace
 a refresh at a different iteration, on top of the batch's window forward). Each row remembers
 the block its cache was made for (`block`) and is refreshed when it moves on; an iteration where
 only some stepping rows refresh (which the rollout does not produce, but which stays exact) runs
-the full forward and the window forward. The prefix window's width depends on the block, so it is
-a `lax.switch` over the earliest stepping row's block (rows further on read a window clipped at
-the canvas end; the clipped duplicates of the last position compute the same values).
+the full forward and the window forward. The prefix window is the canvas suffix from the
+earliest stepping row's block on, whose width depends on the block: a `lax.switch` over that
+block, each branch with a static suffix that attends to the cache before it and nothing of the
+cache after (`policy.policy_apply_kv(suffix_start=...)`; a row further on reads its positions
+before its own block from the cache, so its outputs are those of its own window).
 
 `decode.cache_refresh="blocks"` makes every refresh after the first block cheaper: instead of
 the full forward, a window forward over the new block and the block just finished (`prefix`: and
@@ -59,7 +63,7 @@ class BlockCache:
     """The rollout's KV cache (part of the loop carry).
 
     Attributes:
-      kv: `(backbone_kv, planner_kv)`; each a `(keys, values)` pair of `[n_layers, B, L, Hkv, Dh]`
+      kv: `(backbone_kv, planner_kv)`; each a `(keys, values)` pair of `[n_layers, B, Hkv, L, Dh]`
         arrays in the compute dtype (planner_kv None without a planner head or when the rule
         does not use it).
       block: `[B]` int32 block index each row's cache was refreshed for (-1: never).
@@ -75,7 +79,7 @@ def init_cache(batch: int, model: ModelConfig, config: DecodeConfig) -> BlockCac
         return None
 
     def zeros(n_layers: int):
-        shape = (n_layers, batch, config.canvas_length, model.n_kv_heads, model.head_dim)
+        shape = (n_layers, batch, model.n_kv_heads, config.canvas_length, model.head_dim)
         return jnp.zeros(shape, model.compute_dtype), jnp.zeros(shape, model.compute_dtype)
 
     # Rules that never read the planner neither run nor cache it.
@@ -93,9 +97,15 @@ def _where_rows(rows: jax.Array, new, old):
     return jax.tree.map(lambda n, o: jnp.where(rows.reshape(rows.shape + (1,) * (n.ndim - 1)), n, o), new, old)
 
 
-def _where_kv_rows(rows: jax.Array, new, old):
-    """`_where_rows` for `[n_layers, B, ...]` keys/values."""
-    return jax.tree.map(lambda n, o: jnp.where(rows[None, :, None, None, None], n, o), new, old)
+def write_window(kv, window: jax.Array, fresh, rows: jax.Array):
+    """The cache `kv` with the window forward's `fresh` keys/values written at `window` `[B, W]`
+    on the rows `rows` `[B]` (bool); leaves `[n_layers, B, Hkv, L|W, Dh]`, None leaves stay.
+    Only `W` positions per row are read and written."""
+    def row(cache, new, window, write):  # one row: [n_layers, Hkv, L|W, Dh], window [W]
+        return cache.at[:, :, window].set(jnp.where(write, new.astype(cache.dtype), cache[:, :, window]))
+
+    write_rows = jax.vmap(row, in_axes=(1, 1, 0, 0), out_axes=1)
+    return jax.tree.map(lambda cache, new: write_rows(cache, new, window, rows), kv, fresh)
 
 
 def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, cache: BlockCache,
@@ -104,7 +114,9 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
     """One NFE on each stepping row's current block, through the cache.
 
     Rows that entered a new block since their cache was made (`refresh`) get a full forward: its
-    keys/values replace theirs and its outputs are theirs (exact). The others run the window
+    keys/values replace theirs and its outputs are theirs (exact; when every stepping row
+    refreshes, every row's keys/values are replaced and the rows that did not step are marked
+    stale, `block` -1, to refresh when they next step). The others run the window
     forward against the cache. Which forwards run depends on which rows refresh (one
     `lax.switch`): none -> the window forward alone; every stepping row (what the rollout's
     lockstep produces) -> the full forward alone, or with `cache_refresh="blocks"` and every
@@ -119,8 +131,7 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
     """
     block_index = (positions[:, 0] - config.prompt_length) // config.block_length
     refresh = active & (block_index != cache.block)
-    # Windows whose width depends on the block branch on the earliest stepping row's block (the
-    # others' windows are clipped at the canvas end).
+    # Windows whose width depends on the block branch on the earliest stepping row's block.
     earliest = jnp.min(jnp.where(active, block_index, config.num_blocks - 1))
 
     def full_forward():
@@ -129,20 +140,19 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
             with_planner=config.uses_planner)
         return (token_logits, unmask_logits), fresh
 
-    def window_forward(window, kv):
+    def window_forward(kv, **window):
         token_logits, unmask_logits, _ = policy.policy_apply_kv(
             params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
-            cache=kv, window=window, with_planner=config.uses_planner)
+            cache=kv, with_planner=config.uses_planner, **window)
         return token_logits, unmask_logits
 
     def cached_outputs(kv):
         if config.cache == "dual":
-            return window_forward(positions, kv)
-        # prefix: the window runs from the block start to the canvas end.
-        start = positions[:, 0]
-        branches = [lambda kv, k=k: window_forward(
-            _prefix_window(start, config.gen_length - k * config.block_length, config.canvas_length), kv)
-            for k in range(config.num_blocks)]
+            return window_forward(kv, window=positions)
+        # prefix: the window runs from the earliest stepping row's block start to the canvas end
+        # (a row further on reads its positions before its own block from the cache).
+        branches = [lambda kv, k=k: window_forward(kv, suffix_start=config.prompt_length + k * config.block_length)
+                    for k in range(config.num_blocks)]
         return jax.lax.switch(earliest, branches, kv)
 
     def no_refresh(kv):
@@ -155,10 +165,11 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
         finished = config.prompt_length + jnp.maximum(cache.block, 0) * config.block_length
 
         def run(window):
+            window = jnp.concatenate([positions, window], axis=1)
             token_logits, unmask_logits, fresh = policy.policy_apply_kv(
                 params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
-                cache=kv, window=jnp.concatenate([positions, window], axis=1), with_planner=config.uses_planner)
-            return _where_kv_rows(refresh, fresh, kv), (token_logits, unmask_logits)
+                cache=kv, window=window, with_planner=config.uses_planner)
+            return write_window(kv, window, fresh, refresh), (token_logits, unmask_logits)
 
         finished_block = _prefix_window(finished, config.block_length, config.canvas_length)
         if config.cache == "dual":
@@ -174,19 +185,26 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
                                                              for k in range(1, config.num_blocks)])
 
     def refresh_all(kv):
+        # Every row takes the full forward's keys/values (selecting rows would read and write the
+        # whole cache once more); the rows that did not step are marked stale below instead.
         outputs, fresh = full_forward()
-        return _where_kv_rows(refresh, fresh, kv), outputs
+        return fresh, outputs
 
     def refresh_batch_and_window(kv):
         outputs, fresh = full_forward()
-        kv = _where_kv_rows(refresh, fresh, kv)
+        kv = jax.tree.map(lambda n, o: jnp.where(refresh[None, :, None, None, None], n, o), fresh, kv)
         return kv, _where_rows(refresh, outputs, cached_outputs(kv))
 
     branches = [no_refresh, refresh_batch_and_window, refresh_all]
-    whole = 2  # every stepping row refreshes
+    replace_every_row = 2  # every stepping row refreshes
+    whole = replace_every_row
     if config.cache_refresh == "blocks" and config.num_blocks > 1:  # a first refresh has no cache: full
         branches.append(refresh_blocks)
-        whole = jnp.where(jnp.all(~refresh | (cache.block >= 0)), 3, 2)
+        whole = jnp.where(jnp.all(~refresh | (cache.block >= 0)), 3, replace_every_row)
     branch = jnp.where(~jnp.any(refresh), 0, jnp.where(jnp.all(refresh | ~active), whole, 1))
     kv, (token_logits, unmask_logits) = jax.lax.switch(branch, branches, cache.kv)
-    return token_logits, unmask_logits, BlockCache(kv=kv, block=jnp.where(refresh, block_index, cache.block))
+    # A row whose cache another row's refresh replaced refreshes on its next step (under the
+    # rollout's lockstep only done rows and rows past the batch's block are replaced: they would
+    # refresh anyway).
+    kept = jnp.where(branch == replace_every_row, -1, cache.block)
+    return token_logits, unmask_logits, BlockCache(kv=kv, block=jnp.where(refresh, block_index, kept))

@@ -232,7 +232,7 @@ def constrain_rows(state: RolloutState) -> RolloutState:
     rows = lambda x: constrain(x, BATCH_AXES)  # noqa: E731
     cache = state.cache
     if cache is not None:
-        kv = jax.tree.map(lambda x: constrain(x, None, BATCH_AXES, None, "tensor"), cache.kv)
+        kv = jax.tree.map(lambda x: constrain(x, None, BATCH_AXES, "tensor", None), cache.kv)
         cache = cache.replace(kv=kv, block=rows(cache.block))
     return state.replace(canvas=rows(state.canvas), valid=rows(state.valid), unmask_step=rows(state.unmask_step),
                          block_step=rows(state.block_step), nfe=rows(state.nfe), done=rows(state.done),

@@ -7,15 +7,18 @@ expected tensor is checked (present, right shape) and every checkpoint tensor mu
 before anything is placed on a device.
 
 With a mesh, each leaf is built with `jax.make_array_from_callback`, so a device only reads its
-own shard from the memory-mapped files (never the whole checkpoint in host memory).
+own shard from the memory-mapped files (never the whole checkpoint in host memory). With
+`memory_kind="pinned_host"` the shards land in host memory instead of the chips' (an offloaded
+teacher, `rewards.teacher_offload`), each still placed by its device's sharding.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from dultra_jax.hub import resolve_model_dir
 from dultra_jax.interop.safetensors_io import open_checkpoint
@@ -72,8 +75,8 @@ def teacher_config(hf_dir: str, *, dtype: str = "float32", param_dtype: str | No
 
 
 def load_teacher(hf_dir: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                 mesh: Mesh | None = None, shardings: Any = None,
-                 scan_layers: bool = True) -> tuple[Params, TeacherConfig]:
+                 mesh: Mesh | None = None, shardings: Any = None, scan_layers: bool = True,
+                 memory_kind: str | None = None) -> tuple[Params, TeacherConfig]:
     """Loads an HF `Qwen2ForCausalLM` / `LlamaForCausalLM` directory as teacher parameters.
 
     Args:
@@ -85,6 +88,9 @@ def load_teacher(hf_dir: str, *, dtype: str = "float32", param_dtype: str | None
       shardings: optional pytree of `jax.sharding.Sharding`s with the params' structure; overrides
         the rules (and `mesh`).
       scan_layers: stack layers into `[n_layers, ...]` leaves (else `layers/{i}/...`).
+      memory_kind: where the leaves live: None (the devices' memory) or a memory kind of the
+        devices, e.g. "pinned_host" (host memory, for a teacher offloaded between scorings);
+        applied to every sharding, so each shard is read straight into that memory.
     Returns:
       `(params, config)`: params a nested dict of `jax.Array`s of `param_dtype`.
     Raises:
@@ -101,5 +107,11 @@ def load_teacher(hf_dir: str, *, dtype: str = "float32", param_dtype: str | None
     validate(ckpt, table, leaf_shapes(abstract), ignore=lambda name: _ignorable(name, config))
     if shardings is None and mesh is not None:
         shardings = param_shardings(abstract, mesh)
+    if memory_kind is not None:
+        if shardings is None:  # `load_tensors`' default place, in the requested memory
+            shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0], memory_kind=memory_kind),
+                                     abstract)
+        else:
+            shardings = jax.tree.map(lambda sharding: sharding.with_memory_kind(memory_kind), shardings)
     params = load_tensors(ckpt, table, abstract, shardings, np.dtype(config.weight_dtype))
     return params, config

@@ -8,7 +8,7 @@ Normalisation statistics, RoPE and softmax run in float32 whatever the compute d
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +124,7 @@ def swiglu(gate: Linear, up: Linear, down: Linear, x: jax.Array) -> jax.Array:
     return down(constrain(jax.nn.silu(gate(x)) * up(x), BATCH_AXES, None, "tensor"))
 
 
-KV = tuple  # (keys, values), each `[B, S, Hkv, Dh]` (one layer) or `[n_layers, B, S, Hkv, Dh]`
+KV = tuple  # (keys, values), each `[B, Hkv, S, Dh]` (one layer) or `[n_layers, B, Hkv, S, Dh]`
 
 
 def self_attention(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Linear, out_proj: Linear, *,
@@ -139,17 +139,19 @@ def self_attention_kv(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Line
                       n_heads: int, n_kv_heads: int, head_dim: int, rope, valid: jax.Array | None,
                       causal: bool = False, cache: KV | None = None, positions: jax.Array | None = None,
                       query_positions: jax.Array | None = None):
-    """Self-attention that also returns the keys/values it attended to (the block KV cache).
+    """Self-attention that also returns its keys/values (the block KV cache).
 
     Without `cache`, `h` is the whole sequence `[B, S, D]` and the returned keys/values are its
-    own. With `cache` (keys/values of all `S` positions, `[B, S, Hkv, Dh]` each), `h` is a window
-    `[B, W, D]` at absolute `positions` `[B, W]`: the window's fresh keys/values overwrite the
-    cache there and its queries attend to all `S` keys (`valid` is then the `[B, S]` key mask).
+    own. With `cache` (keys/values of all `S` positions, `[B, Hkv, S, Dh]` each), `h` is a window
+    `[B, W, D]` at absolute `positions` `[B, W]` whose queries attend to the window's fresh
+    keys/values and the cached ones everywhere else (`attention_over_cache`; `valid` is then a
+    `WindowKeys`), and the keys/values it attended to at the window's positions, `[B, Hkv, W,
+    Dh]`, come back.
     With `query_positions` `[B, K]` (no cache), every position of `h` gives keys/values but only
     those `K` positions' queries run, so the output is `[B, K, D]`.
 
     Returns:
-      `(out [B, W|S|K, D], (keys, values) [B, S, Hkv, Dh])`, RoPE applied to the keys.
+      `(out [B, W|S|K, D], (keys, values) [B, Hkv, W|S, Dh])`, RoPE applied to the keys.
     """
     batch, length, _ = h.shape
     h_query, query_rope = h, rope
@@ -163,12 +165,100 @@ def self_attention_kv(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Line
     k = constrain(k_proj(h).reshape(batch, length, n_kv_heads, head_dim), *heads)
     v = constrain(v_proj(h).reshape(batch, length, n_kv_heads, head_dim), *heads)
     q, k = apply_rope(q, *query_rope), apply_rope(k, *rope)
-    if cache is not None:
-        rows = jnp.arange(batch)[:, None]
-        k = cache[0].at[rows, positions].set(k.astype(cache[0].dtype))
-        v = cache[1].at[rows, positions].set(v.astype(cache[1].dtype))
-    out = attention(q, k, v, key_valid=valid, causal=causal)
-    return out_proj(out.reshape(batch, num_queries, n_heads * head_dim)), (k, v)
+    heads_major = lambda x: constrain(jnp.swapaxes(x, 1, 2), BATCH_AXES, "tensor", None, None)  # noqa: E731
+    if cache is None:
+        out = attention(q, k, v, key_valid=valid, causal=causal)
+        kv = heads_major(k), heads_major(v)
+    else:
+        kv = heads_major(k.astype(cache[0].dtype)), heads_major(v.astype(cache[1].dtype))
+        if valid.keep_cached is not None:  # a suffix window: rows whose own window starts later
+            start = valid.cache_length       # read the positions before it from the cache
+            keep = valid.keep_cached[:, None, :, None]
+            kv = tuple(jnp.where(keep, c[:, :, start:], fresh) for c, fresh in zip(cache, kv))
+        cached = tuple(c[:, :, :valid.cache_length] for c in cache)
+        out = attention_over_cache(q, cached, kv, valid.cache_valid, valid.fresh_valid)
+    return out_proj(out.reshape(batch, num_queries, n_heads * head_dim)), kv
+
+
+class WindowKeys(NamedTuple):
+    """The keys a window forward's queries attend to (`attention_over_cache`).
+
+    Attributes:
+      cache_valid: `[B, S]` bool, the cache's keys attended to; the cache is read at its first
+        `S = cache_length` positions only.
+      fresh_valid: `[B, W]` bool, the window's own keys attended to.
+      cache_length: `S`, a Python int.
+      keep_cached: None, or for a suffix window (`suffix_window_keys`, window `[S, L)`) `[B, W]`
+        bool: the window positions whose keys/values are read from the cache instead (before a
+        row's own block).
+    """
+
+    cache_valid: jax.Array
+    fresh_valid: jax.Array
+    cache_length: int
+    keep_cached: jax.Array | None = None
+
+
+def window_keys(valid: jax.Array | None, positions: jax.Array, length: int) -> WindowKeys:
+    """Which keys a window at any `positions` `[B, W]` attends to (`attention_over_cache`): the
+    cached ones outside the window, `[B, S]` (`valid` `[B, S]` key mask or None), and the first
+    occurrence of each window position among the fresh ones, `[B, W]` (a prefix window clipped
+    at the canvas end repeats its last position; each key must count once)."""
+    batch, width = positions.shape
+    rows = jnp.arange(batch)[:, None]
+    in_window = jnp.zeros((batch, length), jnp.bool_).at[rows, positions].set(True)
+    earlier = jnp.arange(width)[:, None] > jnp.arange(width)[None, :]  # [W, W]: key j before query i
+    repeated = jnp.any((positions[:, :, None] == positions[:, None, :]) & earlier[None], axis=-1)
+    cache_valid, fresh_valid = ~in_window, ~repeated
+    if valid is not None:
+        cache_valid, fresh_valid = cache_valid & valid, fresh_valid & jnp.take_along_axis(valid, positions, axis=1)
+    return WindowKeys(cache_valid, fresh_valid, length)
+
+
+def suffix_window_keys(valid: jax.Array | None, start: int, own_start: jax.Array, length: int) -> WindowKeys:
+    """The keys of a suffix window `[start, L)` shared by every row (`length` `L`): the cache
+    before `start`, the window's own keys from there on, except, for a row whose own window
+    starts later (`own_start` `[B]`), the positions before it, read from the cache: its outputs
+    are then those of its own window. The cache's keys inside the window are never read, so the
+    attention has exactly `L` keys (`window_keys`' general window has `L + W`)."""
+    batch = own_start.shape[0]
+    window = jnp.arange(start, length, dtype=jnp.int32)
+    if valid is None:
+        valid = jnp.ones((batch, length), jnp.bool_)
+    return WindowKeys(valid[:, :start], valid[:, start:], start, keep_cached=window[None, :] < own_start[:, None])
+
+
+def attention_over_cache(q: jax.Array, cache: KV, fresh: KV, cache_valid: jax.Array,
+                         fresh_valid: jax.Array) -> jax.Array:
+    """Attention of a window's queries over two key sets: the cache and the window's own.
+
+    One softmax over both, as `attention` over the cache with the window's keys/values written
+    in, without writing them: writing meant a copy of the whole cache in every layer and step,
+    a sixth of a dual-cache window step on CPU.
+
+    Args:
+      q: `[B, W, H, Dh]`; cache: `(k, v)` `[B, Hkv, S, Dh]`; fresh: `(k, v)` `[B, Hkv, W, Dh]`.
+      cache_valid, fresh_valid: `[B, S]`, `[B, W]` bool, the keys attended to (`WindowKeys`).
+    Returns:
+      `[B, W, H, Dh]` in q's dtype; logits and softmax in float32, as `attention`.
+    """
+    batch, width, heads, head_dim = q.shape
+    kv_heads, length = cache[0].shape[1], cache[0].shape[2]
+    group = heads // kv_heads
+    # [B, W, Hkv, G, Dh] -> [B, Hkv, G * W, Dh]: a kv head's queries as one batched product's rows
+    grouped = jnp.moveaxis(q.reshape(batch, width, kv_heads, group, head_dim), 1, 3)
+    grouped = grouped.reshape(batch, kv_heads, group * width, head_dim)
+    floor = jnp.finfo(jnp.float32).min
+
+    def logits(keys, valid):
+        scores = jnp.einsum("bhqd,bhsd->bhqs", grouped, keys, preferred_element_type=jnp.float32)
+        return jnp.where(valid[:, None, None, :], scores / math.sqrt(head_dim), floor)
+
+    probs = jax.nn.softmax(jnp.concatenate([logits(cache[0], cache_valid), logits(fresh[0], fresh_valid)], -1), -1)
+    out = (jnp.einsum("bhqs,bhsd->bhqd", probs[..., :length].astype(cache[1].dtype), cache[1])
+           + jnp.einsum("bhqs,bhsd->bhqd", probs[..., length:].astype(fresh[1].dtype), fresh[1]))
+    out = jnp.moveaxis(out.reshape(batch, kv_heads, group, width, head_dim), 3, 1)
+    return out.reshape(batch, width, heads, head_dim).astype(q.dtype)
 
 
 def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -229,17 +319,23 @@ def run_layers(layers, x: jax.Array, rope, valid, *, stacked: bool, remat: bool,
 
 
 def run_layers_kv(layers, x: jax.Array, rope, valid, *, stacked: bool, cache: KV | None = None,
-                  positions: jax.Array | None = None):
+                  positions: jax.Array | None = None, keys: WindowKeys | None = None):
     """`run_layers` for decoding with a block KV cache: each layer is `layer.with_kv(h, rope, valid,
     cache, positions) -> (h, (k, v))`.
 
     Args:
       x: `[B, S, D]` (no cache: a full forward) or a window `[B, W, D]` at `positions` `[B, W]`.
-      cache: per-layer `(k, v)` `[n_layers, B, S, Hkv, Dh]` or None.
+      valid: `[B, S]` key mask or None.
+      cache: per-layer `(k, v)` `[n_layers, B, Hkv, S, Dh]` or None.
+      keys: the window's keys (default: `window_keys`; `suffix_window_keys` for a suffix).
     Returns:
-      `(x, (k, v) [n_layers, B, S, Hkv, Dh])`: after a full forward the cache to keep; after a
-      window forward the cache with the window's keys/values written in (callers may drop it).
+      `(x, (k, v))`: after a full forward `[n_layers, B, Hkv, S, Dh]`, the cache to keep; after a
+      window forward the keys/values the window attended to at its positions, `[n_layers, B,
+      Hkv, W, Dh]` (its fresh ones, or the cache's where `keys.keep_cached`).
     """
+    if cache is not None:  # the window's key masks, once for every layer
+        valid = keys if keys is not None else window_keys(valid, positions, cache[0].shape[3])
+
     def apply(graphdef, state, h, layer_cache):
         return nnx.merge(graphdef, state).with_kv(h, rope, valid, layer_cache, positions)
 

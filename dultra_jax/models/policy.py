@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dultra_jax.config import ModelConfig
-from dultra_jax.models import pure
+from dultra_jax.models import layers, pure
 from dultra_jax.models.layers import gather_positions
 from dultra_jax.models.llada import LLaDAModel
 
@@ -161,24 +161,31 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
 
 def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, valid: jax.Array,
                     candidates: jax.Array, logit_positions: jax.Array, cache=None, window: jax.Array | None = None,
-                    with_planner: bool = True):
+                    suffix_start: int | None = None, with_planner: bool = True):
     """`policy_apply` for decoding with a block KV cache (Fast-dLLM); the mask logit is -inf.
 
     Full forward (`cache` None): the whole canvas runs, outputs are read at `logit_positions`
     `[B, K]`, and every attention layer's keys/values come back: the cache to keep.
     Window forward (`cache` given): only the canvas positions `window` `[B, W]` run, against the
     cached keys/values of all others; outputs are read at the first `K` window positions (callers
-    put the current block first). Cached keys/values are as stale as the canvas they were made on.
+    put the current block first). Or, with `suffix_start` `S` (a Python int) instead of `window`,
+    the canvas suffix `[S, L)` runs for every row against the cache before it, and outputs are
+    read at `logit_positions`: a row whose block starts after `S` reads its keys/values before
+    its block from the cache, so its outputs are those of its own window `[block start, L)`
+    (`layers.suffix_window_keys`; what the prefix cache runs, with `L` keys where a general
+    window has `L + W`); a row whose block starts before `S` gets meaningless outputs. Cached keys/values are as stale as the canvas they were made on.
 
     Args:
       canvas, valid, candidates: `[B, L]` (candidates: masked positions of the current block).
-      cache: `(backbone_kv, planner_kv)`, `(k, v)` pairs `[n_layers, B, L, Hkv, Dh]` (planner_kv
+      cache: `(backbone_kv, planner_kv)`, `(k, v)` pairs `[n_layers, B, Hkv, L, Dh]` (planner_kv
         None without a planner head).
       with_planner: run the planner head (if any); False for rules that never read it, so its
         keys/values are neither computed nor cached.
     Returns:
-      `(token_logits [B, K, V]`, `unmask_logits [B, K]` float32 or None, `cache`); after a window
-      forward the returned cache holds the window's fresh keys/values (callers may drop it).
+      `(token_logits [B, K, V]`, `unmask_logits [B, K]` float32 or None, `kv`): after a full
+      forward the cache to keep (`[n_layers, B, Hkv, L, Dh]` leaves); after a window forward the
+      keys/values it attended to at its positions (`[n_layers, B, Hkv, W, Dh]`, for
+      `cache.write_window`).
     """
     model = bind(config, params)
     key_mask = _key_mask(config, valid)
@@ -192,9 +199,18 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
         planner_positions, h_out = positions, gather_positions(h_last, logit_positions)
         planner_candidates, planner_cache = candidates, None
     else:
+        keys, read_outputs = None, lambda x: x[:, :num_out]  # the window's first positions
+        if suffix_start is not None:
+            length = canvas.shape[1]
+            window = jnp.broadcast_to(jnp.arange(suffix_start, length, dtype=jnp.int32)[None],
+                                      (canvas.shape[0], length - suffix_start))
+            keys = layers.suffix_window_keys(key_mask, suffix_start, logit_positions[:, 0], length)
+            # (clipped: a row whose block starts before the suffix reads nothing meaningful)
+            offsets = jnp.clip(logit_positions - suffix_start, 0, length - suffix_start - 1)
+            read_outputs = lambda x: gather_positions(x, offsets)  # noqa: E731
         tokens = gather_positions(canvas, window)
-        h_last, backbone_kv = model.hidden_kv(tokens, window, key_mask, cache=cache[0])
-        planner_positions, h_out = window, h_last[:, :num_out]
+        h_last, backbone_kv = model.hidden_kv(tokens, window, key_mask, cache=cache[0], keys=keys)
+        planner_positions, h_out = window, read_outputs(h_last)
         planner_candidates, planner_cache = gather_positions(candidates, window), cache[1]
     token_logits = suppress_mask_logit(model.logits(h_out), config.mask_token_id)
     if not (config.has_planner and with_planner):
@@ -202,7 +218,6 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
     t = planner_timestep(canvas, config.mask_token_id, valid)
     unmask_logits, planner_kv = model.planner.with_kv(
         h_last, t, planner_candidates, model.rope(planner_positions), key_mask, cache=planner_cache,
-        positions=None if cache is None else window)
-    unmask_logits = (gather_positions(unmask_logits, logit_positions) if cache is None
-                     else unmask_logits[:, :num_out])
+        positions=None if cache is None else window, keys=None if cache is None else keys)
+    unmask_logits = gather_positions(unmask_logits, logit_positions) if cache is None else read_outputs(unmask_logits)
     return token_logits, unmask_logits, (backbone_kv, planner_kv)

@@ -8,21 +8,33 @@ normalised; 0 for an empty completion), as in the reference `verifier_reward`.
 
 Scoring is one jitted call per chunk of rows (`dultra_jax.models.teacher.score_jit`). Prompts are
 left-padded and completions right-padded to multiples of `length_bucket` tokens, and the number of
-rows to a multiple of `row_bucket`, so batches of similar size reuse one compiled program.
+rows to a multiple of `row_bucket`, so batches of similar size reuse one compiled program; every
+chunk of one call has the same shape.
+
+On a mesh (`Teacher.from_dir(mesh=...)`) the parameters are sharded as the policy's
+(`sharding.param_shardings`) and each chunk's rows over the batch axes, every process scoring its
+own rows; several processes agree on the chunks' shape and count first, since each call is a
+collective program all of them must run. An offloaded teacher (`offload=True`,
+`rewards.teacher_offload`) keeps its weights in host memory and copies them to the devices for
+the length of one `token_logps` call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dultra_jax.data.tokenizer import load_tokenizer
 from dultra_jax.hub import resolve_model_dir
 from dultra_jax.interop.hf_teacher import load_teacher, teacher_config
 from dultra_jax.models.teacher import score_jit
 from dultra_jax.rewards.registry import RewardInputs, register
+from dultra_jax.sharding import BATCH_AXES, global_rows, local_rows
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -42,6 +54,11 @@ class Teacher:
       max_rows: at most this many rows per jitted call (None: all at once).
       max_prompt_tokens: longer prompts keep their last tokens (None: no limit).
       max_completion_tokens: longer completions keep their first tokens (None: no limit).
+      mesh: the `Mesh` the parameters are sharded on (None: one device); each call's rows are
+        then sharded over its batch axes, so the rows of a call are padded to a multiple of this
+        process's share of them as well as of `row_bucket`.
+      offload: the parameters live in host memory (`pinned_host`); each `token_logps` call copies
+        them to the devices and frees the copy before it returns.
     """
 
     params: Any
@@ -53,6 +70,8 @@ class Teacher:
     max_rows: int | None = None
     max_prompt_tokens: int | None = None
     max_completion_tokens: int | None = None
+    mesh: Any = None
+    offload: bool = False
 
     def __post_init__(self):
         for key in ("length_bucket", "row_bucket"):
@@ -61,18 +80,21 @@ class Teacher:
 
     @classmethod
     def from_dir(cls, path: str, *, dtype: str = "bfloat16", param_dtype: str | None = None, mesh=None,
-                 tokenizer_dir: str | None = None, key: str = "rewards.teacher_path", **kwargs) -> "Teacher":
+                 offload: bool = False, tokenizer_dir: str | None = None, key: str = "rewards.teacher_path",
+                 **kwargs) -> "Teacher":
         """Loads an HF Qwen2 / Llama directory (config, safetensors, tokenizer files), or a hub id
         of one (`hub.resolve_model_dir`; `key` names `path` in errors).
 
         `dtype` is the compute dtype (bfloat16, as the reference runs the teacher), `param_dtype`
-        the storage dtype (default: `dtype`); `mesh` shards the parameters; `kwargs` set the other
-        attributes.
+        the storage dtype (default: `dtype`); `mesh` shards the parameters (and each call's rows);
+        `offload` reads them into host memory (`pinned_host`) rather than the devices'; `kwargs`
+        set the other attributes.
         """
         path = resolve_model_dir(path, key)
         tokenizer = load_tokenizer(tokenizer_dir or path, key="tokenizer_dir" if tokenizer_dir else key)
-        params, config = load_teacher(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
-        return cls(params=params, config=config, tokenizer=tokenizer, **kwargs)
+        params, config = load_teacher(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                      memory_kind="pinned_host" if offload else None)
+        return cls(params=params, config=config, tokenizer=tokenizer, mesh=mesh, offload=offload, **kwargs)
 
     @staticmethod
     def check_dir(path: str, *, dtype: str = "bfloat16", tokenizer_dir: str | None = None,
@@ -122,10 +144,8 @@ class Teacher:
             completion_ids.append(c)
         return prompt_ids, completion_ids
 
-    def _pack(self, prompt_ids, completion_ids):
-        rows = _round_up(len(prompt_ids), self.row_bucket)
-        lp = _round_up(max(len(p) for p in prompt_ids), self.length_bucket)
-        lc = _round_up(max([len(c) for c in completion_ids] + [1]), self.length_bucket)
+    def _pack(self, prompt_ids, completion_ids, rows: int, lp: int, lc: int):
+        """`[rows, lp]` left-padded prompts and `[rows, lc]` right-padded completions (ids, valid)."""
         pad = self.pad_id
         p_ids = np.full((rows, lp), pad, np.int32)
         p_valid = np.zeros((rows, lp), bool)
@@ -137,22 +157,77 @@ class Teacher:
             c_ids[r, :len(c)], c_valid[r, :len(c)] = c, True
         return p_ids, c_ids, p_valid, c_valid
 
+    @property
+    def _collective(self) -> bool:
+        """Whether scoring is a program every process runs together (a mesh over several processes)."""
+        return self.mesh is not None and jax.process_count() > 1
+
+    def _row_multiple(self) -> int:
+        """What this process's rows of one call are padded to a multiple of: `row_bucket`, and with a
+        mesh this process's share of the batch axes' devices (each device holds as many rows)."""
+        if self.mesh is None:
+            return self.row_bucket
+        width = math.prod(self.mesh.shape[axis] for axis in BATCH_AXES)
+        return math.lcm(self.row_bucket, max(1, -(-width // jax.process_count())))
+
+    def _device_params(self):
+        """The parameters in device memory: a copy of the host-resident ones when offloaded."""
+        if not self.offload:
+            return self.params
+        return jax.device_put(self.params, jax.tree.map(lambda x: x.sharding.with_memory_kind("device"), self.params))
+
+    def _score(self, params, p_ids, c_ids, p_valid, c_valid) -> np.ndarray:
+        """One chunk's `[rows, lc]` float32 log-probs (this process's rows on a mesh)."""
+        if self.mesh is None:
+            return np.asarray(score_jit(params, p_ids, c_ids, self.config, p_valid, c_valid), np.float32)
+        inputs = [global_rows(x, self.mesh) for x in (p_ids, c_ids, p_valid, c_valid)]
+        with jax.set_mesh(self.mesh):  # rows over the batch axes, as `sharding.constrain` pins them
+            logps = score_jit(params, inputs[0], inputs[1], self.config, inputs[2], inputs[3])
+        return np.asarray(local_rows(logps, self.mesh), np.float32)
+
     def token_logps(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[np.ndarray]:
-        """Per row, the teacher log-probability of each completion token (float32)."""
+        """Per row, the teacher log-probability of each completion token (float32).
+
+        Rows go in chunks of at most `max_rows`, all of one shape: prompt and completion widths
+        over every row of the call, and `min(max_rows, rows)` rows padded to `_row_multiple`, so
+        one call compiles at most one program. With several processes every process must run
+        the same programs the same number of times: the widths, rows and number of chunks are
+        their maxima over the processes (one small all-gather), and a process past its own rows
+        scores padding rows only. With no rows and one process, nothing runs.
+        """
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"{len(prompt_ids)} prompt rows but {len(completion_ids)} completion rows")
+        count = len(prompt_ids)
+        if not count and not self._collective:
+            return []
+        step = self.max_rows or max(1, count)
+        lp = _round_up(max((len(p) for p in prompt_ids), default=1), self.length_bucket)
+        lc = _round_up(max((len(c) for c in completion_ids), default=1), self.length_bucket)
+        rows = _round_up(min(step, max(count, 1)), self._row_multiple())
+        chunks = -(-count // step)
+        if self._collective:
+            agreed = multihost_utils.process_allgather(np.asarray([lp, lc, rows, chunks], np.int32))
+            lp, lc, rows, chunks = (int(v) for v in np.asarray(agreed).reshape(-1, 4).max(axis=0))
 
         out: list[np.ndarray] = []
-        step = self.max_rows or max(1, len(prompt_ids))
-        for start in range(0, len(prompt_ids), step):
-            p_chunk, c_chunk = prompt_ids[start:start + step], completion_ids[start:start + step]
-            p_ids, c_ids, p_valid, c_valid = self._pack(p_chunk, c_chunk)
-            logps = np.asarray(score_jit(self.params, p_ids, c_ids, self.config, p_valid, c_valid), np.float32)
-            out.extend(logps[r, :len(c)] for r, c in enumerate(c_chunk))
+        params = self._device_params()
+        try:
+            for start in range(0, chunks * step, step):
+                p_chunk, c_chunk = prompt_ids[start:start + step], completion_ids[start:start + step]
+                logps = self._score(params, *self._pack(p_chunk, c_chunk, rows, lp, lc))
+                out.extend(logps[r, :len(c)] for r, c in enumerate(c_chunk))
+        finally:
+            if self.offload:  # free the chips for the rollout and the update; the host copy stays
+                for copy, kept in zip(jax.tree.leaves(params), jax.tree.leaves(self.params)):
+                    if copy is not kept:
+                        copy.delete()
         return out
 
     def score_texts(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         """Mean teacher log-probability of each completion's tokens given its prompt: `[B]` float32
-        (0 for an empty completion)."""
-        if not len(prompts):
+        (0 for an empty completion). With several processes on a mesh, every process calls this
+        together, even with no rows of its own (`token_logps`)."""
+        if not len(prompts) and not self._collective:
             return np.zeros((0,), np.float32)
         prompt_ids, completion_ids = self.encode(prompts, completions)
         logps = self.token_logps(prompt_ids, completion_ids)

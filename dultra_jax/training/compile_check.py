@@ -13,7 +13,9 @@ memory of a few GiB.
 Per program and chip the report gives XLA's buffer assignment (`memory_analysis`): arguments,
 outputs (less those aliased into donated arguments), temporaries and code, plus the run's
 resident arrays that the program does not take (the optimiser moments during the rollout, a
-resident teacher), against the chip's HBM.
+resident teacher), against the chip's HBM. An offloaded teacher (`rewards.teacher_offload`) is
+in host memory during the rollout, the old log-probs and the update, so it counts only in its
+own scoring program (as that program's arguments); the report's `teacher` line says which.
 """
 
 from __future__ import annotations
@@ -146,9 +148,13 @@ class ProgramReport:
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
+    """Every program's report on `topology`; `teacher`: one line on the distillation teacher (its
+    bytes per chip, resident or offloaded), None without one."""
+
     topology: Topology
     mesh: str
     programs: tuple[ProgramReport, ...]
+    teacher: str | None = None
 
     def fits(self, program: ProgramReport) -> bool:
         return program.error is None and program.total <= self.topology.hbm_bytes
@@ -214,7 +220,8 @@ def teacher_config(teacher: str | None, dtype: str) -> teacher_lib.TeacherConfig
 
 
 def _grpo_reports(config: ml_collections.ConfigDict, mesh, teacher: str | None,
-                  eval_rows: int | None) -> list[ProgramReport]:
+                  eval_rows: int | None) -> tuple[list[ProgramReport], str | None]:
+    """The GRPO run's programs, and the report's line on its teacher (None without one)."""
     cfg = programs.resolve_prompts_per_step(from_config(GRPOConfig, config), mesh.devices.size)
     grpo.check_mesh(cfg)(mesh)  # the run's own start-up checks
     model = model_config(cfg.model)
@@ -232,15 +239,24 @@ def _grpo_reports(config: ml_collections.ConfigDict, mesh, teacher: str | None,
         shapes = teacher_lib.teacher_abstract_params(teacher_cfg)
         teacher_params = programs.with_shardings(shapes, param_shardings(shapes, mesh))
     teacher_bytes = per_chip_bytes(teacher_params) if teacher_params is not None else 0
+    teacher_note = None
+    if teacher_params is not None:
+        offload = cfg.rewards.teacher_offload
+        teacher_note = (f"{teacher_cfg.family} teacher, {_gib(teacher_bytes)} GiB per chip: " +
+                        ("offloaded to host memory between scorings (rewards.teacher_offload), on the chips in "
+                         "teacher_score only" if offload else "resident beside the policy in every program"))
+        log.info("%s", teacher_note)
+    # An offloaded teacher is in host memory while the policy's programs run.
+    resident_teacher = 0 if cfg.rewards.teacher_offload else teacher_bytes
     state_bytes, params_bytes = per_chip_bytes(state.abstract), per_chip_bytes(state.abstract.params)
     forward = forward_flops(model, rows, length)["flops"]
     budget = decode.step_budget
     reports = []
     for name, lowered in step.lower(rows).items():
         if name == "grpo_update":  # forward + backward per replayed step (+ the reference's forward)
-            flops, resident = forward * budget * (3 + (cfg.rl.beta > 0)), teacher_bytes
+            flops, resident = forward * budget * (3 + (cfg.rl.beta > 0)), resident_teacher
         else:
-            flops, resident = forward * budget, state_bytes - params_bytes + teacher_bytes
+            flops, resident = forward * budget, state_bytes - params_bytes + resident_teacher
         reports.append(_compile(name, lowered, resident, flops))
     if teacher_params is not None:
         # the distillation reward pads prompts and completions to multiples of its length bucket
@@ -252,11 +268,13 @@ def _grpo_reports(config: ml_collections.ConfigDict, mesh, teacher: str | None,
             lowered = teacher_lib.score_jit.lower(teacher_params, *ids, config=teacher_cfg, prompt_valid=valid[0],
                                                   completion_valid=valid[1])
         flops = 2.0 * per_chip_bytes(shapes) / jnp.dtype(teacher_cfg.param_dtype).itemsize * rows * sum(widths)
+        # The policy's train state stays on the chips; the teacher is this program's arguments
+        # (an offloaded teacher's device copy, made for the scoring and freed after it).
         reports.append(_compile("teacher_score", lowered, state_bytes, flops))
     if eval_rows:
         lowered = step.lower_rollout(eval_rows)  # evaluation holds the parameters only
         reports.append(_compile("evaluation", lowered, 0, forward_flops(model, eval_rows, length)["flops"] * budget))
-    return reports
+    return reports, teacher_note
 
 
 def _sft_reports(config: ml_collections.ConfigDict, mesh, planner: bool) -> list[ProgramReport]:
@@ -309,11 +327,12 @@ def compile_run(config: ml_collections.ConfigDict, topology_name: str, *, num_sl
     mesh = make_mesh(**{k: mesh_section.get(k, d) for k, d in (("data", 1), ("fsdp", -1), ("tensor", 1))},
                      devices=host_contiguous(slice_.devices))
     kind = trainer_of(config)
+    teacher_note = None
     if kind == "grpo":
-        reports = _grpo_reports(config, mesh, teacher, eval_rows)
+        reports, teacher_note = _grpo_reports(config, mesh, teacher, eval_rows)
     else:
         reports = _sft_reports(config, mesh, planner=kind == "planner_init")
-    return CompileReport(slice_, describe_mesh(mesh), tuple(reports))
+    return CompileReport(slice_, describe_mesh(mesh), tuple(reports), teacher=teacher_note)
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int, limit: int, step: int = 1) -> int:
@@ -392,6 +411,8 @@ def format_report(report: CompileReport, topology_line: bool = True) -> str:
     if topology_line:
         lines.append(f"{report.topology.name}: {len(report.topology.devices)} x {report.topology.device_kind}, "
                      f"{_gib(hbm)} GiB HBM each; mesh {report.mesh}")
+        if report.teacher is not None:
+            lines.append(report.teacher)
     lines.append(f"{'program':<16} {'args':>7} {'out':>7} {'temp':>7} {'code':>6} {'resident':>8} {'total':>7} "
                  f"{'headroom':>8}  {'TFLOP':>9}  fits   (GiB per chip)")
     for p in report.programs:
@@ -417,11 +438,11 @@ def failure_line(report: CompileReport) -> str | None:
 
 
 def report_json(report: CompileReport, **extra: Any) -> str:
-    """One JSON line: `{"compile": topology, "mesh", "hbm_bytes", "fits", "programs": {name: {bytes
-    per chip and flops, "fits", "error"}}}` and the `extra` items."""
+    """One JSON line: `{"compile": topology, "mesh", "hbm_bytes", "fits", "teacher", "programs":
+    {name: {bytes per chip and flops, "fits", "error"}}}` and the `extra` items."""
     rows = {p.name: {"arguments": p.arguments, "outputs": p.outputs, "aliased": p.aliased, "temporaries": p.temporaries,
                      "code": p.code, "resident": p.resident, "total": p.total, "flops": p.flops,
                      "fits": report.fits(p), "error": p.error} for p in report.programs}
     return json.dumps({"compile": report.topology.name, "device_kind": report.topology.device_kind,
                        "mesh": report.mesh, "hbm_bytes": report.topology.hbm_bytes, "fits": report.all_fit,
-                       "programs": rows, **extra})
+                       "teacher": report.teacher, "programs": rows, **extra})

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from dultra_jax import rewards as reward_lib
 from dultra_jax.config import ConfigError, DataConfig, DecodeConfig, ModelConfig, RewardsConfig, from_config
@@ -97,6 +98,7 @@ class TrainData(CheckpointedBatches):
 
         self.options = {k: dict(v) for k, v in (rewards.options or {}).items()}
         self.teacher_dir = self.teacher_dtype = None
+        self.teacher_offload = rewards.teacher_offload
         if rewards.uses_teacher:  # checked now (config.json, tokenizer); its weights load in `load_teacher`
             self.teacher_dir = Teacher.check_dir(rewards.teacher_path, dtype=rewards.teacher_dtype)
             self.teacher_dtype = rewards.teacher_dtype
@@ -107,11 +109,19 @@ class TrainData(CheckpointedBatches):
                               f"known: {', '.join(sorted(reward_lib.REWARDS))}")
         self.accuracy_part = self.task.correctness_part
 
-    def load_teacher(self) -> None:
+    def load_teacher(self, mesh: Mesh | None = None) -> None:
         """Reads the distillation teacher's weights (when the rewards use one): after the checks of
-        `__init__` and the policy's weights, so a mistake in the data never waits for either."""
+        `__init__` and the policy's weights, so a mistake in the data never waits for either.
+
+        `mesh` (the run's) shards the teacher's parameters as the policy's and its rows over the
+        batch axes; with `rewards.teacher_offload` the parameters stay in host memory between
+        scorings (`Teacher.offload`)."""
         if self.teacher_dir is not None and "teacher" not in self.options.get("distill", {}):
-            teacher = Teacher.from_dir(self.teacher_dir, dtype=self.teacher_dtype)
+            teacher = Teacher.from_dir(self.teacher_dir, dtype=self.teacher_dtype, mesh=mesh,
+                                       offload=self.teacher_offload)
+            log.info("distillation teacher %s loaded%s", self.teacher_dir,
+                     " into host memory (rewards.teacher_offload: on the chips only while scoring)"
+                     if self.teacher_offload else "")
             self.options.setdefault("distill", {})["teacher"] = teacher
 
     def completions(self, trajectory: Trajectory) -> list[str]:

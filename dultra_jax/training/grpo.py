@@ -114,7 +114,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     if sources:  # each checkpoint records which snapshot a hub id named
         run = dataclasses.replace(run, config_json={**run.config_json, "sources": sources})
     mesh, model = run.mesh, run.model
-    data.load_teacher()
+    data.load_teacher(mesh)
 
     programs = grpo_programs(run.programs, decode, cfg.rl)
     update, old_logps = programs.update, programs.old_logps
