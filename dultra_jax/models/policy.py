@@ -173,12 +173,14 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
     read at `logit_positions`: a row whose block starts after `S` reads its keys/values before
     its block from the cache, so its outputs are those of its own window `[block start, L)`
     (`layers.suffix_window_keys`; what the prefix cache runs, with `L` keys where a general
-    window has `L + W`); a row whose block starts before `S` gets meaningless outputs. Cached keys/values are as stale as the canvas they were made on.
+    window has `L + W`); a row whose block starts before `S` gets meaningless outputs. Cached
+    keys/values are as stale as the canvas they were made on.
 
     Args:
       canvas, valid, candidates: `[B, L]` (candidates: masked positions of the current block).
       cache: `(backbone_kv, planner_kv)`, `(k, v)` pairs `[n_layers, B, Hkv, L, Dh]` (planner_kv
         None without a planner head).
+      window: `[B, W]` canvas positions, or `suffix_start`: a Python int (one of them with a cache).
       with_planner: run the planner head (if any); False for rules that never read it, so its
         keys/values are neither computed nor cached.
     Returns:
