@@ -49,6 +49,7 @@ from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import is_config_flag  # public, not re-exported
 
 from dultra_jax import distributed
+from dultra_jax.config import CACHE_MODES, CACHE_REFRESHES
 from dultra_jax.checkpoint import quiet_orbax_logs
 from dultra_jax.errors import UserError
 
@@ -232,11 +233,31 @@ class _NumberListParser(flags.ListParser):
         return f"comma-separated list of {self.kind.__name__}"
 
 
+def _launcher_module() -> str:
+    """The module that called a `DEFINE_*` helper of this file, named as absl names the module
+    whose flags `--help` lists (the script's path for `__main__`): its flags are the launcher's."""
+    name = sys._getframe(2).f_globals.get("__name__", "")
+    return sys.argv[0] if name == "__main__" else name
+
+
+def DEFINE_cache_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:  # noqa: N802
+    """`--cache` and `--cache_refresh` (`decode.cache`, `decode.cache_refresh`) of the decoding
+    launchers."""
+    module = _launcher_module()
+    cache = flags.DEFINE_enum("cache", "none", list(CACHE_MODES), "Block KV cache (none is exact; prefix / dual "
+                              "reuse keys/values within a block, Fast-dLLM).", module_name=module)
+    refresh = flags.DEFINE_enum("cache_refresh", "full", list(CACHE_REFRESHES),
+                                "How a cache is refreshed at a new block: full forward (Fast-dLLM) or blocks "
+                                "(the new and the finished block only; cheaper, a further approximation).",
+                                module_name=module)
+    return cache, refresh
+
+
 def DEFINE_number_list(name: str, default: Sequence[float | int] | None, help: str, kind: type = float,  # noqa: N802
                        **kwargs) -> flags.FlagHolder:
     """A comma-separated list of `kind` (int or float) values, checked while the flags are parsed."""
     return flags.DEFINE(_NumberListParser(kind), name, None if default is None else list(default), help,
-                        serializer=flags.CsvListSerializer(","), **kwargs)
+                        serializer=flags.CsvListSerializer(","), module_name=_launcher_module(), **kwargs)
 
 
 class _KeyValueParser(flags.ArgumentParser):
@@ -266,4 +287,5 @@ class _KeyValueSerializer(flags.ArgumentSerializer):
 def DEFINE_key_values(name: str, help: str, **kwargs) -> flags.FlagHolder:  # noqa: N802
     """A repeatable `--NAME=KEY=VALUE` flag; its value is a list of `(key, value)` pairs, each value
     read as JSON when it parses (`split=test` -> "test", `n=3` -> 3)."""
-    return flags.DEFINE_multi(_KeyValueParser(), _KeyValueSerializer(), name, [], help, **kwargs)
+    return flags.DEFINE_multi(_KeyValueParser(), _KeyValueSerializer(), name, [], help,
+                              module_name=_launcher_module(), **kwargs)

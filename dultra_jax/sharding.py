@@ -182,6 +182,11 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def batch_devices(mesh: Mesh) -> int:
+    """How many ways the batch axes `('data', 'fsdp')` split a batch's rows."""
+    return _axis_size(mesh, BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Rows over `('data', 'fsdp')`, other dims replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
@@ -220,7 +225,7 @@ def check_groups_stay_whole(name: str, rows: int, group_size: int, mesh: Mesh,
         blocks.setdefault(process_of(device), set()).add((start, stop))
     interleaved = [p for p, own in blocks.items()
                    if any(a[1] != b[0] for a, b in zip(sorted(own), sorted(own)[1:]))]
-    per_device = rows // int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    per_device = rows // batch_devices(mesh)
     if interleaved and per_device % group_size:
         raise ShardingError(f"{name}: the mesh interleaves the rows of process(es) {sorted(interleaved)} with other "
                             f"processes' rows, so each device's {per_device} rows must be whole groups of "

@@ -50,7 +50,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dultra_jax import cli, distributed
-from dultra_jax.config import CACHE_MODES, CACHE_REFRESHES, EVAL_SCORINGS, ConfigError, EvalRunConfig, from_config
+from dultra_jax.config import EVAL_SCORINGS, ConfigError, EvalRunConfig, from_config
 from dultra_jax.evaluation import summary_table
 from dultra_jax.model_source import evaluate_source
 from dultra_jax.model_source import eoser_fields
@@ -87,11 +87,7 @@ _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 512, "Prompt width (longe
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows per rollout.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Token temperature (0 = argmax).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Step budget (default gen_length).")
-_CACHE = flags.DEFINE_enum("cache", "none", list(CACHE_MODES),
-                           "Block KV cache (none is exact; prefix / dual reuse keys/values within a block).")
-_CACHE_REFRESH = flags.DEFINE_enum("cache_refresh", "full", list(CACHE_REFRESHES),
-                                   "How a cache is refreshed at a new block: full forward (Fast-dLLM) or blocks "
-                                   "(the new and the finished block only; cheaper, a further approximation).")
+_CACHE, _CACHE_REFRESH = cli.DEFINE_cache_flags()
 _EOSER = flags.DEFINE_bool("eoser", False, "EOS early rejection (confidence rules).")
 _EOSER_GAMMA_MIN = flags.DEFINE_float("eoser_gamma_min", None, "EOSER's starting factor on EOS confidence "
                                       "(default 0.4; needs --eoser).")

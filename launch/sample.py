@@ -27,7 +27,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from dultra_jax import cli
-from dultra_jax.config import CACHE_MODES, CACHE_REFRESHES, RULES
+from dultra_jax.config import RULES
 from dultra_jax.model_source import eoser_fields, sample_source
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `model` section.")
@@ -49,11 +49,7 @@ _EOSER = flags.DEFINE_bool("eoser", False, "EOS early rejection (confidence rule
 _EOSER_GAMMA_MIN = flags.DEFINE_float("eoser_gamma_min", None, "EOSER's starting factor on EOS confidence "
                                       "(default 0.4; needs --eoser).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and init seed of random weights).")
-_CACHE = flags.DEFINE_enum("cache", "none", list(CACHE_MODES), "Block KV cache (none is exact; prefix / dual "
-                           "reuse keys/values within a block, Fast-dLLM).")
-_CACHE_REFRESH = flags.DEFINE_enum("cache_refresh", "full", list(CACHE_REFRESHES),
-                                   "How a cache is refreshed at a new block: full forward (Fast-dLLM) or blocks "
-                                   "(the new and the finished block only; cheaper, a further approximation).")
+_CACHE, _CACHE_REFRESH = cli.DEFINE_cache_flags()
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Compute dtype (default: the checkpoint's torch_dtype, or the config's).")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"],

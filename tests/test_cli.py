@@ -357,3 +357,13 @@ def test_sample_on_eight_devices_does_not_hang():
         proc = _run("sample.py", "--model=assets/demo", f"--prompt_ids={ids}", f"--rule={rule}", "--gen_length=32",
                     "--block_length=8", env=env, timeout=300)
         assert len(_sample_rows(proc)) == 8
+
+
+@pytest.mark.parametrize("script, shared", [("evaluate.py", ("--cache", "--cache_refresh", "--factors", "--task_option")),
+                                            ("sample.py", ("--cache", "--cache_refresh"))])
+def test_help_lists_the_flags_the_shared_helpers_define(script, shared):
+    """Flags made by `cli.DEFINE_*` belong to the launcher that calls them, so its `--help` lists
+    them (absl's `--help` shows the main module's flags only)."""
+    result = _run(script, "--help", env=one_device_env())  # absl's usage exits with status 1
+    listed = {line.split(":")[0].strip() for line in result.stdout.splitlines() if line.startswith("  --")}
+    assert set(shared) <= listed, sorted(listed)

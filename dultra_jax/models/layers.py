@@ -137,16 +137,15 @@ def self_attention(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Linear,
 
 def self_attention_kv(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Linear, out_proj: Linear, *,
                       n_heads: int, n_kv_heads: int, head_dim: int, rope, valid: jax.Array | None,
-                      causal: bool = False, cache: KV | None = None, positions: jax.Array | None = None,
-                      query_positions: jax.Array | None = None):
+                      causal: bool = False, cache: KV | None = None, query_positions: jax.Array | None = None):
     """Self-attention that also returns its keys/values (the block KV cache).
 
     Without `cache`, `h` is the whole sequence `[B, S, D]` and the returned keys/values are its
     own. With `cache` (keys/values of all `S` positions, `[B, Hkv, S, Dh]` each), `h` is a window
-    `[B, W, D]` at absolute `positions` `[B, W]` whose queries attend to the window's fresh
-    keys/values and the cached ones everywhere else (`attention_over_cache`; `valid` is then a
-    `WindowKeys`), and the keys/values it attended to at the window's positions, `[B, Hkv, W,
-    Dh]`, come back.
+    `[B, W, D]` (its positions' RoPE in `rope`) whose queries attend to the window's fresh
+    keys/values and the cached ones everywhere else (`attention_over_cache`; `valid` is then the
+    window's `WindowKeys`), and the keys/values it attended to at the window's positions, `[B,
+    Hkv, W, Dh]`, come back.
     With `query_positions` `[B, K]` (no cache), every position of `h` gives keys/values but only
     those `K` positions' queries run, so the output is `[B, K, D]`.
 
@@ -318,26 +317,22 @@ def run_layers(layers, x: jax.Array, rope, valid, *, stacked: bool, remat: bool,
     return x
 
 
-def run_layers_kv(layers, x: jax.Array, rope, valid, *, stacked: bool, cache: KV | None = None,
-                  positions: jax.Array | None = None, keys: WindowKeys | None = None):
+def run_layers_kv(layers, x: jax.Array, rope, valid, *, stacked: bool, cache: KV | None = None):
     """`run_layers` for decoding with a block KV cache: each layer is `layer.with_kv(h, rope, valid,
-    cache, positions) -> (h, (k, v))`.
+    cache) -> (h, (k, v))`.
 
     Args:
-      x: `[B, S, D]` (no cache: a full forward) or a window `[B, W, D]` at `positions` `[B, W]`.
-      valid: `[B, S]` key mask or None.
+      x: `[B, S, D]` (no cache: a full forward) or a window `[B, W, D]`.
+      valid: `[B, S]` key mask or None; with a cache the window's `WindowKeys` (`window_keys`, or
+        `suffix_window_keys` for a canvas suffix), made once for every layer.
       cache: per-layer `(k, v)` `[n_layers, B, Hkv, S, Dh]` or None.
-      keys: the window's keys (default: `window_keys`; `suffix_window_keys` for a suffix).
     Returns:
       `(x, (k, v))`: after a full forward `[n_layers, B, Hkv, S, Dh]`, the cache to keep; after a
       window forward the keys/values the window attended to at its positions, `[n_layers, B,
       Hkv, W, Dh]` (its fresh ones, or the cache's where `keys.keep_cached`).
     """
-    if cache is not None:  # the window's key masks, once for every layer
-        valid = keys if keys is not None else window_keys(valid, positions, cache[0].shape[3])
-
     def apply(graphdef, state, h, layer_cache):
-        return nnx.merge(graphdef, state).with_kv(h, rope, valid, layer_cache, positions)
+        return nnx.merge(graphdef, state).with_kv(h, rope, valid, layer_cache)
 
     if stacked:
         graphdef, state = nnx.split(layers)
@@ -387,15 +382,14 @@ class LLaDABlock(nnx.Module):
         return self.with_kv(x, rope, valid, query_positions=query_positions)[0]
 
     def with_kv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], valid: jax.Array | None,
-                cache: KV | None = None, positions: jax.Array | None = None,
-                query_positions: jax.Array | None = None):
+                cache: KV | None = None, query_positions: jax.Array | None = None):
         """The block, also returning its attention keys/values (`layers.self_attention_kv`):
-        `x` `[B, W, D]` is the whole sequence, or with `cache` a window at `positions` `[B, W]`.
+        `x` `[B, W, D]` is the whole sequence, or with `cache` a window (`valid`: its `WindowKeys`).
         Its input and output are pinned to rows over the batch axes (`sharding.constrain`)."""
         x = constrain(x, BATCH_AXES)
         attn, kv = self_attention_kv(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.attn_out,
                                      n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
-                                     rope=rope, valid=valid, cache=cache, positions=positions,
+                                     rope=rope, valid=valid, cache=cache,
                                      query_positions=query_positions)
         if query_positions is not None:
             x = gather_positions(x, query_positions)

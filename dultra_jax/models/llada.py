@@ -46,19 +46,18 @@ class LLaDAModel(nnx.Module):
         vocabulary over 'tensor': the largest activation of a step."""
         return constrain(self.ff_out(h), BATCH_AXES, None, "tensor")
 
-    def hidden_kv(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None, cache: KV | None = None,
-                  keys: WindowKeys | None = None):
+    def hidden_kv(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | WindowKeys | None,
+                  cache: KV | None = None):
         """`hidden` that also returns every layer's keys/values (`layers.run_layers_kv`).
 
         Without `cache`: the whole canvas, `tokens`/`valid` `[B, L]`, `positions` `[B|1, L]`.
         With `cache` (`[n_layers, B, Hkv, L, Dh]` each): `tokens` and `positions` `[B, W]` are a
-        window of the canvas, `valid` the canvas key mask `[B, L]`, `keys` the window's keys
-        (`layers.run_layers_kv`).
+        window of the canvas and `valid` the window's `WindowKeys` (`layers.run_layers_kv`).
         Returns `(h_last [B, W|L, D], (k, v) [n_layers, B, Hkv, W|L, Dh])`: a window forward
         gives the window's fresh keys/values (`cache.write_window` keeps them).
         """
         x, kv = run_layers_kv(self.blocks, self.wte(tokens), self.rope(positions), valid,
-                              stacked=self.config.scan_layers, cache=cache, positions=positions, keys=keys)
+                              stacked=self.config.scan_layers, cache=cache)
         return constrain(self.ln_f(x), BATCH_AXES), kv
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None):

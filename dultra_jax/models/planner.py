@@ -14,8 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
-from dultra_jax.models.layers import (KV, Embed, Linear, WindowKeys, layer_norm_no_affine, make_blocks, run_layers,
-                                      run_layers_kv)
+from dultra_jax.models.layers import KV, Embed, Linear, layer_norm_no_affine, make_blocks, run_layers, run_layers_kv
 from dultra_jax.sharding import BATCH_AXES, constrain
 
 _xavier = jax.nn.initializers.xavier_uniform()
@@ -88,16 +87,15 @@ class PlannerHead(nnx.Module):
         return self._logits(f, temb)
 
     def with_kv(self, h_last: jax.Array, t: jax.Array, candidates: jax.Array, rope, valid,
-                cache: KV | None = None, positions: jax.Array | None = None, keys: WindowKeys | None = None):
+                cache: KV | None = None):
         """The head, also returning its block's keys/values (the decoder's KV cache).
 
         Without `cache` as `__call__`; with `cache` (`[n_head_layers, B, Hkv, L, Dh]` each),
-        `h_last`, `candidates` and `rope` cover a window at `positions` `[B, W]` and `valid` is
-        the canvas key mask `[B, L]` (`keys`: as `layers.run_layers_kv`). Returns `(logits [B, W|L], (k, v) [n_head_layers, B, Hkv, W|L, Dh])`,
+        `h_last`, `candidates` and `rope` cover a window and `valid` is its `WindowKeys`
+        (`layers.run_layers_kv`). Returns `(logits [B, W|L], (k, v) [n_head_layers, B, Hkv, W|L, Dh])`,
         a window's keys/values being its fresh ones."""
         temb, h = self._modulated_input(h_last, t, candidates)
-        f, kv = run_layers_kv(self.mask_head, h, rope, valid, stacked=False, cache=cache, positions=positions,
-                              keys=keys)
+        f, kv = run_layers_kv(self.mask_head, h, rope, valid, stacked=False, cache=cache)
         return self._logits(f, temb), kv
 
     def _modulated_input(self, h_last, t, candidates):

@@ -196,14 +196,16 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
     # output rows was measured (small model, gen 256, CPU) to gain nothing for `prefix` and to
     # cost `dual` 10% (its window is the block already; the split-off last layer adds a copy).
     if cache is None:
-        positions = default_positions(canvas.shape[1])
-        h_last, backbone_kv = model.hidden_kv(canvas, positions, key_mask)
+        positions, keys = default_positions(canvas.shape[1]), key_mask  # every key, as the canvas masks it
+        h_last, backbone_kv = model.hidden_kv(canvas, positions, keys)
         planner_positions, h_out = positions, gather_positions(h_last, logit_positions)
         planner_candidates, planner_cache = candidates, None
     else:
-        keys, read_outputs = None, lambda x: x[:, :num_out]  # the window's first positions
-        if suffix_start is not None:
-            length = canvas.shape[1]
+        length = canvas.shape[1]
+        if suffix_start is None:
+            keys = layers.window_keys(key_mask, window, length)
+            read_outputs = lambda x: x[:, :num_out]  # noqa: E731  (the window's first positions)
+        else:
             window = jnp.broadcast_to(jnp.arange(suffix_start, length, dtype=jnp.int32)[None],
                                       (canvas.shape[0], length - suffix_start))
             keys = layers.suffix_window_keys(key_mask, suffix_start, logit_positions[:, 0], length)
@@ -211,7 +213,8 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
             offsets = jnp.clip(logit_positions - suffix_start, 0, length - suffix_start - 1)
             read_outputs = lambda x: gather_positions(x, offsets)  # noqa: E731
         tokens = gather_positions(canvas, window)
-        h_last, backbone_kv = model.hidden_kv(tokens, window, key_mask, cache=cache[0], keys=keys)
+        # the window's keys, made once for the backbone's layers and the planner's
+        h_last, backbone_kv = model.hidden_kv(tokens, window, keys, cache=cache[0])
         planner_positions, h_out = window, read_outputs(h_last)
         planner_candidates, planner_cache = gather_positions(candidates, window), cache[1]
     token_logits = suppress_mask_logit(model.logits(h_out), config.mask_token_id)
@@ -219,7 +222,6 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
         return token_logits, None, (backbone_kv, None)
     t = planner_timestep(canvas, config.mask_token_id, valid)
     unmask_logits, planner_kv = model.planner.with_kv(
-        h_last, t, planner_candidates, model.rope(planner_positions), key_mask, cache=planner_cache,
-        positions=None if cache is None else window, keys=None if cache is None else keys)
+        h_last, t, planner_candidates, model.rope(planner_positions), keys, cache=planner_cache)
     unmask_logits = gather_positions(unmask_logits, logit_positions) if cache is None else read_outputs(unmask_logits)
     return token_logits, unmask_logits, (backbone_kv, planner_kv)

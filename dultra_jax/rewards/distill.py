@@ -34,7 +34,7 @@ from dultra_jax.hub import resolve_model_dir
 from dultra_jax.interop.hf_teacher import load_teacher, teacher_config
 from dultra_jax.models.teacher import score_jit
 from dultra_jax.rewards.registry import RewardInputs, register
-from dultra_jax.sharding import BATCH_AXES, global_rows, local_rows
+from dultra_jax.sharding import batch_devices, global_rows, local_rows
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -167,8 +167,7 @@ class Teacher:
         mesh this process's share of the batch axes' devices (each device holds as many rows)."""
         if self.mesh is None:
             return self.row_bucket
-        width = math.prod(self.mesh.shape[axis] for axis in BATCH_AXES)
-        return math.lcm(self.row_bucket, max(1, -(-width // jax.process_count())))
+        return math.lcm(self.row_bucket, max(1, -(-batch_devices(self.mesh) // jax.process_count())))
 
     def _device_params(self):
         """The parameters in device memory: a copy of the host-resident ones when offloaded."""

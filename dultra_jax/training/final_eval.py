@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Any, Mapping, NamedTuple
 
@@ -28,7 +27,7 @@ import jax
 from dultra_jax import evaluation
 from dultra_jax.config import ConfigError, DecodeConfig, FinalEvalConfig, TrainEvalConfig, from_config
 from dultra_jax.data.tasks import load_task_records
-from dultra_jax.sharding import BATCH_AXES
+from dultra_jax.sharding import batch_devices
 from dultra_jax.training.data_setup import generate_records
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ def batch_rows(batch_size: int, mesh) -> int:
     """`batch_size` rounded up to a multiple of the mesh's batch devices (`('data', 'fsdp')`)."""
     if batch_size <= 0:
         raise ConfigError(f"final_eval.batch_size={batch_size} must be positive")
-    devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
+    devices = 1 if mesh is None else batch_devices(mesh)
     return -(-batch_size // devices) * devices
 
 
