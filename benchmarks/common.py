@@ -108,18 +108,19 @@ def json_line(record: dict[str, Any]) -> str:
 MODEL_NAMES = ("tiny", "small", "small_llada_vocab", "llada_1b")  # the shapes `model_configs` builds
 
 
-# `--caches` entries: a `decode.cache` mode, a cached one with `+REFRESH` for `decode.cache_refresh`.
+# `--caches` entries: a `decode.cache` mode (its default refresh, `auto`), a cached one with
+# `+REFRESH` for `decode.cache_refresh`.
 CACHE_SPECS = CACHE_MODES + tuple(f"{cache}+{refresh}" for cache in CACHE_MODES if cache != "none"
-                                  for refresh in CACHE_REFRESHES if refresh != "full")
+                                  for refresh in CACHE_REFRESHES if refresh != "auto")
 
 
 def cache_fields(spec: str) -> dict[str, str]:
-    """A `--caches` entry (`CACHE_SPECS`: `none`, `dual`, `dual+blocks`, ...) as `DecodeConfig`
+    """A `--caches` entry (`CACHE_SPECS`: `none`, `dual`, `dual+full`, `dual+blocks`, ...) as `DecodeConfig`
     fields `{"cache", "cache_refresh"}`; ValueError for any other."""
     if spec not in CACHE_SPECS:
         raise ValueError(f"unknown cache mode {spec!r}; known: {', '.join(CACHE_SPECS)}")
     cache, _, refresh = spec.partition("+")
-    return {"cache": cache, "cache_refresh": refresh or "full"}
+    return {"cache": cache, "cache_refresh": refresh or "auto"}
 
 
 def model_configs(length: int) -> dict[str, ModelConfig]:

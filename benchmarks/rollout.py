@@ -39,8 +39,9 @@ and (with both ways) `speedup` = python_loop best seconds / while_loop best seco
 per NFE (one batched forward).
 
 Every rule runs once per `--caches` mode (`decode.cache`: `none` recomputes the canvas every step;
-`prefix` / `dual` use the block KV cache, `dultra_jax/decoding/cache.py`; `prefix+blocks` /
-`dual+blocks` the same with `decode.cache_refresh="blocks"`). When `none` ran first,
+`prefix` / `dual` use the block KV cache, `dultra_jax/decoding/cache.py`, with its default
+refresh, `auto`: `blocks` under the planner rules, `full` under the others; `prefix+full`,
+`dual+blocks`, ... set `decode.cache_refresh`). When `none` ran first,
 each cached run also reports `token_agreement_vs_none` (share of generated tokens equal to the
 exact rollout's on the same prompts and key), `rows_identical_vs_none`,
 `batch_speedup_vs_none` (exact / cached best seconds for the whole batch) and
@@ -77,8 +78,9 @@ else:  # run as `python benchmarks/rollout.py`: the script's folder is on sys.pa
 _MODELS = flags.DEFINE_list("models", ["tiny"], f"Model shapes to run: any of {', '.join(common.MODEL_NAMES)} "
                             "(see the module docstring).")
 _RULES = flags.DEFINE_list("rules", list(RULES), "Decoding rules to run.")
-_CACHES = flags.DEFINE_list("caches", ["none"], "Block KV cache modes to run (none, prefix, dual, prefix+blocks, "
-                            "dual+blocks: decode.cache_refresh='blocks'); "
+_CACHES = flags.DEFINE_list("caches", ["none"], "Block KV cache modes to run (none, prefix, dual: the default "
+                            "refresh, auto; prefix+full, prefix+blocks, dual+full, dual+blocks: that "
+                            "decode.cache_refresh); "
                             "`none` first gives the others a token-agreement reference.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows B.")
 _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 32, "Prompt tokens per row Lp.")

@@ -109,7 +109,8 @@ _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Semi-autoregressive bl
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters, tokens and advantages.")
 _ROLLOUT_CACHES = flags.DEFINE_list(
     "rollout_caches", [], "Also time whole GRPO steps (a real rollout + the update on its trajectory) with each of "
-    "these decode.cache modes (none, prefix, dual, prefix+blocks, dual+blocks); see the module docstring.")
+    "these decode.cache modes (none, prefix, dual, prefix+full, prefix+blocks, dual+full, dual+blocks); see the "
+    "module docstring.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype (parameters and optimiser state stay float32).")
 

@@ -246,9 +246,10 @@ def DEFINE_cache_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:  # noqa: 
     module = _launcher_module()
     cache = flags.DEFINE_enum("cache", "none", list(CACHE_MODES), "Block KV cache (none is exact; prefix / dual "
                               "reuse keys/values within a block, Fast-dLLM).", module_name=module)
-    refresh = flags.DEFINE_enum("cache_refresh", "full", list(CACHE_REFRESHES),
-                                "How a cache is refreshed at a new block: full forward (Fast-dLLM) or blocks "
-                                "(the new and the finished block only; cheaper, a further approximation).",
+    refresh = flags.DEFINE_enum("cache_refresh", "auto", list(CACHE_REFRESHES),
+                                "How a cache is refreshed at a new block: full forward (Fast-dLLM), blocks "
+                                "(the new and the finished block only; cheaper, a further approximation) or "
+                                "auto (blocks under the planner rules, full under the others).",
                                 module_name=module)
     return cache, refresh
 

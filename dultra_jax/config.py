@@ -153,7 +153,7 @@ RANDOM_RULES = ("planner_bernoulli", "random")  # the rules that draw random num
 SCHEDULED_RULES = ("low_confidence", "random")
 CONFIDENCE_RULES = ("threshold", "factor", "low_confidence", "ass")
 CACHE_MODES = ("none", "prefix", "dual")
-CACHE_REFRESHES = ("full", "blocks")
+CACHE_REFRESHES = ("auto", "full", "blocks")
 FORCED_LOGPROB_MODES = ("reference", "exact")
 # The rules' numeric knobs: traced inputs of the compiled rollout (`rules.Knobs`), not part of its
 # static config, so that one compile serves a whole sweep over them.
@@ -192,11 +192,15 @@ class DecodeConfig:
         row enters a new block, and later steps of the block run only the block and everything
         after it against the cached prefix; `dual` also reuses the cached suffix, so steps run
         only the block. Cached keys/values are stale by the tokens revealed since the refresh.
-      cache_refresh: how a cache is refreshed when the rows enter a new block after the first:
-        `full`, one full forward (Fast-dLLM); `blocks`, a window forward over the new block and
-        the one just finished (`prefix`: and everything after), which writes those positions'
-        keys/values and leaves the rest (the prompt, earlier blocks) as they were: a further
-        approximation, about `L / (2 Lb)` times cheaper than a full refresh under `dual`.
+      cache_refresh: how a cache is refreshed when a row enters a new block after the first:
+        `full`, one full forward (Fast-dLLM; the rows enter each block together so that it is one
+        batched forward); `blocks`, a window forward over the new block and the one just finished
+        (`prefix`: and everything after), which writes those positions' keys/values and leaves the
+        rest (the prompt, earlier blocks) as they were: a further approximation, about `L / (2 Lb)`
+        times cheaper than a full refresh under `dual`; under `prefix` the rows then go at their
+        own pace. `auto` (default): `blocks` under the planner rules, which take few steps per
+        block, so that a full forward per block would cost most of what the cache saves; `full`
+        under the others (Fast-dLLM's rules decode as Fast-dLLM does). `resolved_cache_refresh`.
     """
 
     rule: str = "planner_bernoulli"
@@ -215,7 +219,7 @@ class DecodeConfig:
     eoser_gamma_min: float = 0.4
     eos_token_id: int = 126081
     cache: str = "none"
-    cache_refresh: str = "full"
+    cache_refresh: str = "auto"
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -284,6 +288,13 @@ class DecodeConfig:
     @property
     def uses_planner(self) -> bool:
         return self.rule in PLANNER_RULES
+
+    @property
+    def resolved_cache_refresh(self) -> str:
+        """`cache_refresh` with `auto` resolved: `blocks` under the planner rules, else `full`."""
+        if self.cache_refresh != "auto":
+            return self.cache_refresh
+        return "blocks" if self.uses_planner else "full"
 
     @property
     def rule_threshold(self) -> float:
@@ -819,7 +830,7 @@ class EvalRunConfig:
     temperature: float = 0.0
     max_steps: int | None = None
     cache: str = "none"
-    cache_refresh: str = "full"
+    cache_refresh: str = "auto"
     scoring: str | None = None
     speed_records: int = 0
     dtype: str | None = "bfloat16"

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dultra_jax.config import ConfigError, DecodeConfig
+from dultra_jax.config import PLANNER_RULES, RULES, ConfigError, DecodeConfig
 from dultra_jax.decoding import cache as C
 from dultra_jax.decoding import rollout as R
 from dultra_jax.models import layers, policy
@@ -161,7 +161,7 @@ CASES = [("low_confidence", "prefix", {}), ("threshold", "dual", dict(threshold=
          ("factor", "prefix", dict(cache_refresh="blocks"))]
 
 
-@pytest.mark.parametrize("rule, cache, kw", CASES, ids=[f"{c[0]}-{c[1]}-{c[2].get('cache_refresh', 'full')}"
+@pytest.mark.parametrize("rule, cache, kw", CASES, ids=[f"{c[0]}-{c[1]}-{c[2].get('cache_refresh', 'auto')}"
                                                         for c in CASES])
 def test_cached_rollouts_keep_the_rollout_invariants(rule, cache, kw):
     config = decode(rule, cache, **kw)
@@ -208,8 +208,24 @@ def test_rows_enter_blocks_together_and_wait_at_no_cost(cache):
 def test_unknown_cache_mode_names_the_key():
     with pytest.raises(ConfigError, match="decode.cache='full'"):
         decode("low_confidence", "full")
-    with pytest.raises(ConfigError, match="decode.cache_refresh='window' is unknown; use one of full, blocks"):
+    with pytest.raises(ConfigError, match="decode.cache_refresh='window' is unknown; use one of auto, full, blocks"):
         decode("low_confidence", "dual", cache_refresh="window")
+
+
+def test_auto_refresh_is_blocks_under_the_planner_rules_and_full_under_the_others():
+    """`cache_refresh="auto"` (the default): the planner rules refresh by blocks and their `prefix`
+    rows go at their own pace; Fast-dLLM's rules keep its full refresh and lockstep; an explicit
+    refresh is kept as given."""
+    for rule in RULES:
+        config = decode(rule, "prefix")
+        assert config.cache_refresh == "auto"
+        want = "blocks" if rule in PLANNER_RULES else "full"
+        assert config.resolved_cache_refresh == want, rule
+        assert C.rows_take_blocks_together(config) == (want == "full")
+        assert C.rows_take_blocks_together(config.replace(cache="dual"))
+        assert not C.rows_take_blocks_together(config.replace(cache="none"))
+        for refresh in ("full", "blocks"):
+            assert config.replace(cache_refresh=refresh).resolved_cache_refresh == refresh
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
@@ -274,19 +290,25 @@ def _staggered_canvas(current_blocks):
 
 # Rows' current blocks (None: done) and the rows whose cache is for an older block: none refresh
 # (the window forward), some (the full forward and the window forward), every active row (the
-# full forward alone). The rollout's lockstep makes only the first and last; all stay exact.
+# full forward alone). A full refresh's lockstep makes only the first and last; all stay exact.
 REFRESH_CASES = [([0, 1, 2, 1], []), ([0, 1, 2, 1], [2]), ([0, 1, 2, 1], [0, 3]), ([0, 1, 2, 1], [0, 1, 3]),
                  ([0, 1, 2, 1], [0, 1, 2, 3]), ([1, 2, 0, None], [0, 1, 2]), ([1, 2, 0, None], [1]),
                  ([0, 1, 2, 1, 0, 2, None, 1], [0, 2, 5]), ([0, 1, 2, 1, 0, 2, None, 1], [1, 3, 4, 5, 7])]
 
 
-@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cache, refresh", [("prefix", "full"), ("dual", "full"), ("prefix", "blocks"),
+                                            ("dual", "blocks")])
 @pytest.mark.parametrize("blocks, refreshing", REFRESH_CASES, ids=[f"{c[0]}-refresh{c[1]}" for c in REFRESH_CASES])
-def test_partial_refresh_equals_refreshing_rows_one_by_one(cache, blocks, refreshing):
-    """Against a reference without gathers or switches: a refreshing row's outputs and keys/values
-    are those of the full forward over the whole batch; any other active row's outputs are those
-    of its own exact-width window (one row at a time) against its stale cache, which stays."""
-    config = decode("planner_bernoulli", cache)
+def test_partial_refresh_equals_refreshing_rows_one_by_one(cache, refresh, blocks, refreshing):
+    """Against a reference without gathers or switches: a row refreshing in full gets the outputs
+    and keys/values of the full forward over the whole batch; a row refreshing by blocks (here one
+    in block >= 1, whose cache is for the block before) those of its own window forward over its
+    block and the finished one (`prefix`: to the canvas end) against its stale cache, with that
+    window's keys/values written; any other active row's outputs are those of its own exact-width
+    window (one row at a time) against its stale cache, which stays. `dual` refreshes by blocks
+    only when every stepping row does (else every refreshing row takes the full forward);
+    `prefix` row by row (its rows go at their own pace)."""
+    config = decode("planner_bernoulli", cache, cache_refresh=refresh)
     canvas, older, valid = _staggered_canvas(blocks)
     positions, active = R.block_positions(canvas, MASK_ID, config)
     np.testing.assert_array_equal(active, [b is not None for b in blocks])
@@ -300,31 +322,48 @@ def test_partial_refresh_equals_refreshing_rows_one_by_one(cache, blocks, refres
         PARAMS, canvas, valid, C.BlockCache(kv=stale, block=jnp.asarray(block, jnp.int32)), positions, active,
         candidates, MODEL, config)
 
+    stepping = [row for row in range(batch) if blocks[row] is not None]
+    by_blocks = set()
+    if refresh == "blocks":
+        with_cache = {row for row in refreshing if block[row] >= 0}
+        if cache == "prefix" or (with_cache and all(row in with_cache for row in stepping)):
+            by_blocks = with_cache
+    full_rows = set(refreshing) - by_blocks
     full_logits, full_unmask, fresh = apply_kv(PARAMS, canvas, MODEL, valid=valid, candidates=candidates,
                                                logit_positions=positions)
-    # When every active row refreshes, every row takes the full forward's keys/values and the
-    # others (here done rows) are marked stale (-1): they refresh if they ever step again.
-    whole = all(row in refreshing for row in range(batch) if blocks[row] is not None)
+    # When every active row refreshes in full, every row takes the full forward's keys/values and
+    # the others (here done rows) are marked stale (-1): they refresh if they ever step again.
+    whole = bool(stepping) and all(row in full_rows for row in stepping)
     np.testing.assert_array_equal(new.block, np.where(np.asarray(active), current, -1 if whole else block))
-    for row in range(batch):
-        if blocks[row] is None:
-            continue
-        if row in refreshing:
+    for row in stepping:
+        one = lambda x: x[row:row + 1]  # noqa: E731
+        row_cache = jax.tree.map(lambda x: x[:, row:row + 1], stale)
+        start = int(positions[row, 0])
+        if row in full_rows:
             want_kv = jax.tree.map(lambda x: x[:, row], fresh)
             want_logits, want_unmask = full_logits[row], full_unmask[row]
+            want_logits, want_unmask = want_logits[None], want_unmask[None]
         else:
-            start = int(positions[row, 0])
-            window = jnp.arange(start, LP + LG, dtype=jnp.int32)[None] if cache == "prefix" else positions[row:row + 1]
-            one = lambda x: x[row:row + 1]  # noqa: E731
-            row_logits, row_unmask, _ = apply_kv(PARAMS, one(canvas), MODEL, valid=one(valid),
-                                                 candidates=one(candidates), logit_positions=one(positions),
-                                                 cache=jax.tree.map(lambda x: x[:, row:row + 1], stale), window=window)
-            want_logits, want_unmask, want_kv = row_logits[0], row_unmask[0], jax.tree.map(lambda x: x[:, row], stale)
-        np.testing.assert_allclose(logits[row], want_logits, atol=2e-5, err_msg=f"row {row}")
-        np.testing.assert_allclose(unmask[row], want_unmask, atol=2e-5, err_msg=f"row {row}")
+            if row in by_blocks:
+                finished = LP + int(block[row]) * LB
+                end = LP + LG if cache == "prefix" else finished + LB
+                window = jnp.concatenate([positions[row], jnp.arange(finished, end, dtype=jnp.int32)])[None]
+            else:
+                window = jnp.arange(start, LP + LG, dtype=jnp.int32)[None] if cache == "prefix" else one(positions)
+            want_logits, want_unmask, row_fresh = apply_kv(PARAMS, one(canvas), MODEL, valid=one(valid),
+                                                           candidates=one(candidates), logit_positions=one(positions),
+                                                           cache=row_cache, window=window)
+            written = C.write_window(row_cache, window, row_fresh, jnp.asarray([row in by_blocks]))
+            want_kv = jax.tree.map(lambda x: x[:, 0], written)
+        np.testing.assert_allclose(logits[row], want_logits[0], atol=2e-5, err_msg=f"row {row}")
+        np.testing.assert_allclose(unmask[row], want_unmask[0], atol=2e-5, err_msg=f"row {row}")
         jax.tree.map(lambda got, want: np.testing.assert_allclose(got[:, row], want, atol=1e-5), new.kv, want_kv)
     # The stale cache differs where it matters, so the reference cannot pass by accident.
     assert np.abs(np.asarray(fresh[0][0]) - np.asarray(stale[0][0])).max() > 1e-2
+    if by_blocks:  # and the rows refreshing by blocks rewrote their finished block's
+        row = min(by_blocks)
+        finished = slice(LP + int(block[row]) * LB, LP + int(block[row]) * LB + LB)
+        assert np.abs(np.asarray(new.kv[0][0])[:, row, :, finished] - np.asarray(stale[0][0])[:, row, :, finished]).max() > 1e-2
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
@@ -353,3 +392,37 @@ def test_rows_at_their_own_pace_decode_exactly_on_a_one_layer_model(cache):
     assert np.any(block_steps.min(0) < block_steps.max(0))             # so rows waited in some block
     for row in range(4):
         assert len(set(steps[row].tolist())) == nfe[row]               # NFE = revealing steps
+
+
+@pytest.mark.parametrize("rule, kw", [("threshold", dict(threshold=0.1, cache_refresh="blocks")), ("planner_topk", {})],
+                         ids=["threshold-blocks", "planner_topk-auto"])
+def test_prefix_blocks_rows_go_at_their_own_pace_as_if_alone(rule, kw):
+    """`prefix` with the `blocks` refresh (the planner rules' default, `auto`): no row waits for the
+    others at a block's end (every row with masks steps every iteration, so the loop runs as
+    many iterations as the largest row NFE), and each row decodes exactly as it would alone, in a
+    batch of one where nobody waits: same tokens, steps and log-probs, its refreshes being its
+    own suffix windows inside the batch's one suffix forward. Under `threshold` 0.1 the rows need
+    different numbers of steps per block (asserted), so under a lockstep some would have waited
+    (the random planner of `planner_topk` takes as many steps in every row)."""
+    config = decode(rule, "prefix", **kw)
+    assert config.resolved_cache_refresh == "blocks" and not C.rows_take_blocks_together(config)
+    key = jax.random.key(0)
+    batched = R.rollout(PARAMS, PROMPTS, None, key, config, MODEL)
+    for row in range(len(PROMPTS)):
+        alone = R.rollout(PARAMS, PROMPTS[row:row + 1], None, key, config, MODEL)
+        _assert_same(jax.tree.map(lambda x: x[row:row + 1], batched), alone)
+    _assert_same(R.rollout_python_loop(PARAMS, PROMPTS, None, key, config, MODEL), batched)
+
+    steps = np.asarray(batched.unmask_step).reshape(len(PROMPTS), config.num_blocks, LB)
+    block_steps = steps.max(-1) - steps.min(-1) + 1
+    if rule == "threshold":
+        assert np.any(block_steps.min(0) < block_steps.max(0))         # rows' blocks take different steps
+    prompt_tokens, prompt_valid = R.check_prompts(PROMPTS, None, MODEL, config)
+    state = R.init_state_jit(prompt_tokens, prompt_valid, key, model=MODEL, config=config)
+    while bool(R.keep_going(state, config)):
+        _, active = R.block_positions(state.canvas, MASK_ID, config)
+        new = R.denoise_step_jit(PARAMS, state, model=MODEL, config=config)
+        np.testing.assert_array_equal(np.asarray(new.nfe - state.nfe), np.asarray(active))  # nobody waits
+        state = new
+    assert int(state.step) == int(np.asarray(batched.num_steps).max())
+    assert int(R.loop_iterations(batched, config)) == int(state.step)

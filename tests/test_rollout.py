@@ -168,9 +168,11 @@ def test_done_rows_spend_no_nfe():
 
 
 @pytest.mark.parametrize("rule, cache", [("planner_bernoulli", "none"), ("low_confidence", "none"),
-                                         ("planner_bernoulli", "dual")])  # planner / pruned last layer / cache
+                                         ("planner_bernoulli", "dual"), ("planner_bernoulli", "prefix"),
+                                         ("threshold", "prefix")])  # planner / pruned last layer / caches
 def test_sharded_rollout_equals_unsharded(rule, cache):
-    """Also with the KV cache, whose partial refreshes gather rows held by other devices."""
+    """Also with the KV cache (the planner rules refresh it by blocks, their `prefix` rows at their
+    own pace; `threshold` refreshes in full, its rows in lockstep)."""
     config = decode(rule, temperature=0.5, cache=cache)
     prompts = np.random.default_rng(1).integers(3, MASK_ID, size=(8, 8)).astype(np.int32)
     want = R.rollout(PARAMS, prompts, None, jax.random.key(2), config, MODEL)

@@ -41,7 +41,7 @@ def eval_config(row: str, task: str, *, rules, block_length: int, factors=PAPER_
     section = as_config_dict(
         EvalRunConfig, task=task, task_options=task_options, rules=tuple(rules), factors=tuple(factors),
         seeds=tuple(seeds), gen_length=256, block_length=block_length, prompt_length=prompt_length,
-        batch_size=BATCH_SIZE, temperature=0.0, cache="none", cache_refresh="full", scoring="official", speed_records=SPEED_RECORDS,
+        batch_size=BATCH_SIZE, temperature=0.0, cache="none", cache_refresh="auto", scoring="official", speed_records=SPEED_RECORDS,
         mode="non-thinking", out=f"eval_results/{row}_{task}", **evaluate)
     return ml_collections.ConfigDict(dict(
         model=dict(path=ml_collections.FieldReference(None, field_type=str)),

@@ -17,26 +17,33 @@ attention's batched products read them); a window's queries attend to the
 window's fresh keys/values and to the cached ones everywhere else (`layers.attention_over_cache`,
 which reads the cache and never copies it), so one code path serves both modes.
 
-While a cache is on, rows enter blocks together: the rollout steps only the rows in the batch's
-earliest current block (`rollout.stepping_rows`), and rows that finished it wait at no NFE. So a
-refresh is one batched full forward for every stepping row at once, as in Fast-dLLM's lockstep
-decoding, while each row still spends only its own steps (rows at their own pace would each need
-a refresh at a different iteration, on top of the batch's window forward). Each row remembers
-the block its cache was made for (`block`) and is refreshed when it moves on; an iteration where
-only some stepping rows refresh (which the rollout does not produce, but which stays exact) runs
-the full forward and the window forward. The prefix window is the canvas suffix from the
-earliest stepping row's block on, whose width depends on the block: a `lax.switch` over that
-block, each branch with a static suffix that attends to the cache before it and nothing of the
-cache after (`policy.policy_apply_kv(suffix_start=...)`; a row further on reads its positions
-before its own block from the cache, so its outputs are those of its own window).
+Under a full refresh (and under `dual` always), rows enter blocks together: the rollout steps only the rows in the batch's
+earliest current block (`rollout.stepping_rows`, `rows_take_blocks_together`), and rows that
+finished it wait at no NFE. So a refresh is one batched full forward for every stepping row at
+once, as in Fast-dLLM's lockstep decoding, while each row still spends only its own steps (rows
+at their own pace would each need a refresh at a different iteration, on top of the batch's
+window forward). Each row remembers the block its cache was made for (`block`) and is refreshed
+when it moves on; an iteration where only some stepping rows refresh in full (which the
+rollout does not produce, but which stays exact) runs the full forward and the window forward.
+The prefix window is the canvas suffix from the earliest stepping row's window start on, whose
+width depends on the block: a `lax.switch` over that block, each branch with a static suffix
+that attends to the cache before it and nothing of the cache after
+(`policy.policy_apply_kv(suffix_start=...)`; a row whose window starts later reads its
+positions before it from the cache, so its outputs are those of its own window).
 
 `decode.cache_refresh="blocks"` makes every refresh after the first block cheaper: instead of
-the full forward, a window forward over the new block and the block just finished (`prefix`: and
-everything after them) against the cache, whose fresh keys/values are kept. The finished
-block's keys/values then see its revealed tokens, while the prompt's and earlier blocks' stay as
-their last refresh made them: an approximation beyond Fast-dLLM's (exact still on a one-layer
-model, where keys/values are projections of a position's own token). Under `dual` it costs two
-blocks' worth of queries where the full forward costs the whole canvas.
+the full forward, a window forward over the new block and the block just finished against the
+cache, whose fresh keys/values are kept. Under `dual` the rows still enter each block together
+and the refresh is a window of two blocks; under `prefix` a row's refresh is its own window
+started one block earlier (the block just finished and everything after it), one more row of
+the batch's suffix forward, so the rows go at their own pace and none waits for the slowest at a
+block's end. The finished block's keys/values then see its revealed tokens, while the prompt's
+and earlier blocks' stay as their last refresh made them: an approximation beyond Fast-dLLM's
+(exact still on a one-layer model, where keys/values are projections of a position's own
+token). Under `dual` it costs two blocks' worth of queries where the full forward costs the
+whole canvas. It is the default (`cache_refresh="auto"`) under the planner rules, which take
+few steps per block: with ~5 steps a block a full forward per block is most of what a `dual`
+rollout costs.
 
 Exactness. A full refresh step is exact (it is the full forward). Later steps differ from `none` by
 the staleness of the cached keys/values, so tokens can differ; `benchmarks/rollout.py` reports
@@ -108,19 +115,38 @@ def write_window(kv, window: jax.Array, fresh, rows: jax.Array):
     return jax.tree.map(lambda cache, new: write_rows(cache, new, window, rows), kv, fresh)
 
 
+def rows_take_blocks_together(config: DecodeConfig) -> bool:
+    """Whether the rows enter each block together under `config`'s cache (`rollout.stepping_rows`).
+
+    They do where a refresh is the full forward, so that it is one batched forward for every row
+    (rows at their own pace would each need one at a different iteration, on top of the batch's
+    window forward), and under `dual`, whose window is the block: a row refreshing by `blocks`
+    needs a window twice as wide, which every row would pay for. Under `prefix` with the `blocks`
+    refresh the rows go at their own pace: a row's refresh is its own window started one block
+    earlier, inside the batch's one suffix forward, which starts at the earliest row's window
+    anyway, so no row waits for the slowest one at each block's end."""
+    if config.cache == "none":
+        return False
+    return config.cache == "dual" or config.resolved_cache_refresh == "full"
+
+
 def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, cache: BlockCache,
                           positions: jax.Array, active: jax.Array, candidates: jax.Array,
                           model: ModelConfig, config: DecodeConfig):
     """One NFE on each stepping row's current block, through the cache.
 
-    Rows that entered a new block since their cache was made (`refresh`) get a full forward: its
-    keys/values replace theirs and its outputs are theirs (exact; when every stepping row
-    refreshes, every row's keys/values are replaced and the rows that did not step are marked
-    stale, `block` -1, to refresh when they next step). The others run the window
-    forward against the cache. Which forwards run depends on which rows refresh (one
-    `lax.switch`): none -> the window forward alone; every stepping row (what the rollout's
-    lockstep produces) -> the full forward alone, or with `cache_refresh="blocks"` and every
-    refreshing row past its first block, the block refresh's window forward alone; some -> both.
+    A row that entered a new block since its cache was made (`refresh`) refreshes it: by the full
+    forward (the `full` refresh, or any row without a cache yet), whose keys/values replace its
+    cache and whose outputs are its own (exact), or by `blocks`: `dual`, the window forward over
+    its block and the block its cache was made for; `prefix`, its suffix window started at that
+    block; those windows' fresh keys/values are kept. The other rows run the window forward
+    against their cache. Which forwards run depends on which rows refresh (one `lax.switch`):
+    no full refresh -> the window forward alone (`prefix`: one suffix forward for every row,
+    refreshing by blocks or not; `dual`: with every stepping row refreshing by blocks, the wider
+    window); every stepping row refreshing in full (the first block, and each block under the
+    lockstep of `rows_take_blocks_together`) -> the full forward alone, which replaces every
+    row's keys/values and marks the rows that did not step stale (`block` -1: they refresh
+    when they next step); some -> both.
 
     Args:
       canvas, valid: `[B, L]`; positions: `[B, Lb]` each row's current block; active: `[B]` the
@@ -129,10 +155,13 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
     Returns:
       `(token_logits [B, Lb, V]`, `unmask_logits [B, Lb]` or None, the updated `BlockCache`).
     """
+    by_blocks_refresh = config.resolved_cache_refresh == "blocks" and config.num_blocks > 1
     block_index = (positions[:, 0] - config.prompt_length) // config.block_length
     refresh = active & (block_index != cache.block)
-    # Windows whose width depends on the block branch on the earliest stepping row's block.
-    earliest = jnp.min(jnp.where(active, block_index, config.num_blocks - 1))
+    # a first refresh has no cache to refresh by blocks
+    full = refresh & (cache.block < 0) if by_blocks_refresh else refresh
+    by_blocks = refresh & ~full
+    finished_start = config.prompt_length + jnp.maximum(cache.block, 0) * config.block_length
 
     def full_forward():
         token_logits, unmask_logits, fresh = policy.policy_apply_kv(
@@ -140,49 +169,50 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
             with_planner=config.uses_planner)
         return (token_logits, unmask_logits), fresh
 
-    def window_forward(kv, **window):
-        token_logits, unmask_logits, _ = policy.policy_apply_kv(
+    def dual_window(kv, window):
+        """The window forward over `window` `[B, W]` (each row's block first); the keys/values of
+        the rows refreshing by blocks are written."""
+        token_logits, unmask_logits, fresh = policy.policy_apply_kv(
             params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
-            cache=kv, with_planner=config.uses_planner, **window)
-        return token_logits, unmask_logits
+            cache=kv, window=window, with_planner=config.uses_planner)
+        kv = write_window(kv, window, fresh, by_blocks) if window.shape[1] > config.block_length else kv
+        return kv, (token_logits, unmask_logits)
 
-    def cached_outputs(kv):
-        if config.cache == "dual":
-            return window_forward(kv, window=positions)
-        # prefix: the window runs from the earliest stepping row's block start to the canvas end
-        # (a row further on reads its positions before its own block from the cache).
-        branches = [lambda kv, k=k: window_forward(kv, suffix_start=config.prompt_length + k * config.block_length)
-                    for k in range(config.num_blocks)]
-        return jax.lax.switch(earliest, branches, kv)
+    def prefix_window(kv, write: bool = True):
+        """One suffix forward for every stepping row without a full refresh, from the earliest of
+        their windows' starts (a static suffix per block, `lax.switch`): a row's window starts at
+        its block or, refreshing by blocks, at the block its cache was made for; a row whose
+        window starts later reads the positions before it from its cache, so its outputs are its
+        own window's. The rows refreshing by blocks keep their window's keys/values (`write`
+        False: there are none)."""
+        own_start = jnp.where(by_blocks, finished_start, positions[:, 0])
+        last_start = config.canvas_length - config.block_length
+        first = (jnp.min(jnp.where(active & ~full, own_start, last_start)) - config.prompt_length) // config.block_length
 
-    def no_refresh(kv):
-        return kv, cached_outputs(kv)
-
-    def refresh_blocks(kv):
-        """The window forward over each row's current block, then the block its cache was made
-        for (`prefix`: and everything after the current block; no position twice), keeping the
-        window's fresh keys/values."""
-        finished = config.prompt_length + jnp.maximum(cache.block, 0) * config.block_length
-
-        def run(window):
-            window = jnp.concatenate([positions, window], axis=1)
+        def suffix_from(start):
             token_logits, unmask_logits, fresh = policy.policy_apply_kv(
                 params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
-                cache=kv, window=window, with_planner=config.uses_planner)
-            return write_window(kv, window, fresh, refresh), (token_logits, unmask_logits)
+                cache=kv, suffix_start=start, suffix_own_start=own_start, with_planner=config.uses_planner)
+            if not write:
+                return kv, (token_logits, unmask_logits)
+            # A static slice written in place (a scatter of the suffix's positions would copy it);
+            # before a row's own window the cached values come back and are written unchanged.
+            keep = by_blocks[None, :, None, None, None]
+            kv_new = jax.tree.map(lambda old, new: old.at[:, :, :, start:].set(
+                jnp.where(keep, new.astype(old.dtype), old[:, :, :, start:])), kv, fresh)
+            return kv_new, (token_logits, unmask_logits)
 
-        finished_block = _prefix_window(finished, config.block_length, config.canvas_length)
-        if config.cache == "dual":
-            return run(finished_block)
+        return jax.lax.switch(first, [lambda k=k: suffix_from(config.prompt_length + k * config.block_length)
+                                      for k in range(config.num_blocks)])
 
-        def after_current(k):  # prefix: and every position after the current block k
-            width = config.gen_length - (k + 1) * config.block_length
-            after = _prefix_window(positions[:, 0] + config.block_length, width, config.canvas_length)
-            return jnp.concatenate([finished_block, after], axis=1) if width else finished_block
+    def no_refresh(kv):
+        if config.cache == "prefix":
+            return prefix_window(kv, write=False)
+        return dual_window(kv, positions)
 
-        # a blocks refresh enters block k >= 1 (block 0's refresh is the full forward)
-        return jax.lax.switch(jnp.maximum(earliest - 1, 0), [lambda k=k: run(after_current(k))
-                                                             for k in range(1, config.num_blocks)])
+    def dual_blocks_refresh(kv):  # every stepping row refreshes by blocks
+        finished_block = _prefix_window(finished_start, config.block_length, config.canvas_length)
+        return dual_window(kv, jnp.concatenate([positions, finished_block], axis=1))
 
     def refresh_all(kv):
         # Every row takes the full forward's keys/values (selecting rows would read and write the
@@ -190,18 +220,27 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
         outputs, fresh = full_forward()
         return fresh, outputs
 
-    def refresh_batch_and_window(kv):
-        outputs, fresh = full_forward()
-        kv = jax.tree.map(lambda n, o: jnp.where(refresh[None, :, None, None, None], n, o), fresh, kv)
-        return kv, _where_rows(refresh, outputs, cached_outputs(kv))
+    # `prefix`: the rows refreshing in full take the full forward, the others (refreshing by
+    # blocks or not) the suffix forward. `dual`: every refreshing row takes the full forward when
+    # not all stepping rows refresh by blocks (the rollout's lockstep never mixes them).
+    full_rows = full if config.cache == "prefix" else refresh
 
-    branches = [no_refresh, refresh_batch_and_window, refresh_all]
-    replace_every_row = 2  # every stepping row refreshes
-    whole = replace_every_row
-    if config.cache_refresh == "blocks" and config.num_blocks > 1:  # a first refresh has no cache: full
-        branches.append(refresh_blocks)
-        whole = jnp.where(jnp.all(~refresh | (cache.block >= 0)), 3, replace_every_row)
-    branch = jnp.where(~jnp.any(refresh), 0, jnp.where(jnp.all(refresh | ~active), whole, 1))
+    def refresh_some(kv):
+        outputs, fresh = full_forward()
+        kv = jax.tree.map(lambda n, o: jnp.where(full_rows[None, :, None, None, None], n, o), fresh, kv)
+        kv, window_outputs = prefix_window(kv) if config.cache == "prefix" else dual_window(kv, positions)
+        return kv, _where_rows(full_rows, outputs, window_outputs)
+
+    branches = [no_refresh, refresh_some, refresh_all]
+    replace_every_row = 2
+    branch = jnp.where(~jnp.any(refresh), 0, jnp.where(jnp.all(full_rows | ~active), replace_every_row, 1))
+    if by_blocks_refresh:  # no full refresh, some rows refresh by blocks
+        if config.cache == "prefix":
+            branches.append(prefix_window)
+            branch = jnp.where(jnp.any(refresh) & ~jnp.any(full_rows), 3, branch)
+        else:  # dual: only when every stepping row does (its window is twice as wide)
+            branches.append(dual_blocks_refresh)
+            branch = jnp.where(jnp.any(refresh) & jnp.all(by_blocks | ~active), 3, branch)
     kv, (token_logits, unmask_logits) = jax.lax.switch(branch, branches, cache.kv)
     # A row whose cache another row's refresh replaced refreshes on its next step (under the
     # rollout's lockstep only done rows and rows past the batch's block are replaced: they would

@@ -117,20 +117,21 @@ def stepping_rows(positions: jax.Array, active: jax.Array, nfe: jax.Array, confi
     """`[B]` bool: the rows that take a step this loop iteration.
 
     A row steps while it has masks and steps left in its budget. Without a cache every such row
-    steps every iteration. With a KV cache only the rows in the batch's earliest current block
-    step; rows that finished that block wait, spending no NFE, until the others catch up. So rows
-    enter each block together and one batched full forward refreshes all their caches, where rows
-    at their own pace would each need a refresh of their own at a different iteration (and the
-    batch's window forward besides). Waiting changes no row's computation, only the loop
-    iteration at which it takes each step, and so which random draws it gets (a rule without
-    randomness takes the same steps, with the same NFE, either way).
+    steps every iteration. With a KV cache whose rows take blocks together
+    (`cache.rows_take_blocks_together`: a full refresh, or `dual`) only the rows in the batch's
+    earliest current block step; rows that finished that block wait, spending no NFE, until the
+    others catch up. So rows enter each block together and one batched full forward refreshes all
+    their caches, where rows at their own pace would each need a refresh of their own at a
+    different iteration (and the batch's window forward besides). Waiting changes no row's
+    computation, only the loop iteration at which it takes each step, and so which random draws
+    it gets (a rule without randomness takes the same steps, with the same NFE, either way).
 
     Args:
       positions: `[B, Lb]` each row's current block (`block_positions`); active: `[B]` the row
         has masks; nfe: `[B]` int32 steps the row has taken.
     """
     can_step = active & (nfe < config.step_budget)
-    if config.cache == "none":
+    if not block_cache.rows_take_blocks_together(config):
         return can_step
     start = positions[:, 0]
     earliest = jnp.min(jnp.where(can_step, start, config.canvas_length))
@@ -142,8 +143,10 @@ def evaluate_block(params: Params, canvas: jax.Array, valid: jax.Array, model: M
                    nfe: jax.Array | None = None):
     """One NFE on each stepping row's current block (through the block KV cache when one is given).
 
-    With `nfe` `[B]` (the rollout) the stepping rows are `stepping_rows`'; without (the replay,
-    which evaluates each row's own step) every row with masks.
+    With `nfe` `[B]` (the rollout) the stepping rows are `stepping_rows`' and the planner head's
+    queries run at the block only (`policy_apply(planner_queries_at_outputs=True)`, which no
+    gradient may run through on a mesh); without (the replay, which evaluates each row's own step
+    under gradients) every row with masks, the planner head in full.
 
     Returns:
       `(positions [B, Lb]`, `active [B]` the row steps, `candidates [B, Lb]`, `token_logits
@@ -159,7 +162,7 @@ def evaluate_block(params: Params, canvas: jax.Array, valid: jax.Array, model: M
     if cache is None:
         token_logits, unmask_logits = policy.policy_apply(
             params, canvas, model, valid=valid, candidates=is_masked & in_block, logit_positions=positions,
-            with_planner=config.uses_planner)
+            with_planner=config.uses_planner, planner_queries_at_outputs=nfe is not None)
     else:
         token_logits, unmask_logits, cache = block_cache.evaluate_block_cached(
             params, canvas, valid, cache, positions, active, is_masked & in_block, model, config)
@@ -366,10 +369,10 @@ def rollout_python_loop(params: Params, prompt_tokens, prompt_valid, rng: jax.Ar
 
 def loop_iterations(trajectory: Trajectory, config: DecodeConfig) -> jax.Array:
     """The loop iterations (batched forwards) the rollout of `trajectory` took, a scalar: the
-    largest row NFE without a cache; with one, where rows take each block together
+    largest row NFE where rows go at their own pace; where they take each block together
     (`stepping_rows`), the sum over blocks of the most steps a row spent there. A row's steps in
     a block are consecutive row-steps, so their number is last - first + 1."""
-    if config.cache == "none":
+    if not block_cache.rows_take_blocks_together(config):
         return jnp.max(trajectory.num_steps)
     budget = config.step_budget
     steps = trajectory.unmask_step.reshape(-1, config.num_blocks, config.block_length)

@@ -146,8 +146,8 @@ def self_attention_kv(h: jax.Array, q_proj: Linear, k_proj: Linear, v_proj: Line
     keys/values and the cached ones everywhere else (`attention_over_cache`; `valid` is then the
     window's `WindowKeys`), and the keys/values it attended to at the window's positions, `[B,
     Hkv, W, Dh]`, come back.
-    With `query_positions` `[B, K]` (no cache), every position of `h` gives keys/values but only
-    those `K` positions' queries run, so the output is `[B, K, D]`.
+    With `query_positions` `[B, K]` (indices into `h`'s rows), every position of `h` gives
+    keys/values but only those `K` positions' queries run, so the output is `[B, K, D]`.
 
     Returns:
       `(out [B, W|S|K, D], (keys, values) [B, Hkv, W|S, Dh])`, RoPE applied to the keys.
@@ -317,9 +317,12 @@ def run_layers(layers, x: jax.Array, rope, valid, *, stacked: bool, remat: bool,
     return x
 
 
-def run_layers_kv(layers, x: jax.Array, rope, valid, *, stacked: bool, cache: KV | None = None):
+def run_layers_kv(layers, x: jax.Array, rope, valid, *, stacked: bool, cache: KV | None = None,
+                  query_positions: jax.Array | None = None):
     """`run_layers` for decoding with a block KV cache: each layer is `layer.with_kv(h, rope, valid,
-    cache) -> (h, (k, v))`.
+    cache) -> (h, (k, v))`. With `query_positions` `[B, K]` (indices into `x`'s rows; layers not
+    stacked), the last layer runs its queries, attention output and MLP only there, as in
+    `run_layers`, and the output is `[B, K, D]`; the keys/values still cover every row.
 
     Args:
       x: `[B, S, D]` (no cache: a full forward) or a window `[B, W, D]`.
@@ -331,10 +334,12 @@ def run_layers_kv(layers, x: jax.Array, rope, valid, *, stacked: bool, cache: KV
       window forward the keys/values the window attended to at its positions, `[n_layers, B,
       Hkv, W, Dh]` (its fresh ones, or the cache's where `keys.keep_cached`).
     """
-    def apply(graphdef, state, h, layer_cache):
-        return nnx.merge(graphdef, state).with_kv(h, rope, valid, layer_cache)
+    def apply(graphdef, state, h, layer_cache, query_positions=None):
+        return nnx.merge(graphdef, state).with_kv(h, rope, valid, layer_cache, query_positions=query_positions)
 
     if stacked:
+        if query_positions is not None:
+            raise ValueError("run_layers_kv: query_positions needs layers that are not stacked")
         graphdef, state = nnx.split(layers)
 
         def body(h, xs):
@@ -346,7 +351,7 @@ def run_layers_kv(layers, x: jax.Array, rope, valid, *, stacked: bool, cache: KV
     for i, layer in enumerate(layers):
         graphdef, state = nnx.split(layer)
         layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-        x, kv = apply(graphdef, state, x, layer_cache)
+        x, kv = apply(graphdef, state, x, layer_cache, query_positions if i == len(layers) - 1 else None)
         kvs.append(kv)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *kvs)
 

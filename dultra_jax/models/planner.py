@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dultra_jax.config import ModelConfig
-from dultra_jax.models.layers import KV, Embed, Linear, layer_norm_no_affine, make_blocks, run_layers, run_layers_kv
+from dultra_jax.models.layers import (KV, Embed, Linear, gather_positions, layer_norm_no_affine, make_blocks,
+                                      run_layers, run_layers_kv)
 from dultra_jax.sharding import BATCH_AXES, constrain
 
 _xavier = jax.nn.initializers.xavier_uniform()
@@ -70,7 +71,8 @@ class PlannerHead(nnx.Module):
                                   kernel_init=jax.nn.initializers.normal(stddev=0.02), **kw)
         self.remat, self.remat_policy = config.remat, config.remat_policy
 
-    def __call__(self, h_last: jax.Array, t: jax.Array, candidates: jax.Array, rope, valid) -> jax.Array:
+    def __call__(self, h_last: jax.Array, t: jax.Array, candidates: jax.Array, rope, valid,
+                 query_positions: jax.Array | None = None) -> jax.Array:
         """Unmask logits.
 
         Args:
@@ -83,19 +85,26 @@ class PlannerHead(nnx.Module):
         """
         temb, h = self._modulated_input(h_last, t, candidates)
         f = run_layers(self.mask_head, h, rope, valid, stacked=False, remat=self.remat,
-                       remat_policy=self.remat_policy)
+                       remat_policy=self.remat_policy, query_positions=query_positions)
+        if query_positions is not None:
+            temb = gather_positions(temb, query_positions)
         return self._logits(f, temb)
 
     def with_kv(self, h_last: jax.Array, t: jax.Array, candidates: jax.Array, rope, valid,
-                cache: KV | None = None):
+                cache: KV | None = None, query_positions: jax.Array | None = None):
         """The head, also returning its block's keys/values (the decoder's KV cache).
 
         Without `cache` as `__call__`; with `cache` (`[n_head_layers, B, Hkv, L, Dh]` each),
         `h_last`, `candidates` and `rope` cover a window and `valid` is its `WindowKeys`
-        (`layers.run_layers_kv`). Returns `(logits [B, W|L], (k, v) [n_head_layers, B, Hkv, W|L, Dh])`,
-        a window's keys/values being its fresh ones."""
+        (`layers.run_layers_kv`). With `query_positions` `[B, K]` (indices into `h_last`'s rows)
+        the logits are computed there only (the keys/values still cover every row).
+        Returns `(logits [B, W|L|K], (k, v) [n_head_layers, B, Hkv, W|L, Dh])`, a window's
+        keys/values being its fresh ones."""
         temb, h = self._modulated_input(h_last, t, candidates)
-        f, kv = run_layers_kv(self.mask_head, h, rope, valid, stacked=False, cache=cache)
+        f, kv = run_layers_kv(self.mask_head, h, rope, valid, stacked=False, cache=cache,
+                              query_positions=query_positions)
+        if query_positions is not None:
+            temb = gather_positions(temb, query_positions)
         return self._logits(f, temb), kv
 
     def _modulated_input(self, h_last, t, candidates):

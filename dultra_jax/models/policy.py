@@ -102,14 +102,16 @@ def current_block_candidates(canvas: jax.Array, mask_id: int, gen_start: int, bl
 
 
 def planner_apply(params: Params, h_last: jax.Array, canvas: jax.Array, candidates: jax.Array,
-                  config: ModelConfig, *, valid: jax.Array | None = None) -> jax.Array:
-    """Planner unmask logits `[B, L]` float32 from the backbone's `h_last` `[B, L, D]`."""
+                  config: ModelConfig, *, valid: jax.Array | None = None,
+                  query_positions: jax.Array | None = None) -> jax.Array:
+    """Planner unmask logits `[B, L]` float32 from the backbone's `h_last` `[B, L, D]`; `[B, K]`
+    at `query_positions` `[B, K]` only (the head's keys/values still come from every row)."""
     model = bind(config, params)
     if model.planner is None:
         raise ValueError("this model has no planner head (model.planner is None)")
     t = planner_timestep(canvas, config.mask_token_id, valid)
     rope = model.rope(default_positions(canvas.shape[1]))
-    return model.planner(h_last, t, candidates, rope, _key_mask(config, valid))
+    return model.planner(h_last, t, candidates, rope, _key_mask(config, valid), query_positions=query_positions)
 
 
 def suppress_mask_logit(token_logits: jax.Array, mask_id: int) -> jax.Array:
@@ -119,7 +121,7 @@ def suppress_mask_logit(token_logits: jax.Array, mask_id: int) -> jax.Array:
 
 def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, valid: jax.Array | None = None,
                  candidates: jax.Array | None = None, logit_positions: jax.Array | None = None,
-                 suppress_mask: bool = True, with_planner: bool = True):
+                 suppress_mask: bool = True, with_planner: bool = True, planner_queries_at_outputs: bool = False):
     """One policy evaluation (one NFE): backbone + planner on the canvas.
 
     Args:
@@ -132,6 +134,12 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
         planner does not run, do the backbone's last layer's queries, attention output and MLP.
       suppress_mask: set the mask token's logit to -inf (False gives raw logits, for parity checks).
       with_planner: run the planner head (if any); False for rules that never read it.
+      planner_queries_at_outputs: with `logit_positions`, the planner head's layer runs its
+        queries, attention output and MLP there only, like the backbone's last layer without a
+        planner (its keys/values still come from every row; the same values, ~8% less work).
+        Not under gradients on a mesh: XLA:CPU's SPMD partitioner miscompiles its backward under
+        a data x fsdp x tensor mesh (jax 0.10.2; the sharded GRPO update was 0.03 off), so the
+        rollout turns it on and the replay leaves it off.
     Returns:
       `(token_logits [B, L|K, V]`, `unmask_logits [B, L|K]` float32, or None without a planner
       or with `with_planner=False`).
@@ -150,9 +158,9 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
         return token_logits, None
     if candidates is None:
         candidates = canvas == config.mask_token_id
-    # The planner's one layer could run its queries at `logit_positions` only, like the backbone's
-    # last layer, but XLA:CPU's SPMD partitioner miscompiles that under a data x fsdp x tensor
-    # mesh (0.03 off in the unmask logits, jax 0.10.2): the head runs in full.
+    if planner_queries_at_outputs and logit_positions is not None:
+        return token_logits, planner_apply(params, h_last, canvas, candidates, config, valid=valid,
+                                           query_positions=logit_positions)
     unmask_logits = planner_apply(params, h_last, canvas, candidates, config, valid=valid)
     if logit_positions is not None:
         unmask_logits = gather_positions(unmask_logits, logit_positions)
@@ -161,7 +169,8 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
 
 def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, valid: jax.Array,
                     candidates: jax.Array, logit_positions: jax.Array, cache=None, window: jax.Array | None = None,
-                    suffix_start: int | None = None, with_planner: bool = True):
+                    suffix_start: int | None = None, suffix_own_start: jax.Array | None = None,
+                    with_planner: bool = True):
     """`policy_apply` for decoding with a block KV cache (Fast-dLLM); the mask logit is -inf.
 
     Full forward (`cache` None): the whole canvas runs, outputs are read at `logit_positions`
@@ -173,8 +182,10 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
     read at `logit_positions`: a row whose block starts after `S` reads its keys/values before
     its block from the cache, so its outputs are those of its own window `[block start, L)`
     (`layers.suffix_window_keys`; what the prefix cache runs, with `L` keys where a general
-    window has `L + W`); a row whose block starts before `S` gets meaningless outputs. Cached
-    keys/values are as stale as the canvas they were made on.
+    window has `L + W`); a row whose block starts before `S` gets meaningless outputs. A row's own
+    window may be set instead (`suffix_own_start` `[B]`, e.g. `S` for every row: the whole suffix
+    fresh, what the prefix cache's `blocks` refresh runs). Cached keys/values are as stale as the
+    canvas they were made on.
 
     Args:
       canvas, valid, candidates: `[B, L]` (candidates: masked positions of the current block).
@@ -198,30 +209,32 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
     if cache is None:
         positions, keys = default_positions(canvas.shape[1]), key_mask  # every key, as the canvas masks it
         h_last, backbone_kv = model.hidden_kv(canvas, positions, keys)
-        planner_positions, h_out = positions, gather_positions(h_last, logit_positions)
-        planner_candidates, planner_cache = candidates, None
+        planner_positions, planner_candidates, planner_cache = positions, candidates, None
+        outputs = logit_positions  # rows of h_last read out
     else:
         length = canvas.shape[1]
         if suffix_start is None:
             keys = layers.window_keys(key_mask, window, length)
-            read_outputs = lambda x: x[:, :num_out]  # noqa: E731  (the window's first positions)
+            outputs = jnp.broadcast_to(jnp.arange(num_out, dtype=jnp.int32)[None], logit_positions.shape)
         else:
             window = jnp.broadcast_to(jnp.arange(suffix_start, length, dtype=jnp.int32)[None],
                                       (canvas.shape[0], length - suffix_start))
-            keys = layers.suffix_window_keys(key_mask, suffix_start, logit_positions[:, 0], length)
+            own_start = logit_positions[:, 0] if suffix_own_start is None else suffix_own_start
+            keys = layers.suffix_window_keys(key_mask, suffix_start, own_start, length)
             # (clipped: a row whose block starts before the suffix reads nothing meaningful)
-            offsets = jnp.clip(logit_positions - suffix_start, 0, length - suffix_start - 1)
-            read_outputs = lambda x: gather_positions(x, offsets)  # noqa: E731
+            outputs = jnp.clip(logit_positions - suffix_start, 0, length - suffix_start - 1)
         tokens = gather_positions(canvas, window)
         # the window's keys, made once for the backbone's layers and the planner's
         h_last, backbone_kv = model.hidden_kv(tokens, window, keys, cache=cache[0])
-        planner_positions, h_out = window, read_outputs(h_last)
-        planner_candidates, planner_cache = gather_positions(candidates, window), cache[1]
-    token_logits = suppress_mask_logit(model.logits(h_out), config.mask_token_id)
+        planner_positions, planner_cache = window, cache[1]
+        planner_candidates = gather_positions(candidates, window)
+    token_logits = suppress_mask_logit(model.logits(gather_positions(h_last, outputs)), config.mask_token_id)
     if not (config.has_planner and with_planner):
         return token_logits, None, (backbone_kv, None)
     t = planner_timestep(canvas, config.mask_token_id, valid)
+    # The planner's layer runs its queries at the output rows only: its keys/values (the cache's,
+    # and every window position's) still come from every row of h_last.
     unmask_logits, planner_kv = model.planner.with_kv(
-        h_last, t, planner_candidates, model.rope(planner_positions), keys, cache=planner_cache)
-    unmask_logits = gather_positions(unmask_logits, logit_positions) if cache is None else read_outputs(unmask_logits)
+        h_last, t, planner_candidates, model.rope(planner_positions), keys, cache=planner_cache,
+        query_positions=outputs)
     return token_logits, unmask_logits, (backbone_kv, planner_kv)
