@@ -98,6 +98,10 @@ def test_the_built_sharded_update_equals_the_plain_update(built):
         assert float(built_metrics[key]) == pytest.approx(float(plain_metrics[key]), rel=1e-4, abs=1e-6)
     for got, want in zip(jax.tree.leaves(built_state.trainable), jax.tree.leaves(plain.trainable)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+    # and the update moved the parameters, so the comparison is not of two untouched copies
+    moved = [np.abs(np.asarray(new) - np.asarray(old)).max() for new, old in
+             zip(jax.tree.leaves(plain.trainable), jax.tree.leaves(plain_state.trainable))]
+    assert max(moved) > 1e-4, max(moved)  # a hundred times the tolerance above
     assert int(built_state.step) == 1
 
 
