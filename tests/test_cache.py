@@ -338,18 +338,18 @@ def test_partial_refresh_equals_refreshing_rows_one_by_one(cache, refresh, block
     for row in stepping:
         one = lambda x: x[row:row + 1]  # noqa: E731
         row_cache = jax.tree.map(lambda x: x[:, row:row + 1], stale)
-        start = int(positions[row, 0])
         if row in full_rows:
             want_kv = jax.tree.map(lambda x: x[:, row], fresh)
-            want_logits, want_unmask = full_logits[row], full_unmask[row]
-            want_logits, want_unmask = want_logits[None], want_unmask[None]
+            want_logits, want_unmask = one(full_logits), one(full_unmask)
         else:
             if row in by_blocks:
                 finished = LP + int(block[row]) * LB
                 end = LP + LG if cache == "prefix" else finished + LB
                 window = jnp.concatenate([positions[row], jnp.arange(finished, end, dtype=jnp.int32)])[None]
+            elif cache == "prefix":
+                window = jnp.arange(int(positions[row, 0]), LP + LG, dtype=jnp.int32)[None]
             else:
-                window = jnp.arange(start, LP + LG, dtype=jnp.int32)[None] if cache == "prefix" else one(positions)
+                window = one(positions)
             want_logits, want_unmask, row_fresh = apply_kv(PARAMS, one(canvas), MODEL, valid=one(valid),
                                                            candidates=one(candidates), logit_positions=one(positions),
                                                            cache=row_cache, window=window)

@@ -104,6 +104,12 @@ def _where_rows(rows: jax.Array, new, old):
     return jax.tree.map(lambda n, o: jnp.where(rows.reshape(rows.shape + (1,) * (n.ndim - 1)), n, o), new, old)
 
 
+def _where_cache_rows(rows: jax.Array, new, old):
+    """`_where_rows` for keys/values, whose leaves `[n_layers, B, Hkv, L, Dh]` put the rows second;
+    `new` cast to `old`'s dtype."""
+    return jax.tree.map(lambda n, o: jnp.where(rows[None, :, None, None, None], n.astype(o.dtype), o), new, old)
+
+
 def write_window(kv, window: jax.Array, fresh, rows: jax.Array):
     """The cache `kv` with the window forward's `fresh` keys/values written at `window` `[B, W]`
     on the rows `rows` `[B]` (bool); leaves `[n_layers, B, Hkv, L|W, Dh]`, None leaves stay.
@@ -169,14 +175,13 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
             with_planner=config.uses_planner)
         return (token_logits, unmask_logits), fresh
 
-    def dual_window(kv, window):
-        """The window forward over `window` `[B, W]` (each row's block first); the keys/values of
-        the rows refreshing by blocks are written."""
+    def window_forward(kv, **window):
+        """The window forward against `kv` (`window=` or `suffix_start=`, `policy_apply_kv`):
+        `(outputs, the keys/values it attended to at its positions)`."""
         token_logits, unmask_logits, fresh = policy.policy_apply_kv(
             params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
-            cache=kv, window=window, with_planner=config.uses_planner)
-        kv = write_window(kv, window, fresh, by_blocks) if window.shape[1] > config.block_length else kv
-        return kv, (token_logits, unmask_logits)
+            cache=kv, with_planner=config.uses_planner, **window)
+        return (token_logits, unmask_logits), fresh
 
     def prefix_window(kv, write: bool = True):
         """One suffix forward for every stepping row without a full refresh, from the earliest of
@@ -190,17 +195,14 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
         first = (jnp.min(jnp.where(active & ~full, own_start, last_start)) - config.prompt_length) // config.block_length
 
         def suffix_from(start):
-            token_logits, unmask_logits, fresh = policy.policy_apply_kv(
-                params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
-                cache=kv, suffix_start=start, suffix_own_start=own_start, with_planner=config.uses_planner)
+            outputs, fresh = window_forward(kv, suffix_start=start, suffix_own_start=own_start)
             if not write:
-                return kv, (token_logits, unmask_logits)
+                return kv, outputs
             # A static slice written in place (a scatter of the suffix's positions would copy it);
             # before a row's own window the cached values come back and are written unchanged.
-            keep = by_blocks[None, :, None, None, None]
-            kv_new = jax.tree.map(lambda old, new: old.at[:, :, :, start:].set(
-                jnp.where(keep, new.astype(old.dtype), old[:, :, :, start:])), kv, fresh)
-            return kv_new, (token_logits, unmask_logits)
+            suffix = jax.tree.map(lambda old: old[:, :, :, start:], kv)
+            written = _where_cache_rows(by_blocks, fresh, suffix)
+            return jax.tree.map(lambda old, new: old.at[:, :, :, start:].set(new), kv, written), outputs
 
         return jax.lax.switch(first, [lambda k=k: suffix_from(config.prompt_length + k * config.block_length)
                                       for k in range(config.num_blocks)])
@@ -208,11 +210,13 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
     def no_refresh(kv):
         if config.cache == "prefix":
             return prefix_window(kv, write=False)
-        return dual_window(kv, positions)
+        return kv, window_forward(kv, window=positions)[0]
 
-    def dual_blocks_refresh(kv):  # every stepping row refreshes by blocks
+    def dual_blocks_refresh(kv):  # every stepping row refreshes by blocks: its block and the finished one
         finished_block = _prefix_window(finished_start, config.block_length, config.canvas_length)
-        return dual_window(kv, jnp.concatenate([positions, finished_block], axis=1))
+        window = jnp.concatenate([positions, finished_block], axis=1)
+        outputs, fresh = window_forward(kv, window=window)
+        return write_window(kv, window, fresh, by_blocks), outputs
 
     def refresh_all(kv):
         # Every row takes the full forward's keys/values (selecting rows would read and write the
@@ -227,8 +231,8 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
 
     def refresh_some(kv):
         outputs, fresh = full_forward()
-        kv = jax.tree.map(lambda n, o: jnp.where(full_rows[None, :, None, None, None], n, o), fresh, kv)
-        kv, window_outputs = prefix_window(kv) if config.cache == "prefix" else dual_window(kv, positions)
+        kv = _where_cache_rows(full_rows, fresh, kv)
+        kv, window_outputs = prefix_window(kv) if config.cache == "prefix" else no_refresh(kv)
         return kv, _where_rows(full_rows, outputs, window_outputs)
 
     branches = [no_refresh, refresh_some, refresh_all]

@@ -86,9 +86,7 @@ class PlannerHead(nnx.Module):
         temb, h = self._modulated_input(h_last, t, candidates)
         f = run_layers(self.mask_head, h, rope, valid, stacked=False, remat=self.remat,
                        remat_policy=self.remat_policy, query_positions=query_positions)
-        if query_positions is not None:
-            temb = gather_positions(temb, query_positions)
-        return self._logits(f, temb)
+        return self._logits(f, temb, query_positions)
 
     def with_kv(self, h_last: jax.Array, t: jax.Array, candidates: jax.Array, rope, valid,
                 cache: KV | None = None, query_positions: jax.Array | None = None):
@@ -103,13 +101,14 @@ class PlannerHead(nnx.Module):
         temb, h = self._modulated_input(h_last, t, candidates)
         f, kv = run_layers_kv(self.mask_head, h, rope, valid, stacked=False, cache=cache,
                               query_positions=query_positions)
-        if query_positions is not None:
-            temb = gather_positions(temb, query_positions)
-        return self._logits(f, temb), kv
+        return self._logits(f, temb, query_positions), kv
 
     def _modulated_input(self, h_last, t, candidates):
         temb = self.time_embedding(t)[:, None, :] + self.mask_embedding(candidates.astype(jnp.int32))
         return temb, constrain(self.norm_out_1(h_last, temb), BATCH_AXES)
 
-    def _logits(self, f, temb):
+    def _logits(self, f, temb, query_positions=None):
+        """`f` the block's output (at `query_positions` when given, where `temb` is taken too)."""
+        if query_positions is not None:
+            temb = gather_positions(temb, query_positions)
         return constrain(self.mask_linear(self.norm_out_2(f, temb))[..., 0].astype(jnp.float32), BATCH_AXES)

@@ -158,11 +158,10 @@ def policy_apply(params: Params, canvas: jax.Array, config: ModelConfig, *, vali
         return token_logits, None
     if candidates is None:
         candidates = canvas == config.mask_token_id
-    if planner_queries_at_outputs and logit_positions is not None:
-        return token_logits, planner_apply(params, h_last, canvas, candidates, config, valid=valid,
-                                           query_positions=logit_positions)
-    unmask_logits = planner_apply(params, h_last, canvas, candidates, config, valid=valid)
-    if logit_positions is not None:
+    query_positions = logit_positions if planner_queries_at_outputs else None
+    unmask_logits = planner_apply(params, h_last, canvas, candidates, config, valid=valid,
+                                  query_positions=query_positions)
+    if logit_positions is not None and query_positions is None:
         unmask_logits = gather_positions(unmask_logits, logit_positions)
     return token_logits, unmask_logits
 
