@@ -33,7 +33,8 @@ positions before it from the cache, so its outputs are those of its own window).
 
 `decode.cache_refresh="blocks"` makes every refresh after the first block cheaper: instead of
 the full forward, a window forward over the new block and the block just finished against the
-cache, whose fresh keys/values are kept. Under `dual` the rows still enter each block together
+cache, which keeps the finished block's fresh keys/values (the cached positions a later step of
+the block reads that the refresh recomputes). Under `dual` the rows still enter each block together
 and the refresh is a window of two blocks; under `prefix` a row's refresh is its own window
 started one block earlier (the block just finished and everything after it), one more row of
 the batch's suffix forward, so the rows go at their own pace and none waits for the slowest at a
@@ -54,6 +55,8 @@ refresh and all modes agree exactly (tested).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -110,15 +113,22 @@ def _where_cache_rows(rows: jax.Array, new, old):
     return jax.tree.map(lambda n, o: jnp.where(rows[None, :, None, None, None], n.astype(o.dtype), o), new, old)
 
 
-def write_window(kv, window: jax.Array, fresh, rows: jax.Array):
-    """The cache `kv` with the window forward's `fresh` keys/values written at `window` `[B, W]`
-    on the rows `rows` `[B]` (bool); leaves `[n_layers, B, Hkv, L|W, Dh]`, None leaves stay.
-    Only `W` positions per row are read and written."""
-    def row(cache, new, window, write):  # one row: [n_layers, Hkv, L|W, Dh], window [W]
-        return cache.at[:, :, window].set(jnp.where(write, new.astype(cache.dtype), cache[:, :, window]))
+def write_blocks(kv, starts: jax.Array, fresh, rows: jax.Array):
+    """The cache `kv` with `fresh` written at positions `starts[b], ..., starts[b] + W - 1` of each
+    row `b` in `rows` `[B]` (bool); leaves `[n_layers, B, Hkv, L|W, Dh]`, None leaves stay.
 
-    write_rows = jax.vmap(row, in_axes=(1, 1, 0, 0), out_axes=1)
-    return jax.tree.map(lambda cache, new: write_rows(cache, new, window, rows), kv, fresh)
+    Only those `W` positions per row are read and written, in place: a slice update per row (a
+    batched scatter over rows and positions made XLA:CPU transpose the whole cache to rows-major
+    and back around it, every step)."""
+    def write(cache, new):
+        for row in range(cache.shape[1]):
+            at = (0, row, 0, starts[row], 0)
+            old = jax.lax.dynamic_slice(cache, at, new.shape[:1] + (1,) + new.shape[2:])
+            update = jnp.where(rows[row], new[:, row:row + 1].astype(cache.dtype), old)
+            cache = jax.lax.dynamic_update_slice(cache, update, at)
+        return cache
+
+    return jax.tree.map(write, kv, fresh)
 
 
 def rows_take_blocks_together(config: DecodeConfig) -> bool:
@@ -136,6 +146,18 @@ def rows_take_blocks_together(config: DecodeConfig) -> bool:
     return config.cache == "dual" or config.resolved_cache_refresh == "full"
 
 
+def _in_place_if(pred: jax.Array, update, carry):
+    """`update(carry)` where the traced bool `pred` holds, else `carry`, its buffers updated in
+    place. A `lax.cond` or `lax.switch` whose result is the KV cache, unchanged in some
+    branches, makes XLA:CPU copy the whole cache out of the conditional and again into the
+    rollout loop's carry, every step (jax 0.10.2; on `small`, 85 MB a step); a while loop of at
+    most one trip keeps its carry's buffers."""
+    def once(state):
+        return jnp.zeros_like(state[0]), update(state[1])
+
+    return jax.lax.while_loop(lambda state: state[0], once, (pred, carry))[1]
+
+
 def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, cache: BlockCache,
                           positions: jax.Array, active: jax.Array, candidates: jax.Array,
                           model: ModelConfig, config: DecodeConfig):
@@ -144,15 +166,19 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
     A row that entered a new block since its cache was made (`refresh`) refreshes it: by the full
     forward (the `full` refresh, or any row without a cache yet), whose keys/values replace its
     cache and whose outputs are its own (exact), or by `blocks`: `dual`, the window forward over
-    its block and the block its cache was made for; `prefix`, its suffix window started at that
-    block; those windows' fresh keys/values are kept. The other rows run the window forward
-    against their cache. Which forwards run depends on which rows refresh (one `lax.switch`):
-    no full refresh -> the window forward alone (`prefix`: one suffix forward for every row,
-    refreshing by blocks or not; `dual`: with every stepping row refreshing by blocks, the wider
-    window); every stepping row refreshing in full (the first block, and each block under the
-    lockstep of `rows_take_blocks_together`) -> the full forward alone, which replaces every
-    row's keys/values and marks the rows that did not step stale (`block` -1: they refresh
-    when they next step); some -> both.
+    its block and the block its cache was made for (the finished block); `prefix`, its suffix
+    window started at the finished block. Either way the finished block's fresh keys/values are
+    written: of the positions the refresh recomputes, they are the only ones a later step of the
+    block reads from the cache (its own window, and `dual`'s suffix, are read fresh or unchanged).
+    `dual` refreshes by blocks only when every stepping row does (its window is the block, and
+    the finished block would widen it for every row); otherwise its refreshing rows take the full
+    forward. The other stepping rows run the window forward against their cache (`prefix`: one
+    suffix forward for every row that does not refresh in full, from the earliest of their
+    windows' starts, a static suffix per block by `lax.switch`; `dual`: the block, or the two
+    blocks). The window forward runs when some stepping row does not refresh in full, the full
+    forward when some does (the first block, and each block under the lockstep of
+    `rows_take_blocks_together`), before the window forward; the cache is updated in place
+    (`_in_place_if`), the rows that do not step keep theirs.
 
     Args:
       canvas, valid: `[B, L]`; positions: `[B, Lb]` each row's current block; active: `[B]` the
@@ -167,13 +193,13 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
     # a first refresh has no cache to refresh by blocks
     full = refresh & (cache.block < 0) if by_blocks_refresh else refresh
     by_blocks = refresh & ~full
+    if config.cache == "dual":
+        every_row_by_blocks = jnp.all(by_blocks | ~active)
+        full, by_blocks = refresh & ~every_row_by_blocks, by_blocks & every_row_by_blocks
+    window_rows = active & ~full
     finished_start = config.prompt_length + jnp.maximum(cache.block, 0) * config.block_length
-
-    def full_forward():
-        token_logits, unmask_logits, fresh = policy.policy_apply_kv(
-            params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
-            with_planner=config.uses_planner)
-        return (token_logits, unmask_logits), fresh
+    own_start = jnp.where(by_blocks, finished_start, positions[:, 0])  # a row's `prefix` window
+    finished_block = _prefix_window(finished_start, config.block_length, config.canvas_length)
 
     def window_forward(kv, **window):
         """The window forward against `kv` (`window=` or `suffix_start=`, `policy_apply_kv`):
@@ -183,71 +209,49 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
             cache=kv, with_planner=config.uses_planner, **window)
         return (token_logits, unmask_logits), fresh
 
-    def prefix_window(kv, write: bool = True):
-        """One suffix forward for every stepping row without a full refresh, from the earliest of
-        their windows' starts (a static suffix per block, `lax.switch`): a row's window starts at
-        its block or, refreshing by blocks, at the block its cache was made for; a row whose
-        window starts later reads the positions before it from its cache, so its outputs are its
-        own window's. The rows refreshing by blocks keep their window's keys/values (`write`
-        False: there are none)."""
-        own_start = jnp.where(by_blocks, finished_start, positions[:, 0])
+    # The window forward's branches: `(outputs, keys/values [.., B, Hkv, Lb, Dh] of the finished
+    # block)`, the latter written below on the rows refreshing by blocks (read nowhere else).
+    def suffix_from(start: int, kv):
+        """`prefix`: the canvas suffix from `start` for every window row; a row's own window
+        starts at its block or, refreshing by blocks, at its finished block; a row whose window
+        starts later reads the positions before it from its cache, so its outputs are its own
+        window's."""
+        outputs, fresh = window_forward(kv, suffix_start=start, suffix_own_start=own_start)
+        offset = jnp.clip(finished_start - start, 0, config.canvas_length - start - config.block_length)
+        take_block = jax.vmap(lambda x, row_offset: jax.lax.dynamic_slice_in_dim(x, row_offset, config.block_length,
+                                                                                 axis=2), in_axes=(1, 0), out_axes=1)
+        return outputs, jax.tree.map(lambda x: take_block(x, offset), fresh)
+
+    def dual_block(kv):  # nothing to write: no row refreshes by blocks here
+        return window_forward(kv, window=positions)
+
+    def dual_two_blocks(kv):  # every stepping row refreshes by blocks
+        outputs, fresh = window_forward(kv, window=jnp.concatenate([positions, finished_block], axis=1))
+        return outputs, jax.tree.map(lambda x: x[:, :, :, config.block_length:], fresh)
+
+    if config.cache == "prefix":
+        branches = [functools.partial(suffix_from, config.prompt_length + k * config.block_length)
+                    for k in range(config.num_blocks)]
         last_start = config.canvas_length - config.block_length
-        first = (jnp.min(jnp.where(active & ~full, own_start, last_start)) - config.prompt_length) // config.block_length
+        branch = (jnp.min(jnp.where(window_rows, own_start, last_start)) - config.prompt_length) // config.block_length
+    else:
+        branches = [dual_block, dual_two_blocks]
+        branch = jnp.any(by_blocks).astype(jnp.int32)
 
-        def suffix_from(start):
-            outputs, fresh = window_forward(kv, suffix_start=start, suffix_own_start=own_start)
-            if not write:
-                return kv, outputs
-            # A static slice written in place (a scatter of the suffix's positions would copy it);
-            # before a row's own window the cached values come back and are written unchanged.
-            suffix = jax.tree.map(lambda old: old[:, :, :, start:], kv)
-            written = _where_cache_rows(by_blocks, fresh, suffix)
-            return jax.tree.map(lambda old, new: old.at[:, :, :, start:].set(new), kv, written), outputs
+    def no_window(kv):  # every stepping row refreshes in full
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(branches[0], kv))
 
-        return jax.lax.switch(first, [lambda k=k: suffix_from(config.prompt_length + k * config.block_length)
-                                      for k in range(config.num_blocks)])
+    def full_refresh(carry):
+        kv, outputs = carry
+        token_logits, unmask_logits, fresh = policy.policy_apply_kv(
+            params, canvas, model, valid=valid, candidates=candidates, logit_positions=positions,
+            with_planner=config.uses_planner)
+        return _where_cache_rows(full, fresh, kv), (token_logits, unmask_logits)
 
-    def no_refresh(kv):
-        if config.cache == "prefix":
-            return prefix_window(kv, write=False)
-        return kv, window_forward(kv, window=positions)[0]
-
-    def dual_blocks_refresh(kv):  # every stepping row refreshes by blocks: its block and the finished one
-        finished_block = _prefix_window(finished_start, config.block_length, config.canvas_length)
-        window = jnp.concatenate([positions, finished_block], axis=1)
-        outputs, fresh = window_forward(kv, window=window)
-        return write_window(kv, window, fresh, by_blocks), outputs
-
-    def refresh_all(kv):
-        # Every row takes the full forward's keys/values (selecting rows would read and write the
-        # whole cache once more); the rows that did not step are marked stale below instead.
-        outputs, fresh = full_forward()
-        return fresh, outputs
-
-    # `prefix`: the rows refreshing in full take the full forward, the others (refreshing by
-    # blocks or not) the suffix forward. `dual`: every refreshing row takes the full forward when
-    # not all stepping rows refresh by blocks (the rollout's lockstep never mixes them).
-    full_rows = full if config.cache == "prefix" else refresh
-
-    def refresh_some(kv):
-        outputs, fresh = full_forward()
-        kv = _where_cache_rows(full_rows, fresh, kv)
-        kv, window_outputs = prefix_window(kv) if config.cache == "prefix" else no_refresh(kv)
-        return kv, _where_rows(full_rows, outputs, window_outputs)
-
-    branches = [no_refresh, refresh_some, refresh_all]
-    replace_every_row = 2
-    branch = jnp.where(~jnp.any(refresh), 0, jnp.where(jnp.all(full_rows | ~active), replace_every_row, 1))
-    if by_blocks_refresh:  # no full refresh, some rows refresh by blocks
-        if config.cache == "prefix":
-            branches.append(prefix_window)
-            branch = jnp.where(jnp.any(refresh) & ~jnp.any(full_rows), 3, branch)
-        else:  # dual: only when every stepping row does (its window is twice as wide)
-            branches.append(dual_blocks_refresh)
-            branch = jnp.where(jnp.any(refresh) & jnp.all(by_blocks | ~active), 3, branch)
-    kv, (token_logits, unmask_logits) = jax.lax.switch(branch, branches, cache.kv)
-    # A row whose cache another row's refresh replaced refreshes on its next step (under the
-    # rollout's lockstep only done rows and rows past the batch's block are replaced: they would
-    # refresh anyway).
-    kept = jnp.where(branch == replace_every_row, -1, cache.block)
-    return token_logits, unmask_logits, BlockCache(kv=kv, block=jnp.where(refresh, block_index, kept))
+    # The full forward first: after the window forward's `lax.switch`, XLA:CPU's 8-device tests
+    # (tests/test_rollout.py, sharded `dual`) deadlocked in a collective's rendezvous, 3 runs in 4.
+    kv, full_outputs = _in_place_if(jnp.any(full), full_refresh, (cache.kv, no_window(cache.kv)[0]))
+    outputs, finished_kv = jax.lax.switch(jnp.where(jnp.any(window_rows), branch + 1, 0), [no_window] + branches, kv)
+    kv = _in_place_if(jnp.any(by_blocks), lambda kv: write_blocks(kv, finished_start, finished_kv, by_blocks), kv)
+    token_logits, unmask_logits = _where_rows(full, full_outputs, outputs)
+    return token_logits, unmask_logits, BlockCache(kv=kv, block=jnp.where(refresh, block_index, cache.block))

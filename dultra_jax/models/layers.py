@@ -253,9 +253,13 @@ def attention_over_cache(q: jax.Array, cache: KV, fresh: KV, cache_valid: jax.Ar
         scores = jnp.einsum("bhqd,bhsd->bhqs", grouped, keys, preferred_element_type=jnp.float32)
         return jnp.where(valid[:, None, None, :], scores / math.sqrt(head_dim), floor)
 
-    probs = jax.nn.softmax(jnp.concatenate([logits(cache[0], cache_valid), logits(fresh[0], fresh_valid)], -1), -1)
-    out = (jnp.einsum("bhqs,bhsd->bhqd", probs[..., :length].astype(cache[1].dtype), cache[1])
-           + jnp.einsum("bhqs,bhsd->bhqd", probs[..., length:].astype(fresh[1].dtype), fresh[1]))
+    # One softmax over both key sets, without concatenating their logits (a copy of both).
+    cache_logits, fresh_logits = logits(cache[0], cache_valid), logits(fresh[0], fresh_valid)
+    peak = jnp.maximum(jnp.max(cache_logits, -1, keepdims=True), jnp.max(fresh_logits, -1, keepdims=True))
+    cache_weights, fresh_weights = jnp.exp(cache_logits - peak), jnp.exp(fresh_logits - peak)
+    total = jnp.sum(cache_weights, -1, keepdims=True) + jnp.sum(fresh_weights, -1, keepdims=True)
+    out = (jnp.einsum("bhqs,bhsd->bhqd", (cache_weights / total).astype(cache[1].dtype), cache[1])
+           + jnp.einsum("bhqs,bhsd->bhqd", (fresh_weights / total).astype(fresh[1].dtype), fresh[1]))
     out = jnp.moveaxis(out.reshape(batch, kv_heads, group, width, head_dim), 3, 1)
     return out.reshape(batch, width, heads, head_dim).astype(q.dtype)
 

@@ -54,7 +54,7 @@ class LLaDAModel(nnx.Module):
         With `cache` (`[n_layers, B, Hkv, L, Dh]` each): `tokens` and `positions` `[B, W]` are a
         window of the canvas and `valid` the window's `WindowKeys` (`layers.run_layers_kv`).
         Returns `(h_last [B, W|L, D], (k, v) [n_layers, B, Hkv, W|L, Dh])`: a window forward
-        gives the window's fresh keys/values (`cache.write_window` keeps them).
+        gives the window's fresh keys/values (`cache.write_blocks` keeps those of a refreshed block).
         """
         x, kv = run_layers_kv(self.blocks, self.wte(tokens), self.rope(positions), valid,
                               stacked=self.config.scan_layers, cache=cache)

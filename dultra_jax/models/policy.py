@@ -197,7 +197,7 @@ def policy_apply_kv(params: Params, canvas: jax.Array, config: ModelConfig, *, v
       `(token_logits [B, K, V]`, `unmask_logits [B, K]` float32 or None, `kv`): after a full
       forward the cache to keep (`[n_layers, B, Hkv, L, Dh]` leaves); after a window forward the
       keys/values it attended to at its positions (`[n_layers, B, Hkv, W, Dh]`, for
-      `cache.write_window`).
+      `cache.write_blocks`).
     """
     model = bind(config, params)
     key_mask = _key_mask(config, valid)
