@@ -1,5 +1,7 @@
 """The jitted rollout: equals a Python loop, keeps its invariants, shards, and rejects bad input."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,6 +187,28 @@ def test_sharded_rollout_equals_unsharded(rule, cache):
     for name in ("tokens", "unmask_step", "num_steps", "step_logps", "prompt_tokens", "prompt_valid"):
         assert getattr(got, name).sharding.spec[0] == ("data", "fsdp"), name  # the carry's rows stay sharded
     _assert_same(got, want)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_sharded_cached_rollout_gathers_no_cache(cache):
+    """Under a batch-sharded mesh the cache's reads and writes stay on each device's rows: the
+    compiled rollout has no collective over keys/values of the cache's layout (a write indexing
+    the rows dynamically made the partitioner all-gather the whole cache, for every row)."""
+    config = decode(temperature=0.5, cache=cache)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    params = jax.device_put(PARAMS, param_shardings(PARAMS, mesh))
+    rows = lambda x: jax.device_put(x, batch_sharding(mesh))  # noqa: E731
+    with jax.set_mesh(mesh):
+        tokens, valid, knobs, static = R.rollout_inputs(rows(np.ones((8, 8), np.int32) * 5),
+                                                        rows(np.ones((8, 8), bool)), config, MODEL)
+        hlo = R.rollout_jit.lower(params, tokens, valid, jax.random.key(0), knobs, model=MODEL,
+                                  config=static).compile().as_text()
+    collectives = re.findall(r"= f32\[([\d,]+)\]\S* (?:all-gather|all-reduce|collective-permute|all-to-all)\(", hlo)
+    assert collectives  # the parameters are gathered: the pattern does see collectives
+    # keys/values are [n_layers, B, Hkv, L, Dh]: no collective moves anything of that layout
+    cache_like = [shape for shape in collectives
+                  if len(shape.split(",")) == 5 and int(shape.split(",")[3]) == config.canvas_length]
+    assert not cache_like, cache_like
 
 
 def test_bad_input_names_the_value():

@@ -116,19 +116,30 @@ def _where_cache_rows(rows: jax.Array, new, old):
 def write_blocks(kv, starts: jax.Array, fresh, rows: jax.Array):
     """The cache `kv` with `fresh` written at positions `starts[b], ..., starts[b] + W - 1` of each
     row `b` in `rows` `[B]` (bool); leaves `[n_layers, B, Hkv, L|W, Dh]`, None leaves stay.
+    The rows' starts differ by multiples of `W` (block starts, for blocks of `W`).
 
-    Only those `W` positions per row are read and written, in place: a slice update per row (a
-    batched scatter over rows and positions made XLA:CPU transpose the whole cache to rows-major
-    and back around it, every step)."""
-    def write(cache, new):
-        for row in range(cache.shape[1]):
-            at = (0, row, 0, starts[row], 0)
-            old = jax.lax.dynamic_slice(cache, at, new.shape[:1] + (1,) + new.shape[2:])
-            update = jnp.where(rows[row], new[:, row:row + 1].astype(cache.dtype), old)
-            cache = jax.lax.dynamic_update_slice(cache, update, at)
-        return cache
+    Only the blocks some row writes are read and written, in place: one slice of all rows per
+    such block (a `lax.fori_loop` over them; none when no row writes), the rows chosen
+    elementwise. A batched scatter over rows and positions made XLA:CPU transpose the whole cache
+    to rows-major and back around it, and a slice per row, a dynamic index into the rows, made
+    XLA's partitioner gather the whole cache onto every device of a batch-sharded mesh."""
+    width = jax.tree.leaves(fresh)[0].shape[3]
+    first = jnp.min(jnp.where(rows, starts, jnp.iinfo(jnp.int32).max))
+    last = jnp.max(jnp.where(rows, starts, 0))
+    blocks = jnp.where(jnp.any(rows), (last - first) // width + 1, 0)
 
-    return jax.tree.map(write, kv, fresh)
+    def write_block(index, kv):
+        start = first + index * width
+        writing = (rows & (starts == start))[None, :, None, None, None]
+
+        def write(cache, new):
+            old = jax.lax.dynamic_slice_in_dim(cache, start, width, axis=3)
+            return jax.lax.dynamic_update_slice_in_dim(cache, jnp.where(writing, new.astype(cache.dtype), old),
+                                                       start, axis=3)
+
+        return jax.tree.map(write, kv, fresh)
+
+    return jax.lax.fori_loop(0, blocks, write_block, kv)
 
 
 def rows_take_blocks_together(config: DecodeConfig) -> bool:
@@ -178,7 +189,7 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
     blocks). The window forward runs when some stepping row does not refresh in full, the full
     forward when some does (the first block, and each block under the lockstep of
     `rows_take_blocks_together`), before the window forward; the cache is updated in place
-    (`_in_place_if`), the rows that do not step keep theirs.
+    (`_in_place_if`, `write_blocks`), the rows that do not step keep theirs.
 
     Args:
       canvas, valid: `[B, L]`; positions: `[B, Lb]` each row's current block; active: `[B]` the
@@ -252,6 +263,6 @@ def evaluate_block_cached(params: Params, canvas: jax.Array, valid: jax.Array, c
     # (tests/test_rollout.py, sharded `dual`) deadlocked in a collective's rendezvous, 3 runs in 4.
     kv, full_outputs = _in_place_if(jnp.any(full), full_refresh, (cache.kv, no_window(cache.kv)[0]))
     outputs, finished_kv = jax.lax.switch(jnp.where(jnp.any(window_rows), branch + 1, 0), [no_window] + branches, kv)
-    kv = _in_place_if(jnp.any(by_blocks), lambda kv: write_blocks(kv, finished_start, finished_kv, by_blocks), kv)
+    kv = write_blocks(kv, finished_start, finished_kv, by_blocks)
     token_logits, unmask_logits = _where_rows(full, full_outputs, outputs)
     return token_logits, unmask_logits, BlockCache(kv=kv, block=jnp.where(refresh, block_index, cache.block))
